@@ -1,0 +1,71 @@
+"""chx-masks: a versioned, provenance-safe registry of detector masks on tiled.
+
+A mask is a 2-D NumPy bool array of exactly the detector's shape; True keeps a
+pixel, False masks it. Every registered version has a uid that resolves
+forever.
+
+Examples
+--------
+>>> from chx_masks import register_mask, get_masks, get_mask  # doctest: +SKIP
+>>> register_mask('eiger4m_single_image', 'chip_mask', mask)  # doctest: +SKIP
+"""
+
+from ._content import mask_sha256
+from ._default import (
+    default_registry,
+    delete_mask,
+    get_composite_mask,
+    get_mask,
+    get_mask_uid,
+    get_masks,
+    register_mask,
+    set_default_registry,
+)
+from ._detectors import BUILTIN_DETECTORS
+from ._errors import (
+    ChxMasksError,
+    DetectorNotFoundError,
+    MaskExistsError,
+    MaskIntegrityError,
+    MaskNotFoundError,
+    MaskPermissionError,
+    MaskValidationError,
+    RegistryUnavailableError,
+)
+from ._records import (
+    ComponentExplanation,
+    CompositeMask,
+    DetectorRecord,
+    Explanation,
+    MaskRecord,
+)
+from ._registry import MaskRegistry
+from ._version import __version__
+
+__all__ = [
+    "BUILTIN_DETECTORS",
+    "ChxMasksError",
+    "ComponentExplanation",
+    "CompositeMask",
+    "DetectorNotFoundError",
+    "DetectorRecord",
+    "Explanation",
+    "MaskExistsError",
+    "MaskIntegrityError",
+    "MaskNotFoundError",
+    "MaskPermissionError",
+    "MaskRecord",
+    "MaskRegistry",
+    "MaskValidationError",
+    "RegistryUnavailableError",
+    "__version__",
+    "default_registry",
+    "delete_mask",
+    "get_composite_mask",
+    "get_mask",
+    "get_mask_uid",
+    "get_masks",
+    "mask_sha256",
+    "register_mask",
+    "set_default_registry",
+]

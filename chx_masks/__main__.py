@@ -1,0 +1,5 @@
+"""``python -m chx_masks`` runs the same command line as ``chx-masks``."""
+
+from ._cli import main
+
+main()

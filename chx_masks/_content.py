@@ -1,0 +1,266 @@
+"""Checks and hashes applied to what callers hand the registry, before anything is written.
+
+Used by :mod:`chx_masks._registry` on every write and by readers to verify
+stored masks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import unicodedata
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from ._errors import MaskValidationError
+
+# Keys the registry writes into a stored mask's metadata; user metadata may
+# not use them, or a search on them would mix the two.
+RESERVED_KEYS = frozenset(
+    {
+        "spec",
+        "uid",
+        "detector",
+        "name",
+        "version",
+        "kind",
+        "sha256",
+        "shape",
+        "masked_pixels",
+        "created_at",
+        "registered_at",
+        "superseded_at",
+        "retired_at",
+        "chx_masks",
+    }
+)
+
+# Characters that tiled cannot carry in a node key through a URL path.
+_FORBIDDEN_NAME_CHARS = frozenset("/\\?#%")
+MAX_NAME_LENGTH = 200
+
+
+def mask_sha256(mask: np.ndarray) -> str:
+    """Content hash of a boolean mask: shape, then the packed bits.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        A 2-D array of bool.
+
+    Returns
+    -------
+    str
+        Hex digest of sha256 over the shape (two little-endian uint64) followed
+        by ``numpy.packbits(mask, bitorder="little")`` in C order.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> mask_sha256(np.ones((2, 3), dtype=bool))[:12]
+    '4594190e294c'
+    """
+    h = hashlib.sha256()
+    h.update(struct.pack("<" + "Q" * mask.ndim, *mask.shape))
+    h.update(np.packbits(np.ascontiguousarray(mask), bitorder="little").tobytes())
+    return h.hexdigest()
+
+
+def check_name(value: Any, what: str = "mask name") -> str:
+    """Return ``value`` if it can name a mask or detector, else raise.
+
+    Examples
+    --------
+    >>> check_name("chip_mask")
+    'chip_mask'
+    """
+    if not isinstance(value, str):
+        raise MaskValidationError(
+            f"The {what} must be a string, not {type(value).__name__} ({value!r})."
+        )
+    if not value.strip():
+        raise MaskValidationError(
+            f"The {what} {value!r} is empty or only white space; give a name such "
+            "as 'chip_mask'."
+        )
+    if value != value.strip():
+        raise MaskValidationError(
+            f"The {what} {value!r} starts or ends with white space; use "
+            f"{value.strip()!r}."
+        )
+    if len(value) > MAX_NAME_LENGTH:
+        raise MaskValidationError(
+            f"The {what} is {len(value)} characters long; at most "
+            f"{MAX_NAME_LENGTH} are allowed."
+        )
+    bad = sorted(
+        {c for c in value if c in _FORBIDDEN_NAME_CHARS or unicodedata.category(c)[0] == "C"}
+    )
+    if bad:
+        raise MaskValidationError(
+            f"The {what} {value!r} contains {', '.join(repr(c) for c in bad)}; "
+            "names may not contain '/', '\\', '?', '#', '%' or control characters. "
+            "Use letters, digits, '_', '-' or '.'."
+        )
+    return value
+
+
+def check_metadata(metadata: Any) -> dict[str, Any]:
+    """Return a JSON-clean copy of user metadata, or raise.
+
+    Examples
+    --------
+    >>> check_metadata({"sample": "silica", "energy_keV": 9.65})
+    {'sample': 'silica', 'energy_keV': 9.65}
+    """
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise MaskValidationError(
+            f"metadata must be a dict, not {type(metadata).__name__}."
+        )
+    for key in metadata:
+        if not isinstance(key, str):
+            raise MaskValidationError(
+                f"metadata keys must be strings; {key!r} is {type(key).__name__}."
+            )
+        if key in RESERVED_KEYS:
+            raise MaskValidationError(
+                f"metadata key {key!r} is reserved by the registry (reserved: "
+                f"{', '.join(sorted(RESERVED_KEYS))}); rename it, e.g. "
+                f"'user_{key}'."
+            )
+        if "." in key or not key.strip():
+            raise MaskValidationError(
+                f"metadata key {key!r} is empty or contains '.'; tiled reads "
+                "dots as nesting in searches, so nest a dict instead."
+            )
+    try:
+        text = json.dumps(dict(metadata), allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise MaskValidationError(
+            f"metadata must be JSON-serializable (str, numbers, bool, None, lists "
+            f"and dicts; no NaN/inf): {err}. Convert the offending value, e.g. "
+            "a numpy scalar with .item() or a datetime with .isoformat()."
+        ) from err
+    return json.loads(text)
+
+
+def coerce_mask(
+    mask: Any, shape: tuple[int, ...], detector: str, *, allow_binary: bool = False
+) -> np.ndarray:
+    """Return ``mask`` as a C-contiguous bool array of ``shape``, or raise.
+
+    Nested lists of bools are accepted and converted. Integer or float arrays
+    are refused unless ``allow_binary`` is true and every value is 0 or 1
+    (1 = pixel kept). NaN is always refused.
+
+    Examples
+    --------
+    >>> coerce_mask([[True, False]], (1, 2), "tiny").dtype
+    dtype('bool')
+    """
+    if isinstance(mask, (str, bytes, Mapping)) or mask is None or np.isscalar(mask):
+        raise MaskValidationError(
+            f"A mask must be a 2-D array of bool, not {type(mask).__name__}."
+        )
+    try:
+        arr = np.asarray(mask)
+    except (TypeError, ValueError) as err:
+        raise MaskValidationError(
+            f"Cannot read {type(mask).__name__} as an array of bool: {err}."
+        ) from err
+    if arr.dtype == object:
+        raise MaskValidationError(
+            "A mask must be a 2-D array of bool; this one has dtype object "
+            "(ragged rows or mixed types?)."
+        )
+    if arr.dtype.kind == "f" and np.isnan(arr).any():
+        raise MaskValidationError(
+            f"The mask contains {int(np.isnan(arr).sum())} NaN values; a mask "
+            "holds True (keep) or False (masked) only."
+        )
+    if arr.dtype != np.bool_:
+        if arr.dtype.kind not in "uif":
+            raise MaskValidationError(
+                f"A mask must be an array of bool, not of dtype {arr.dtype}."
+            )
+        if not allow_binary:
+            raise MaskValidationError(
+                f"A mask must be an array of bool; got dtype {arr.dtype}. Convert "
+                "it yourself (e.g. `mask.astype(bool)`, checking the convention: "
+                "True = pixel kept) or pass allow_binary=True to accept 0/1 values."
+            )
+        if not np.isin(arr, (0, 1)).all():
+            raise MaskValidationError(
+                f"allow_binary=True accepts only 0 and 1, but the {arr.dtype} mask "
+                f"holds values such as {np.unique(arr[~np.isin(arr, (0, 1))])[:5].tolist()}."
+            )
+        arr = arr.astype(bool)
+    if arr.ndim != 2:
+        raise MaskValidationError(
+            f"A mask must be 2-D like the detector {detector!r} {shape_str(shape)}; "
+            f"got {arr.ndim}-D with shape {shape_str(arr.shape)}."
+        )
+    if arr.shape != tuple(shape):
+        hint = (
+            " It is transposed: use mask.T."
+            if arr.shape == tuple(shape)[::-1]
+            else ""
+        )
+        raise MaskValidationError(
+            f"The mask has shape {shape_str(arr.shape)} but detector {detector!r} "
+            f"is {shape_str(shape)}.{hint}"
+        )
+    return np.ascontiguousarray(arr)
+
+
+def shape_str(shape: tuple[int, ...]) -> str:
+    """``(2167, 2070)`` -> ``'2167x2070'``."""
+    return "x".join(str(n) for n in shape)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def to_datetime(value: Any, what: str = "as_of") -> datetime:
+    """Read a time given as datetime, ISO 8601 string or POSIX seconds; UTC-aware.
+
+    A naive datetime or ISO string without offset is taken as local time, the
+    way a beamline user types it.
+
+    Examples
+    --------
+    >>> to_datetime("2026-01-02T03:04:05+00:00").isoformat()
+    '2026-01-02T03:04:05+00:00'
+    >>> to_datetime(0).year
+    1970
+    """
+    if isinstance(value, datetime):
+        dt = value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise MaskValidationError(f"{what}={value!r} is not a finite time.")
+        return datetime.fromtimestamp(value, timezone.utc)
+    elif isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value)
+        except ValueError as err:
+            raise MaskValidationError(
+                f"{what}={value!r} is not an ISO 8601 time such as "
+                "'2026-11-25T10:00:00'."
+            ) from err
+    else:
+        raise MaskValidationError(
+            f"{what} must be a datetime, ISO 8601 string or POSIX seconds, not "
+            f"{type(value).__name__}."
+        )
+    if dt.tzinfo is None:
+        dt = dt.astimezone()
+    return dt.astimezone(timezone.utc)

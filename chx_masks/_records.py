@@ -1,0 +1,222 @@
+"""Frozen value objects the registry returns: detectors, mask versions, composites.
+
+Produced by :class:`chx_masks.MaskRegistry`; read by users, the CLI and the
+Bluesky integration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from ._content import shape_str
+
+
+def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value or {}))
+
+
+@dataclass(frozen=True)
+class DetectorRecord:
+    """A detector the registry knows: its image data key and frame shape.
+
+    Examples
+    --------
+    >>> DetectorRecord("eiger1m_single_image", (1065, 1030)).pixels
+    1096950
+    """
+
+    name: str
+    shape: tuple[int, int]
+    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    builtin: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
+        object.__setattr__(self, "metadata", _frozen_mapping(self.metadata))
+
+    @property
+    def pixels(self) -> int:
+        """Number of pixels in one frame."""
+        return int(np.prod(self.shape))
+
+
+@dataclass(frozen=True)
+class MaskRecord:
+    """One immutable version of a mask, as ``describe(uid)`` reports it.
+
+    ``registered_at <= t < (superseded_at or retired_at)`` is the half-open
+    interval during which this version answered name look-ups.
+
+    Examples
+    --------
+    >>> from datetime import datetime, timezone
+    >>> r = MaskRecord(uid="u", detector="d", name="n", version=0,
+    ...                registered_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    ...                superseded_at=None, retired_at=None, sha256="0" * 64,
+    ...                shape=(2, 2), masked_pixels=1, metadata={})
+    >>> r.active, r.masked_fraction
+    (True, 0.25)
+    """
+
+    uid: str
+    detector: str
+    name: str
+    version: int | None
+    registered_at: datetime | None
+    superseded_at: datetime | None
+    retired_at: datetime | None
+    sha256: str
+    shape: tuple[int, int]
+    masked_pixels: int
+    metadata: Mapping[str, Any] = field(compare=False, hash=False)
+    legacy: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
+        object.__setattr__(self, "metadata", _frozen_mapping(self.metadata))
+
+    @property
+    def active(self) -> bool:
+        """True while this version is what a name look-up returns."""
+        return self.superseded_at is None and self.retired_at is None
+
+    @property
+    def valid_until(self) -> datetime | None:
+        """End of the validity interval (exclusive), or None if still active."""
+        return self.superseded_at or self.retired_at
+
+    @property
+    def masked_fraction(self) -> float:
+        """Fraction of the detector's pixels this mask removes."""
+        return self.masked_pixels / float(np.prod(self.shape))
+
+    def valid_at(self, when: datetime) -> bool:
+        """Whether this version was the active one at ``when``."""
+        if self.registered_at is None or when < self.registered_at:
+            return False
+        end = self.valid_until
+        return end is None or when < end
+
+    def __str__(self) -> str:
+        state = "active" if self.active else (
+            f"retired {self.retired_at:%Y-%m-%d %H:%M}" if self.retired_at
+            else f"superseded {self.superseded_at:%Y-%m-%d %H:%M}"
+        )
+        return (
+            f"{self.detector}/{self.name} v{self.version} {self.uid} "
+            f"{shape_str(self.shape)} masked {self.masked_fraction:.3%} ({state})"
+        )
+
+
+@dataclass(frozen=True)
+class ComponentExplanation:
+    """What one component contributes to a composite mask."""
+
+    name: str
+    uid: str
+    version: int | None
+    masked_pixels: int
+    only_masked_pixels: int
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Per-component account of a composite mask; ``str()`` gives a table."""
+
+    detector: str
+    total_pixels: int
+    masked_pixels: int
+    components: tuple[ComponentExplanation, ...]
+
+    def __str__(self) -> str:
+        width = max([len("component")] + [len(c.name) for c in self.components])
+        lines = [
+            f"{self.detector}: {self.masked_pixels:,} of {self.total_pixels:,} "
+            f"pixels masked ({self.masked_pixels / self.total_pixels:.3%})",
+            f"{'component':<{width}}  {'version':>7}  {'masks':>12}  {'only it':>12}",
+        ]
+        for c in self.components:
+            lines.append(
+                f"{c.name:<{width}}  {c.version!s:>7}  {c.masked_pixels:>12,}  "
+                f"{c.only_masked_pixels:>12,}"
+            )
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class CompositeMask:
+    """The AND of several masks, with the exact versions that made it.
+
+    ``mask`` is a read-only NumPy array (True = pixel kept); ``sha256`` is the
+    content hash of that composite array.
+    """
+
+    detector: str
+    names: tuple[str, ...]
+    uids: tuple[str, ...]
+    versions: tuple[int | None, ...]
+    sha256: str
+    mask: np.ndarray = field(repr=False, compare=False, hash=False)
+    components: tuple[np.ndarray, ...] = field(repr=False, compare=False, hash=False)
+    as_of: datetime | None = None
+
+    def explain(self) -> Explanation:
+        """Pixels each component masks, and pixels only it masks.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> a = np.ones((2, 2), bool); a[0, 0] = False
+        >>> b = np.ones((2, 2), bool); b[0, 0] = b[1, 1] = False
+        >>> c = CompositeMask("d", ("a", "b"), ("ua", "ub"), (0, 0), "h",
+        ...                   mask=a & b, components=(a, b))
+        >>> [(x.name, x.masked_pixels, x.only_masked_pixels)
+        ...  for x in c.explain().components]
+        [('a', 1, 0), ('b', 2, 1)]
+        """
+        masked = [~m for m in self.components]
+        count = np.zeros(self.mask.shape, dtype=np.uint16)
+        for m in masked:
+            count += m
+        rows = tuple(
+            ComponentExplanation(
+                name=name,
+                uid=uid,
+                version=version,
+                masked_pixels=int(m.sum()),
+                only_masked_pixels=int((m & (count == 1)).sum()),
+            )
+            for name, uid, version, m in zip(
+                self.names, self.uids, self.versions, masked, strict=True
+            )
+        )
+        return Explanation(
+            detector=self.detector,
+            total_pixels=int(self.mask.size),
+            masked_pixels=int((~self.mask).sum()),
+            components=rows,
+        )
+
+    def provenance(self) -> dict[str, Any]:
+        """The record a run's start document carries for this detector.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> m = np.ones((1, 1), bool)
+        >>> CompositeMask("d", ("a",), ("u",), (3,), "h", mask=m,
+        ...               components=(m,)).provenance()
+        {'names': ['a'], 'uids': ['u'], 'versions': [3], 'sha256': 'h'}
+        """
+        return {
+            "names": list(self.names),
+            "uids": list(self.uids),
+            "versions": list(self.versions),
+            "sha256": self.sha256,
+        }

@@ -1,0 +1,1383 @@
+"""The mask registry: versioned, searchable boolean masks stored in a tiled container.
+
+Used directly by beamline code and through the module-level functions of
+:mod:`chx_masks`. Layout inside the container the registry is given::
+
+    masks/<uid>                 array node, bool, immutable; metadata: detector,
+                                name, sha256, shape, masked_pixels, created_at
+                                and the user's metadata (flat, searchable)
+    detectors/<detector>        container; metadata: shape, metadata
+    detectors/<detector>/<name>@<version>
+                                empty container, a "slot": kind ("mask" or
+                                "retired"), uid, at (UTC ISO 8601)
+
+Every state change of a (detector, name) claims the next slot key. tiled
+refuses an existing key with HTTP 409, so two writers can never claim the same
+version: that refusal, not a search before the write, is what makes names
+unique and version numbers gap-free under concurrent writers. A mask's array
+is written under its fresh uid before its slot is claimed, so a uid that a
+slot names always has its full array behind it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import operator
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+from ._content import (
+    check_metadata,
+    check_name,
+    coerce_mask,
+    mask_sha256,
+    shape_str,
+    to_datetime,
+    utcnow,
+)
+from ._detectors import BUILTIN_DETECTORS
+from ._errors import (
+    ChxMasksError,
+    DetectorNotFoundError,
+    MaskExistsError,
+    MaskIntegrityError,
+    MaskNotFoundError,
+    MaskPermissionError,
+    MaskValidationError,
+    RegistryUnavailableError,
+)
+from ._records import CompositeMask, DetectorRecord, MaskRecord
+
+if TYPE_CHECKING:
+    import dask.array
+
+__all__ = ["MaskRegistry"]
+
+logger = logging.getLogger(__name__)
+
+MASKS = "masks"
+DETECTORS = "detectors"
+SCHEMA_VERSION = 1
+MASK_SPEC = "chx_mask"
+SLOT_SPEC = "chx_mask_slot"
+LEGACY_SPEC = "mask"
+_MAX_CLAIM_ATTEMPTS = 64
+_TICK = timedelta(microseconds=1)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    name: str
+    version: int
+    kind: Literal["mask", "retired"]
+    uid: str | None
+    at: datetime
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """What a mask's array node says about itself (immutable, so cached)."""
+
+    uid: str
+    detector: str
+    name: str
+    sha256: str
+    shape: tuple[int, int]
+    masked_pixels: int
+    metadata: Mapping[str, Any]
+    legacy_version: int | None = None
+    legacy_key: str | None = None
+
+
+def _redact(uri: str) -> str:
+    """Drop the query (which may carry an api_key) from a URI shown to people."""
+    parts = urlsplit(uri)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def _status(err: BaseException) -> int | None:
+    response = getattr(err, "response", None)
+    return getattr(response, "status_code", None)
+
+
+class MaskRegistry:
+    """Boolean detector masks with uids, versions and metadata, stored in tiled.
+
+    Parameters
+    ----------
+    client : tiled.client.container.Container
+        The tiled container that holds (or will hold) the registry. The
+        registry creates ``masks`` and ``detectors`` inside it on first write.
+    location : str, optional
+        How to name this registry in messages (a URI or a directory).
+
+    See Also
+    --------
+    MaskRegistry.embedded : a registry in a local directory, no server.
+    MaskRegistry.from_uri : a registry on a tiled server.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile
+    >>> reg = MaskRegistry.embedded(tempfile.mkdtemp())
+    >>> mask = np.ones((1065, 1030), dtype=bool)
+    >>> mask[500:520, :] = False
+    >>> uid = reg.register_mask("eiger1m_single_image", "gap", mask)
+    >>> reg.get_masks()
+    [('eiger1m_single_image', 'gap')]
+    >>> bool((reg.get_mask("eiger1m_single_image", "gap").compute() == mask).all())
+    True
+    >>> reg.close()
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        location: str | None = None,
+        cache_bytes: int = 1 << 30,
+    ) -> None:
+        self._root = client
+        self.location = location or _redact(str(getattr(client, "uri", "tiled")))
+        self._owned: list[Any] = []
+        self._lock = threading.RLock()
+        self._nodes: dict[str, Any] = {}
+        self._stored: dict[str, _Stored] = {}
+        self._arrays: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_bytes = cache_bytes
+
+    # ------------------------------------------------------------ construction
+
+    @classmethod
+    def from_uri(
+        cls, uri: str, *, api_key: str | None = None, timeout: float = 10.0
+    ) -> MaskRegistry:
+        """Connect to a registry held in a container on a tiled server.
+
+        Parameters
+        ----------
+        uri : str
+            URI of the tiled container, e.g. ``"http://127.0.0.1:8000/masks"``
+            or the server root ``"http://127.0.0.1:8000"``.
+        api_key : str, optional
+            A tiled API key; never shown in messages or reprs.
+        timeout : float
+            Seconds to wait for any one request before giving up.
+
+        Examples
+        --------
+        >>> reg = MaskRegistry.from_uri("http://127.0.0.1:8000", api_key="secret")  # doctest: +SKIP
+        """
+        import httpx
+        from tiled.client import from_uri as tiled_from_uri
+
+        location = _redact(uri)
+        with _translate(f"connecting to {location}", location):
+            client = tiled_from_uri(
+                uri,
+                api_key=api_key,
+                timeout=httpx.Timeout(timeout),
+                remember_me=False,
+            )
+        registry = cls(client, location=location)
+        registry._owned.append(client.context)
+        return registry
+
+    @classmethod
+    def from_profile(cls, name: str) -> MaskRegistry:
+        """Connect through a tiled profile (``tiled profile list`` shows them).
+
+        Examples
+        --------
+        >>> reg = MaskRegistry.from_profile("chx")  # doctest: +SKIP
+        """
+        from tiled.client import from_profile as tiled_from_profile
+
+        with _translate(f"opening tiled profile {name!r}", f"profile {name!r}"):
+            try:
+                client = tiled_from_profile(name)
+            except KeyError as err:
+                raise RegistryUnavailableError(
+                    f"No tiled profile named {name!r}; `tiled profile list` shows "
+                    "the profiles this machine has."
+                ) from err
+        registry = cls(client, location=f"profile {name!r}")
+        registry._owned.append(client.context)
+        return registry
+
+    @classmethod
+    def embedded(cls, path: str | Path | None = None) -> MaskRegistry:
+        """Open (creating if needed) a registry in a local directory, no server.
+
+        The directory holds a tiled SQLite catalog (``catalog.db``) and the
+        mask arrays (``data/``); tiled runs in this process. Several processes
+        may share one directory.
+
+        Parameters
+        ----------
+        path : str or Path, optional
+            Directory; by default ``$CHX_MASKS_DIR`` or the user data
+            directory (``platformdirs.user_data_dir("chx-masks")``).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     reg.get_masks()
+        []
+        """
+        from ._embedded import default_directory, open_embedded
+
+        directory = Path(path).expanduser() if path is not None else default_directory()
+        client = open_embedded(directory)
+        registry = cls(client, location=str(directory))
+        registry._owned.append(client.context)
+        return registry
+
+    def close(self) -> None:
+        """Release connections (and the in-process server of an embedded registry)."""
+        while self._owned:
+            context = self._owned.pop()
+            try:
+                context.close()
+            except Exception:  # closing must not mask the caller's own error
+                logger.debug("closing tiled context failed", exc_info=True)
+
+    def __enter__(self) -> MaskRegistry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<MaskRegistry at {self.location}>"
+
+    # -------------------------------------------------------------- detectors
+
+    def detectors(self) -> list[DetectorRecord]:
+        """Every detector known: the built-in CHX Eigers and registered ones.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     [d.name for d in reg.detectors()]
+        ['eiger1m_single_image', 'eiger4m_single_image', 'eiger500K_single_image']
+        """
+        found = dict(BUILTIN_DETECTORS)
+        container = self._container(DETECTORS)
+        if container is not None:
+            with self._translate("listing detectors"):
+                for key, node in container.items():
+                    found[key] = self._detector_from_node(key, node)
+        return sorted(found.values(), key=lambda d: d.name)
+
+    def get_detector(self, detector: str) -> DetectorRecord:
+        """The record of one detector, or :class:`DetectorNotFoundError`.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     reg.get_detector("eiger4m_single_image").shape
+        (2167, 2070)
+        """
+        check_name(detector, "detector name")
+        node = self._detector_node(detector)
+        if node is not None:
+            return self._detector_from_node(detector, node)
+        if detector in BUILTIN_DETECTORS:
+            return BUILTIN_DETECTORS[detector]
+        known = ", ".join(d.name for d in self.detectors())
+        raise DetectorNotFoundError(
+            f"Unknown detector {detector!r} in the registry at {self.location}. "
+            f"Known: {known}. Register it first with "
+            f"register_detector({detector!r}, shape=(rows, cols))."
+        )
+
+    def register_detector(
+        self,
+        detector: str,
+        shape: Sequence[int],
+        *,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> DetectorRecord:
+        """Make a detector known, with its frame shape (rows, cols).
+
+        Registering again with the same shape returns the existing record; a
+        different shape raises :class:`MaskExistsError`.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     reg.register_detector("pilatus800k_image", (1043, 981)).shape
+        (1043, 981)
+        """
+        check_name(detector, "detector name")
+        try:
+            shape = tuple(int(n) for n in shape)
+        except (TypeError, ValueError) as err:
+            raise MaskValidationError(
+                f"shape must be two positive integers (rows, cols), not {shape!r}."
+            ) from err
+        if len(shape) != 2 or min(shape) <= 0:
+            raise MaskValidationError(
+                f"shape must be two positive integers (rows, cols), not {shape!r}."
+            )
+        user_md = check_metadata(metadata)
+        existing = self._existing_detector(detector)
+        if existing is not None:
+            if existing.shape != shape:
+                raise MaskExistsError(
+                    f"Detector {detector!r} is already known with shape "
+                    f"{shape_str(existing.shape)}; you gave {shape_str(shape)}. "
+                    "Use another detector name for a different frame shape."
+                )
+            if existing.builtin:
+                self._ensure_detector_node(existing)
+            return self.get_detector(detector)
+        record = DetectorRecord(detector, shape, user_md)
+        self._ensure_detector_node(record)
+        return self.get_detector(detector)
+
+    # ------------------------------------------------------------------ writes
+
+    def register_mask(
+        self,
+        detector: str,
+        name: str,
+        mask: Any,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        allow_binary: bool = False,
+    ) -> str:
+        """Start a new lineage ``(detector, name)`` with this mask; return its uid.
+
+        The first lineage of a name is version 0; after a retired lineage of
+        the same name, the next version number, so no (detector, name,
+        version) is ever reused.
+
+        Parameters
+        ----------
+        detector : str
+            Image data key, e.g. ``"eiger4m_single_image"``.
+        name : str
+            Mask name; no '/', '\\', '?', '#', '%' or control characters.
+        mask : array-like of bool
+            Exactly the detector's shape; True = pixel kept, False = masked.
+            Nested lists of bools are converted.
+        metadata : dict, optional
+            JSON-serializable; stored with this version and searchable.
+        allow_binary : bool
+            Accept an integer/float array holding only 0 and 1 (1 = kept).
+
+        Raises
+        ------
+        MaskExistsError
+            The name has an active lineage; use ``update_mask``.
+        MaskValidationError, DetectorNotFoundError
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     uid = reg.register_mask("eiger500K_single_image", "chip_mask",
+        ...                             np.ones((514, 1030), bool))
+        ...     reg.describe(uid).version
+        0
+        """
+        record = self.get_detector(detector)
+        check_name(name)
+        array = coerce_mask(mask, record.shape, detector, allow_binary=allow_binary)
+        user_md = check_metadata(metadata)
+        slots = self._slots(detector, [name]).get(name, [])
+        self._refuse_active(detector, name, slots)
+        return self._write_version(record, name, array, user_md, slots, "register")
+
+    def update_mask(
+        self,
+        detector: str,
+        name: str,
+        mask: Any,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        allow_binary: bool = False,
+    ) -> str:
+        """Add the next version to the active lineage ``(detector, name)``.
+
+        ``metadata=None`` keeps the previous version's metadata; pass ``{}``
+        to store none. Concurrent updates each get their own version number.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     m = np.ones((514, 1030), bool)
+        ...     _ = reg.register_mask("eiger500K_single_image", "bs", m)
+        ...     m[:10] = False
+        ...     uid = reg.update_mask("eiger500K_single_image", "bs", m)
+        ...     reg.describe(uid).version
+        1
+        """
+        record = self.get_detector(detector)
+        check_name(name)
+        array = coerce_mask(mask, record.shape, detector, allow_binary=allow_binary)
+        slots = self._slots(detector, [name]).get(name, [])
+        self._refuse_inactive(detector, name, slots)
+        if metadata is None:
+            user_md = dict(self._stored_for(slots[-1].uid).metadata)
+        else:
+            user_md = check_metadata(metadata)
+        return self._write_version(record, name, array, user_md, slots, "update")
+
+    def delete_mask(self, detector: str, name: str) -> MaskRecord:
+        """Retire the lineage ``(detector, name)``; return its last version.
+
+        The name disappears from listings and current look-ups, and may be
+        registered again. Every uid stays readable forever (runs recorded
+        them): ``get_mask_by_uid``, ``describe``, ``history`` and ``as_of``
+        look-ups still answer.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     uid = reg.register_mask("eiger500K_single_image", "old",
+        ...                             np.ones((514, 1030), bool))
+        ...     reg.delete_mask("eiger500K_single_image", "old").retired_at is not None
+        True
+        """
+        self.get_detector(detector)
+        check_name(name)
+        slots = self._slots(detector, [name]).get(name, [])
+        self._refuse_inactive(detector, name, slots)
+        node = self._detector_node(detector)
+        slots = self._claim(
+            node, detector, name, slots, kind="retired", uid=None,
+            check=functools.partial(self._refuse_inactive, detector, name),
+        )
+        return self._record_at(slots, len(slots) - 2)
+
+    def _write_version(
+        self,
+        record: DetectorRecord,
+        name: str,
+        array: np.ndarray,
+        user_md: dict[str, Any],
+        slots: list[_Slot],
+        action: Literal["register", "update"],
+    ) -> str:
+        node = self._ensure_detector_node(record)
+        masks = self._ensure_container(MASKS)
+        uid = str(uuid.uuid4())
+        digest = mask_sha256(array)
+        stored_md = {
+            **user_md,
+            "uid": uid,
+            "detector": record.name,
+            "name": name,
+            "sha256": digest,
+            "shape": list(array.shape),
+            "masked_pixels": int(array.size - np.count_nonzero(array)),
+            "created_at": utcnow().isoformat(),
+            "chx_masks": SCHEMA_VERSION,
+        }
+        from tiled.structures.core import Spec
+
+        with self._translate(f"writing mask {record.name}/{name}"):
+            masks.write_array(
+                array, key=uid, metadata=stored_md, specs=[Spec(MASK_SPEC)]
+            )
+        check = (
+            functools.partial(self._refuse_active, record.name, name)
+            if action == "register"
+            else functools.partial(self._refuse_inactive, record.name, name)
+        )
+        try:
+            self._claim(node, record.name, name, slots, kind="mask", uid=uid, check=check)
+        except BaseException:
+            # The slot was not claimed, so nobody can know this uid: remove it
+            # so that a refused call leaves nothing behind.
+            self._discard(masks, uid)
+            raise
+        self._remember(uid, array)
+        return uid
+
+    def _claim(
+        self,
+        node: Any,
+        detector: str,
+        name: str,
+        slots: list[_Slot],
+        *,
+        kind: Literal["mask", "retired"],
+        uid: str | None,
+        check: Any,
+        version: int | None = None,
+    ) -> list[_Slot]:
+        """Claim the next slot (or exactly ``version``); return the slots after it."""
+        from tiled.structures.core import Spec
+
+        exact = version
+        for _ in range(_MAX_CLAIM_ATTEMPTS):
+            check(slots)
+            last = slots[-1] if slots else None
+            version = exact if exact is not None else (last.version + 1 if last else 0)
+            # Validity intervals must not run backwards even when writers'
+            # clocks disagree: each slot starts after the one before.
+            at = max(utcnow(), last.at + _TICK) if last else utcnow()
+            slot_md = {
+                "detector": detector,
+                "name": name,
+                "version": version,
+                "kind": kind,
+                "uid": uid,
+                "at": at.isoformat(),
+            }
+            try:
+                with self._translate(f"recording {detector}/{name} v{version}"):
+                    node.create_container(
+                        key=f"{name}@{version}", metadata=slot_md, specs=[Spec(SLOT_SPEC)]
+                    )
+            except ChxMasksError:
+                raise
+            except Exception as err:
+                if _status(err) != 409:
+                    raise
+                if exact is not None:
+                    raise MaskExistsError(
+                        f"{detector}/{name} version {exact} was taken by another writer."
+                    ) from err
+                slots = self._slots(detector, [name]).get(name, [])
+                continue
+            return [*slots, _Slot(name, version, kind, uid, at)]
+        raise ChxMasksError(
+            f"Gave up claiming a version of {detector}/{name} after "
+            f"{_MAX_CLAIM_ATTEMPTS} attempts: other writers kept taking it. Try again."
+        )
+
+    def _discard(self, masks: Any, uid: str) -> None:
+        try:
+            masks.delete_contents(uid, external_only=False)
+        except Exception:
+            logger.warning(
+                "Could not remove unclaimed mask array %s; it is not registered "
+                "under any name and can be deleted by hand.", uid, exc_info=True,
+            )
+
+    @staticmethod
+    def _refuse_active(detector: str, name: str, slots: list[_Slot]) -> None:
+        if slots and slots[-1].kind == "mask":
+            last = slots[-1]
+            raise MaskExistsError(
+                f"{detector}/{name} is already registered (version {last.version}, "
+                f"uid {last.uid}). Use update_mask({detector!r}, {name!r}, mask) to "
+                "add a version, or delete_mask first to retire it."
+            )
+
+    @staticmethod
+    def _refuse_inactive(detector: str, name: str, slots: list[_Slot]) -> None:
+        if not slots:
+            raise MaskNotFoundError(
+                f"No mask {detector}/{name} is registered; use register_mask to "
+                "start it."
+            )
+        if slots[-1].kind == "retired":
+            raise MaskNotFoundError(
+                f"{detector}/{name} was retired at {slots[-1].at:%Y-%m-%d %H:%M:%S} "
+                "UTC; register_mask starts a new lineage of that name."
+            )
+
+    # ------------------------------------------------------------------- reads
+
+    def get_masks(
+        self, detector: str | None = None, *, include_retired: bool = False
+    ) -> list[tuple[str, str]]:
+        """The (detector, name) of every active lineage, in registration order.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     reg.get_masks()
+        []
+        """
+        if detector is not None:
+            self.get_detector(detector)
+            names = [detector]
+        else:
+            container = self._container(DETECTORS)
+            names = [] if container is None else list(self._keys(container))
+        rows: list[tuple[datetime, str, str]] = []
+        for det in names:
+            for name, slots in self._slots(det).items():
+                if slots[-1].kind == "mask":
+                    start = _lineage_start(slots)
+                    rows.append((slots[start].at, det, name))
+                elif include_retired:
+                    rows.append((slots[0].at, det, name))
+        rows.sort()
+        return [(det, name) for _, det, name in rows]
+
+    def get_mask_uid(
+        self,
+        detector: str,
+        name: str,
+        *,
+        version: int | None = None,
+        as_of: Any = None,
+    ) -> str:
+        """The uid of the current (or the given ``version``/``as_of``) mask.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, uuid
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     uid = reg.register_mask("eiger500K_single_image", "m",
+        ...                             np.ones((514, 1030), bool))
+        ...     reg.get_mask_uid("eiger500K_single_image", "m") == uid
+        True
+        """
+        return self._resolve(detector, [name], version=version, as_of=as_of)[0].uid
+
+    def get_mask(
+        self,
+        detector: str,
+        name: str,
+        *,
+        version: int | None = None,
+        as_of: Any = None,
+    ) -> dask.array.Array:
+        """The mask as a lazy dask array; ``.compute()`` gives NumPy bool.
+
+        The name is resolved now (errors are raised here); the array is read
+        and its sha256 verified when computed.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     _ = reg.register_mask("eiger500K_single_image", "m",
+        ...                           np.ones((514, 1030), bool))
+        ...     reg.get_mask("eiger500K_single_image", "m").shape
+        (514, 1030)
+        """
+        slot = self._resolve(detector, [name], version=version, as_of=as_of)[0]
+        return self._lazy(slot.uid)
+
+    def get_mask_by_uid(self, uid: str) -> dask.array.Array:
+        """Any mask ever registered, retired or not, as a lazy dask array.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     uid = reg.register_mask("eiger500K_single_image", "m",
+        ...                             np.ones((514, 1030), bool))
+        ...     _ = reg.delete_mask("eiger500K_single_image", "m")
+        ...     bool(reg.get_mask_by_uid(uid).compute().all())
+        True
+        """
+        self._stored_for(uid)
+        return self._lazy(uid)
+
+    def get_composite_mask(
+        self,
+        detector: str,
+        names: Sequence[str],
+        *,
+        as_of: Any = None,
+    ) -> dask.array.Array:
+        """The AND of the named masks (a pixel masked by any is masked), lazily.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     a = np.ones((514, 1030), bool); a[0] = False
+        ...     b = np.ones((514, 1030), bool); b[:, 0] = False
+        ...     _ = reg.register_mask("eiger500K_single_image", "a", a)
+        ...     _ = reg.register_mask("eiger500K_single_image", "b", b)
+        ...     m = reg.get_composite_mask("eiger500K_single_image", ["a", "b"])
+        ...     int((~m.compute()).sum())
+        1543
+        """
+        slots = self._resolve(detector, names, as_of=as_of)
+        arrays = [self._lazy(s.uid) for s in slots]
+        return functools.reduce(operator.and_, arrays)
+
+    def resolve_composite(
+        self,
+        detector: str,
+        names: Sequence[str],
+        *,
+        as_of: Any = None,
+    ) -> CompositeMask:
+        """Resolve names to exact versions and build their AND, once.
+
+        Returns a frozen :class:`~chx_masks.CompositeMask` with names, uids,
+        versions, the composite's sha256, the NumPy mask and ``explain()``.
+        Looks names up in one query; arrays already read are not read again.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     a = np.ones((514, 1030), bool); a[0] = False
+        ...     _ = reg.register_mask("eiger500K_single_image", "a", a)
+        ...     c = reg.resolve_composite("eiger500K_single_image", ["a"])
+        ...     c.versions, c.explain().masked_pixels
+        ((0,), 1030)
+        """
+        when = None if as_of is None else to_datetime(as_of)
+        slots = self._resolve(detector, names, as_of=when)
+        components = tuple(self._read(s.uid) for s in slots)
+        composite = functools.reduce(np.logical_and, components)
+        if len(components) == 1:
+            composite = composite.copy()
+        composite.flags.writeable = False
+        return CompositeMask(
+            detector=detector,
+            names=tuple(s.name for s in slots),
+            uids=tuple(s.uid for s in slots),
+            versions=tuple(s.version for s in slots),
+            sha256=mask_sha256(composite),
+            mask=composite,
+            components=components,
+            as_of=when,
+        )
+
+    def describe(self, uid: str) -> MaskRecord:
+        """Everything known about one uid: who, which version, when, content.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     uid = reg.register_mask("eiger500K_single_image", "m",
+        ...                             np.ones((514, 1030), bool),
+        ...                             metadata={"sample": "silica"})
+        ...     r = reg.describe(uid)
+        ...     r.name, r.version, r.masked_pixels, r.metadata["sample"]
+        ('m', 0, 0, 'silica')
+        """
+        stored = self._stored_for(uid)
+        if stored.legacy_key is not None:
+            return self._legacy_record(stored)
+        slots = self._slots(stored.detector, [stored.name]).get(stored.name, [])
+        for i, slot in enumerate(slots):
+            if slot.uid == uid:
+                return self._record_at(slots, i)
+        raise MaskNotFoundError(
+            f"uid {uid} holds a mask array but was never registered under "
+            f"{stored.detector}/{stored.name} (an interrupted registration); it "
+            "has no version and was never handed out."
+        )
+
+    def history(self, detector: str, name: str) -> list[MaskRecord]:
+        """Every version of ``(detector, name)``, oldest first, retired included.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     m = np.ones((514, 1030), bool)
+        ...     _ = reg.register_mask("eiger500K_single_image", "m", m)
+        ...     _ = reg.update_mask("eiger500K_single_image", "m", m)
+        ...     [(r.version, r.active) for r in reg.history("eiger500K_single_image", "m")]
+        [(0, False), (1, True)]
+        """
+        self.get_detector(detector)
+        check_name(name)
+        slots = self._slots(detector, [name]).get(name, [])
+        if not slots:
+            raise MaskNotFoundError(f"No mask {detector}/{name} was ever registered.")
+        return [self._record_at(slots, i) for i, s in enumerate(slots) if s.kind == "mask"]
+
+    def search(
+        self,
+        *,
+        detector: str | None = None,
+        name: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        all_versions: bool = False,
+        include_retired: bool = False,
+    ) -> list[MaskRecord]:
+        """Find masks by detector, name and metadata values (equality).
+
+        Parameters
+        ----------
+        detector, name : str, optional
+            Restrict to one detector / one mask name.
+        metadata : dict, optional
+            ``{key: value}`` that must all match; dotted keys reach into
+            nested dicts (``{"sample.name": "silica"}``).
+        all_versions : bool
+            Include superseded versions, not only current ones.
+        include_retired : bool
+            Include versions of retired lineages.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     _ = reg.register_mask("eiger500K_single_image", "m",
+        ...                           np.ones((514, 1030), bool),
+        ...                           metadata={"beamtime": "2026-3"})
+        ...     [r.name for r in reg.search(metadata={"beamtime": "2026-3"})]
+        ['m']
+        """
+        from tiled.queries import Eq
+
+        masks = self._container(MASKS)
+        if masks is None:
+            return []
+        results = masks
+        if detector is not None:
+            results = results.search(Eq("detector", check_name(detector, "detector name")))
+        if name is not None:
+            results = results.search(Eq("name", check_name(name)))
+        for key, value in check_query(metadata).items():
+            results = results.search(Eq(key, value))
+        with self._translate("searching masks"):
+            found = [self._stored_from_node(key, node) for key, node in results.items()]
+        by_detector: dict[str, set[str]] = {}
+        for stored in found:
+            by_detector.setdefault(stored.detector, set()).add(stored.name)
+        records = []
+        for det, names in sorted(by_detector.items()):
+            for slots in self._slots(det, sorted(names)).values():
+                for i, slot in enumerate(slots):
+                    if slot.kind != "mask" or not any(s.uid == slot.uid for s in found):
+                        continue
+                    record = self._record_at(slots, i)
+                    if record.retired_at is not None and not include_retired:
+                        continue
+                    if record.superseded_at is not None and not all_versions:
+                        continue
+                    records.append(record)
+        records.sort(key=lambda r: (r.detector, r.name, r.version))
+        return records
+
+    # --------------------------------------------------------- legacy layout
+
+    def adopt_legacy(self, *, dry_run: bool = False) -> list[MaskRecord]:
+        """Bring masks of the older flat CHX layout into the registry, keeping uids.
+
+        The older layout kept array nodes directly in the container, keyed by
+        uid, with metadata ``{"spec": "mask", "name", "detector", "version"}``.
+        Those uids resolve even before adoption; adoption copies each into
+        ``masks/<uid>`` with a sha256 and claims its (detector, name, version)
+        so name look-ups, listings and history see it. Unknown detectors are
+        registered with the legacy arrays' shape. Adopting twice is harmless.
+
+        Returns the records of the masks adopted now (or, with ``dry_run``,
+        the ``(detector, name, version, uid)`` that would be, as records
+        without times).
+        """
+        from tiled.queries import Eq
+
+        with self._translate("listing legacy masks"):
+            legacy = [
+                self._stored_from_node(key, node)
+                for key, node in self._root.search(Eq("spec", LEGACY_SPEC)).items()
+            ]
+        legacy.sort(key=lambda s: (s.detector, s.name, s.legacy_version or 0))
+        adopted: list[MaskRecord] = []
+        for stored in legacy:
+            if self._node(MASKS, stored.uid) is not None:
+                continue
+            if dry_run:
+                adopted.append(self._legacy_record(stored))
+                continue
+            record = self._existing_detector(stored.detector)
+            if record is None:
+                record = self.register_detector(
+                    stored.detector, stored.shape, metadata={"origin": "legacy adoption"}
+                )
+            array = coerce_mask(self._read(stored.uid), record.shape, record.name)
+            slots = self._slots(record.name, [stored.name]).get(stored.name, [])
+            wanted = stored.legacy_version or 0
+            if any(s.version >= wanted for s in slots):
+                logger.warning(
+                    "Not adopting legacy %s/%s v%s (uid %s): the registry already has "
+                    "that version or a later one.", stored.detector, stored.name,
+                    wanted, stored.uid,
+                )
+                continue
+            uid = self._adopt_one(record, stored, array, slots, wanted)
+            adopted.append(self.describe(uid))
+        return adopted
+
+    def _adopt_one(
+        self,
+        record: DetectorRecord,
+        stored: _Stored,
+        array: np.ndarray,
+        slots: list[_Slot],
+        version: int,
+    ) -> str:
+        from tiled.structures.core import Spec
+
+        node = self._ensure_detector_node(record)
+        masks = self._ensure_container(MASKS)
+        user_md = {k: v for k, v in stored.metadata.items() if k not in _LEGACY_KEYS}
+        stored_md = {
+            **check_metadata(user_md),
+            "uid": stored.uid,
+            "detector": record.name,
+            "name": stored.name,
+            "sha256": mask_sha256(array),
+            "shape": list(array.shape),
+            "masked_pixels": int(array.size - np.count_nonzero(array)),
+            "created_at": utcnow().isoformat(),
+            "adopted_from": stored.legacy_key,
+            "chx_masks": SCHEMA_VERSION,
+        }
+        with self._translate(f"adopting legacy mask {stored.uid}"):
+            masks.write_array(array, key=stored.uid, metadata=stored_md, specs=[Spec(MASK_SPEC)])
+        try:
+            # Keep the legacy version number, even where older ones are missing.
+            self._claim(
+                node, record.name, stored.name, slots, kind="mask", uid=stored.uid,
+                check=lambda _slots: None, version=version,
+            )
+        except BaseException:
+            self._discard(masks, stored.uid)
+            raise
+        with self._lock:
+            self._stored.pop(stored.uid, None)
+        return stored.uid
+
+    def _legacy_record(self, stored: _Stored) -> MaskRecord:
+        return MaskRecord(
+            uid=stored.uid,
+            detector=stored.detector,
+            name=stored.name,
+            version=stored.legacy_version,
+            registered_at=None,
+            superseded_at=None,
+            retired_at=None,
+            sha256=stored.sha256,
+            shape=stored.shape,
+            masked_pixels=stored.masked_pixels,
+            metadata=stored.metadata,
+            legacy=True,
+        )
+
+    # --------------------------------------------------------------- internals
+
+    @contextmanager
+    def _translate(self, action: str) -> Iterator[None]:
+        with _translate(action, self.location):
+            yield
+
+    def _node(self, *path: str) -> Any | None:
+        try:
+            with self._translate(f"reading {'/'.join(path)}"):
+                node = self._root
+                for key in path:
+                    node = node[key]
+                return node
+        except KeyError:
+            return None
+
+    def _container(self, key: str) -> Any | None:
+        with self._lock:
+            if key in self._nodes:
+                return self._nodes[key]
+        node = self._node(key)
+        if node is not None:
+            with self._lock:
+                self._nodes[key] = node
+        return node
+
+    def _ensure_container(self, key: str) -> Any:
+        node = self._container(key)
+        if node is not None:
+            return node
+        try:
+            with self._translate(f"creating {key}/"):
+                self._root.create_container(key=key, metadata={"chx_masks": SCHEMA_VERSION})
+        except ChxMasksError:
+            raise
+        except Exception as err:
+            if _status(err) != 409:
+                raise
+        node = self._container(key)
+        assert node is not None
+        return node
+
+    def _detector_node(self, detector: str) -> Any | None:
+        cache_key = f"{DETECTORS}/{detector}"
+        with self._lock:
+            if cache_key in self._nodes:
+                return self._nodes[cache_key]
+        if self._container(DETECTORS) is None:
+            return None
+        node = self._node(DETECTORS, detector)
+        if node is not None:
+            with self._lock:
+                self._nodes[cache_key] = node
+        return node
+
+    def _existing_detector(self, detector: str) -> DetectorRecord | None:
+        try:
+            return self.get_detector(detector)
+        except DetectorNotFoundError:
+            return None
+
+    def _ensure_detector_node(self, record: DetectorRecord) -> Any:
+        node = self._detector_node(record.name)
+        if node is not None:
+            return node
+        container = self._ensure_container(DETECTORS)
+        try:
+            with self._translate(f"registering detector {record.name}"):
+                container.create_container(
+                    key=record.name,
+                    metadata={"shape": list(record.shape), "metadata": dict(record.metadata)},
+                )
+        except ChxMasksError:
+            raise
+        except Exception as err:
+            if _status(err) != 409:
+                raise
+            existing = self._detector_from_node(record.name, self._node(DETECTORS, record.name))
+            if existing.shape != record.shape:
+                raise MaskExistsError(
+                    f"Detector {record.name!r} was registered concurrently with shape "
+                    f"{shape_str(existing.shape)}, not {shape_str(record.shape)}."
+                ) from err
+        node = self._detector_node(record.name)
+        assert node is not None
+        return node
+
+    @staticmethod
+    def _detector_from_node(key: str, node: Any) -> DetectorRecord:
+        md = node.metadata
+        return DetectorRecord(
+            key,
+            tuple(md["shape"]),
+            md.get("metadata", {}),
+            builtin=key in BUILTIN_DETECTORS,
+        )
+
+    @staticmethod
+    def _keys(container: Any) -> Iterable[str]:
+        return list(container.keys())
+
+    def _slots(
+        self, detector: str, names: Sequence[str] | None = None
+    ) -> dict[str, list[_Slot]]:
+        """All slots of the given names of one detector, in one query."""
+        from tiled.queries import In
+
+        node = self._detector_node(detector)
+        if node is None:
+            return {}
+        results = node if names is None else node.search(In("name", list(names)))
+        found: dict[str, list[_Slot]] = {}
+        with self._translate(f"looking up masks of {detector}"):
+            for _key, child in results.items():
+                md = child.metadata
+                slot = _Slot(
+                    md["name"],
+                    int(md["version"]),
+                    md["kind"],
+                    md.get("uid"),
+                    datetime.fromisoformat(md["at"]),
+                )
+                found.setdefault(slot.name, []).append(slot)
+        for slots in found.values():
+            slots.sort(key=lambda s: s.version)
+        return found
+
+    def _resolve(
+        self,
+        detector: str,
+        names: Sequence[str],
+        *,
+        version: int | None = None,
+        as_of: Any = None,
+    ) -> list[_Slot]:
+        """Map names to the slots a look-up selects, in the order given."""
+        self.get_detector(detector)
+        if isinstance(names, str):
+            raise MaskValidationError(
+                f"names must be a list of mask names, not the string {names!r}; "
+                f"write [{names!r}]."
+            )
+        names = [check_name(n) for n in names]
+        if not names:
+            raise MaskValidationError("Give at least one mask name.")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise MaskValidationError(f"Mask names repeat: {duplicates}; give each once.")
+        if version is not None and as_of is not None:
+            raise MaskValidationError("Give version= or as_of=, not both.")
+        if version is not None and (
+            isinstance(version, bool) or not isinstance(version, (int, np.integer))
+        ):
+            raise MaskValidationError(f"version must be an integer, not {version!r}.")
+        when = None if as_of is None else to_datetime(as_of)
+        all_slots = self._slots(detector, names)
+        chosen = []
+        for name in names:
+            slots = all_slots.get(name, [])
+            if not slots:
+                registered = ", ".join(n for d, n in self.get_masks(detector)) or "none"
+                raise MaskNotFoundError(
+                    f"No mask {detector}/{name} in the registry at {self.location}. "
+                    f"Registered for {detector}: {registered}."
+                )
+            chosen.append(_select(detector, name, slots, version, when))
+        return chosen
+
+    def _record_at(self, slots: list[_Slot], i: int) -> MaskRecord:
+        slot = slots[i]
+        assert slot.uid is not None
+        stored = self._stored_for(slot.uid)
+        following = slots[i + 1] if i + 1 < len(slots) else None
+        retired_at = superseded_at = None
+        if following is not None:
+            if following.kind == "retired":
+                retired_at = following.at
+            else:
+                superseded_at = following.at
+        return MaskRecord(
+            uid=slot.uid,
+            detector=stored.detector,
+            name=slot.name,
+            version=slot.version,
+            registered_at=slot.at,
+            superseded_at=superseded_at,
+            retired_at=retired_at,
+            sha256=stored.sha256,
+            shape=stored.shape,
+            masked_pixels=stored.masked_pixels,
+            metadata=stored.metadata,
+        )
+
+    def _stored_for(self, uid: str) -> _Stored:
+        if not isinstance(uid, str):
+            raise MaskNotFoundError(f"A uid is a string, not {type(uid).__name__}.")
+        with self._lock:
+            if uid in self._stored:
+                return self._stored[uid]
+        try:
+            uuid.UUID(uid)
+        except ValueError as err:
+            raise MaskNotFoundError(
+                f"{uid!r} is not a mask uid (a UUID such as "
+                "'73f07be0-d535-41db-9258-2dd01e1ac37b')."
+            ) from err
+        node = self._node(MASKS, uid) if self._container(MASKS) is not None else None
+        if node is None:
+            node = self._node(uid)
+            if node is None or node.metadata.get("spec") != LEGACY_SPEC:
+                raise MaskNotFoundError(
+                    f"No mask with uid {uid} in the registry at {self.location}."
+                )
+        stored = self._stored_from_node(uid, node)
+        with self._lock:
+            self._stored[uid] = stored
+            self._nodes[f"uid:{uid}"] = node
+        return stored
+
+    def _stored_from_node(self, key: str, node: Any) -> _Stored:
+        md = dict(node.metadata)
+        if md.get("spec") == LEGACY_SPEC and "sha256" not in md:
+            array = np.asarray(node.read())
+            user = {k: v for k, v in md.items() if k not in _LEGACY_KEYS}
+            return _Stored(
+                uid=key,
+                detector=str(md.get("detector")),
+                name=str(md.get("name")),
+                sha256=mask_sha256(array.astype(bool)),
+                shape=tuple(array.shape),
+                masked_pixels=int(array.size - np.count_nonzero(array)),
+                metadata=user,
+                legacy_version=md.get("version"),
+                legacy_key=key,
+            )
+        user = {k: v for k, v in md.items() if k not in _STORED_KEYS}
+        return _Stored(
+            uid=md["uid"],
+            detector=md["detector"],
+            name=md["name"],
+            sha256=md["sha256"],
+            shape=tuple(md["shape"]),
+            masked_pixels=int(md["masked_pixels"]),
+            metadata=user,
+        )
+
+    def _remember(self, uid: str, array: np.ndarray) -> None:
+        cached = array.copy()
+        cached.flags.writeable = False
+        with self._lock:
+            self._put_array(uid, cached)
+
+    def _put_array(self, uid: str, array: np.ndarray) -> None:
+        self._arrays[uid] = array
+        self._arrays.move_to_end(uid)
+        total = sum(a.nbytes for a in self._arrays.values())
+        while total > self._cache_bytes and len(self._arrays) > 1:
+            _, dropped = self._arrays.popitem(last=False)
+            total -= dropped.nbytes
+
+    def _read(self, uid: str) -> np.ndarray:
+        """The verified, read-only NumPy array of a uid (cached: uids are immutable)."""
+        with self._lock:
+            if uid in self._arrays:
+                self._arrays.move_to_end(uid)
+                return self._arrays[uid]
+        stored = self._stored_for(uid)
+        node = self._nodes.get(f"uid:{uid}") or self._node(MASKS, uid) or self._node(uid)
+        with self._translate(f"reading mask {uid}"):
+            raw = np.asarray(node.read())
+        if stored.legacy_key is not None:
+            array = raw.astype(bool)
+        else:
+            array = raw
+            if array.dtype != np.bool_ or array.shape != stored.shape:
+                raise MaskIntegrityError(
+                    f"Mask {uid} reads back as {array.dtype} {shape_str(array.shape)}, "
+                    f"not bool {shape_str(stored.shape)}: the stored array was altered. "
+                    "Do not use it; register the mask again from its source."
+                )
+        digest = mask_sha256(array)
+        if digest != stored.sha256:
+            raise MaskIntegrityError(
+                f"Mask {uid} ({stored.detector}/{stored.name}) fails its integrity "
+                f"check: stored sha256 {stored.sha256[:12]}..., content hashes to "
+                f"{digest[:12]}.... The stored bytes were changed after registration; "
+                "it is not served. Restore it from a backup or register the mask again."
+            )
+        array = np.ascontiguousarray(array)
+        array.flags.writeable = False
+        with self._lock:
+            self._put_array(uid, array)
+        return array
+
+    def _read_copy(self, uid: str) -> np.ndarray:
+        return self._read(uid).copy()
+
+    def _lazy(self, uid: str) -> dask.array.Array:
+        import dask
+        import dask.array as da
+
+        stored = self._stored_for(uid)
+        task = dask.delayed(self._read_copy, pure=True)(
+            uid, dask_key_name=f"chx-mask-read-{uid}"
+        )
+        return da.from_delayed(task, shape=stored.shape, dtype=bool, name=f"chx-mask-{uid}")
+
+
+_LEGACY_KEYS = frozenset({"spec", "name", "detector", "version", "uid"})
+_STORED_KEYS = frozenset(
+    {"uid", "detector", "name", "sha256", "shape", "masked_pixels", "created_at", "chx_masks"}
+)
+
+
+def check_query(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate a ``{key: value}`` metadata query (dotted keys allowed)."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise MaskValidationError(
+            f"metadata must be a dict of key: value to match, not {type(metadata).__name__}."
+        )
+    for key in metadata:
+        if not isinstance(key, str) or not key.strip():
+            raise MaskValidationError(f"Search keys must be non-empty strings, not {key!r}.")
+    return dict(metadata)
+
+
+def _lineage_start(slots: list[_Slot]) -> int:
+    start = 0
+    for i, slot in enumerate(slots):
+        if slot.kind == "retired":
+            start = i + 1
+    return start
+
+
+def _select(
+    detector: str,
+    name: str,
+    slots: list[_Slot],
+    version: int | None,
+    when: datetime | None,
+) -> _Slot:
+    """Pick the slot a look-up means; raise what a user should read otherwise."""
+    if version is not None:
+        for slot in slots:
+            if slot.version == version:
+                if slot.kind == "mask":
+                    return slot
+                raise MaskNotFoundError(
+                    f"{detector}/{name} version {version} is the record of its "
+                    f"retirement at {slot.at:%Y-%m-%d %H:%M:%S} UTC, not a mask."
+                )
+        versions = [s.version for s in slots if s.kind == "mask"]
+        raise MaskNotFoundError(
+            f"{detector}/{name} has no version {version}; versions: {versions}."
+        )
+    if when is not None:
+        earlier = [s for s in slots if s.at <= when]
+        if not earlier:
+            raise MaskNotFoundError(
+                f"{detector}/{name} did not exist at {when.isoformat()}: its first "
+                f"version was registered at {slots[0].at.isoformat()}."
+            )
+        slot = earlier[-1]
+        if slot.kind == "retired":
+            raise MaskNotFoundError(
+                f"{detector}/{name} was retired at {when.isoformat()} (since "
+                f"{slot.at.isoformat()})."
+            )
+        return slot
+    last = slots[-1]
+    if last.kind == "retired":
+        raise MaskNotFoundError(
+            f"{detector}/{name} was retired at {last.at:%Y-%m-%d %H:%M:%S} UTC. Its "
+            "uids stay readable with get_mask_by_uid; register_mask starts it again."
+        )
+    return last
+
+
+@contextmanager
+def _translate(action: str, location: str) -> Iterator[None]:
+    """Turn transport and authorization failures into registry errors."""
+    import httpx
+
+    try:
+        yield
+    except httpx.HTTPStatusError as err:
+        code = _status(err)
+        if code in (401, 403):
+            raise MaskPermissionError(
+                f"The registry at {location} refused {action} (HTTP {code}): the "
+                "credentials in use do not allow it. Use an API key with the "
+                "needed scopes (read:metadata, read:data to read; write:metadata, "
+                "write:data, create to write), e.g. through CHX_MASKS_API_KEY."
+            ) from None
+        raise
+    except (httpx.TransportError, OSError) as err:
+        raise RegistryUnavailableError(
+            f"Cannot reach the mask registry at {location} while {action} "
+            f"({type(err).__name__}). Check that the tiled server is running, or "
+            "unset CHX_MASKS_URI to use the embedded registry."
+        ) from err

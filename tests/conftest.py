@@ -1,0 +1,98 @@
+"""Fixtures: real tiled everywhere, the environment isolated for every test."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import chx_masks
+from chx_masks import MaskRegistry
+
+EIGER4M = "eiger4m_single_image"
+EIGER500K = "eiger500K_single_image"
+SHAPE_4M = (2167, 2070)
+SHAPE_500K = (514, 1030)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(tmp_path, monkeypatch):
+    """No user profile, server or data directory leaks into a test, or out of it."""
+    for name in ("CHX_MASKS_URI", "CHX_MASKS_API_KEY", "CHX_MASKS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CHX_MASKS_DIR", str(tmp_path / "default-registry"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setenv("TILED_PROFILES", str(tmp_path / "tiled-profiles"))
+    chx_masks.set_default_registry(None)
+    yield
+    chx_masks.set_default_registry(None)
+
+
+@pytest.fixture(scope="session")
+def catalog_template(tmp_path_factory) -> Path:
+    """An initialized, empty embedded catalog, made once (tiled's init takes seconds)."""
+    directory = tmp_path_factory.mktemp("template")
+    MaskRegistry.embedded(directory).close()
+    return directory / "catalog.db"
+
+
+@pytest.fixture
+def embedded_dir(tmp_path, catalog_template) -> Path:
+    """A directory holding a fresh, empty embedded registry."""
+    directory = tmp_path / "registry"
+    (directory / "data").mkdir(parents=True)
+    shutil.copy(catalog_template, directory / "catalog.db")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiled_server(tmp_path_factory):
+    """A real tiled server on loopback, shared by the session's tests."""
+    from tiled.server import SimpleTiledServer
+
+    server = SimpleTiledServer(tmp_path_factory.mktemp("server"))
+    yield server
+    server.close()
+
+
+def server_node_uri(server, key: str) -> str:
+    """URI of the container ``key`` on ``server`` (without the api key)."""
+    return f"http://127.0.0.1:{server.port}/api/v1/metadata/{key}"
+
+
+@pytest.fixture
+def server_registry_uri(tiled_server) -> str:
+    """A fresh, empty container on the loopback server for one test."""
+    from tiled.client import from_uri
+
+    key = f"test-{uuid.uuid4().hex[:12]}"
+    root = from_uri(tiled_server.uri)
+    root.create_container(key=key)
+    root.context.close()
+    return server_node_uri(tiled_server, key)
+
+
+@pytest.fixture(params=["embedded", "server"])
+def registry(request, embedded_dir):
+    """The registry under test: embedded (in-process) or over HTTP on loopback."""
+    if request.param == "embedded":
+        reg = MaskRegistry.embedded(embedded_dir)
+    else:
+        server = request.getfixturevalue("tiled_server")
+        uri = request.getfixturevalue("server_registry_uri")
+        reg = MaskRegistry.from_uri(uri, api_key=server.api_key)
+    yield reg
+    reg.close()
+
+
+def ones(shape=SHAPE_500K) -> np.ndarray:
+    return np.ones(shape, dtype=bool)
+
+
+def random_mask(shape=SHAPE_500K, fraction=0.05, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.random(shape) >= fraction
