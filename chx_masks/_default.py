@@ -149,8 +149,9 @@ def get_composite_mask(
 
     Examples
     --------
-    >>> get_composite_mask('eiger4m_single_image', ['chip_mask', 'bad_pixels'])  # doctest: +SKIP
-    dask.array<and_, shape=(2167, 2070), dtype=bool, chunksize=(2167, 2070), chunktype=numpy.ndarray>
+    >>> names = ['chip_mask', 'bad_pixels']
+    >>> get_composite_mask('eiger4m_single_image', names)  # doctest: +SKIP
+    dask.array<and_, shape=(2167, 2070), dtype=bool, chunksize=(2167, 2070), ...>
     """
     return default_registry().get_composite_mask(detector, names, as_of=as_of)
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,45 @@ def default_directory() -> Path:
     return Path(platformdirs.user_data_dir("chx-masks", appauthor=False))
 
 
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (other processes wait)."""
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _new_catalog(database: Path) -> None:
+    """Create an empty tiled catalog at ``database``.
+
+    tiled creates a catalog by running its migrations in a subprocess, which
+    takes seconds. An empty catalog is the same file every time for one tiled
+    version, so it is made once per machine (in the user cache directory) and
+    copied for each new registry.
+    """
+    import platformdirs
+    import tiled
+    from tiled.catalog import from_uri
+
+    cache = Path(platformdirs.user_cache_dir("chx-masks", appauthor=False))
+    template = cache / f"empty-catalog-tiled-{tiled.__version__}.db"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with _locked(cache / ".template.lock"):
+            if not template.exists():
+                partial = cache / f".{template.name}.{os.getpid()}"
+                partial.unlink(missing_ok=True)
+                from_uri(f"sqlite:///{partial}", init_if_not_exists=True)
+                os.replace(partial, template)
+        shutil.copyfile(template, database)
+    except OSError:
+        # No usable cache directory: build the catalog in place instead.
+        from_uri(f"sqlite:///{database}", init_if_not_exists=True)
+
+
 def open_embedded(directory: Path) -> Any:
     """Serve ``directory`` with tiled in this process; return the root client."""
     from tiled.catalog import from_uri
@@ -50,18 +92,10 @@ def open_embedded(directory: Path) -> Any:
             "Set CHX_MASKS_DIR to a writable directory."
         ) from err
     database = directory / "catalog.db"
-    # Creating the catalog runs tiled's migrations in a subprocess (seconds);
-    # do it once, and only one process at a time.
-    with open(directory / ".init.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            catalog = from_uri(
-                f"sqlite:///{database}",
-                writable_storage=str(directory / "data"),
-                init_if_not_exists=not database.exists(),
-            )
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with _locked(directory / ".init.lock"):
+        if not database.exists():
+            _new_catalog(database)
+        catalog = from_uri(f"sqlite:///{database}", writable_storage=str(directory / "data"))
     app = build_app(catalog)
     # tiled announces its version at INFO on every in-process start; a
     # library opened from IPython should stay quiet.

@@ -1246,8 +1246,17 @@ class MaskRegistry:
                 return self._arrays[uid]
         stored = self._stored_for(uid)
         node = self._nodes.get(f"uid:{uid}") or self._node(MASKS, uid) or self._node(uid)
-        with self._translate(f"reading mask {uid}"):
-            raw = np.asarray(node.read())
+        try:
+            with self._translate(f"reading mask {uid}"):
+                raw = np.asarray(node.read())
+        except (MaskPermissionError, RegistryUnavailableError):
+            raise
+        except Exception as err:
+            raise MaskIntegrityError(
+                f"Mask {uid} ({stored.detector}/{stored.name}) cannot be read back "
+                f"({type(err).__name__}): its stored bytes are damaged or missing. It "
+                "is not served; restore it from a backup or register the mask again."
+            ) from err
         if stored.legacy_key is not None:
             array = raw.astype(bool)
         else:
@@ -1365,6 +1374,8 @@ def _translate(action: str, location: str) -> Iterator[None]:
 
     try:
         yield
+    except ChxMasksError:
+        raise
     except httpx.HTTPStatusError as err:
         code = _status(err)
         if code in (401, 403):

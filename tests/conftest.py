@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from pathlib import Path
 
@@ -32,21 +31,10 @@ def _isolated_environment(tmp_path, monkeypatch):
     chx_masks.set_default_registry(None)
 
 
-@pytest.fixture(scope="session")
-def catalog_template(tmp_path_factory) -> Path:
-    """An initialized, empty embedded catalog, made once (tiled's init takes seconds)."""
-    directory = tmp_path_factory.mktemp("template")
-    MaskRegistry.embedded(directory).close()
-    return directory / "catalog.db"
-
-
 @pytest.fixture
-def embedded_dir(tmp_path, catalog_template) -> Path:
-    """A directory holding a fresh, empty embedded registry."""
-    directory = tmp_path / "registry"
-    (directory / "data").mkdir(parents=True)
-    shutil.copy(catalog_template, directory / "catalog.db")
-    return directory
+def embedded_dir(tmp_path) -> Path:
+    """A directory for a fresh, empty embedded registry."""
+    return tmp_path / "registry"
 
 
 @pytest.fixture(scope="session")

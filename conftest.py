@@ -1,0 +1,14 @@
+"""Session-wide isolation for tests and doctests: nothing reads or writes the user's dirs."""
+
+import os
+import tempfile
+
+
+def pytest_configure(config):
+    home = tempfile.mkdtemp(prefix="chx-masks-test-")
+    # The embedded registry keeps its empty-catalog template in the cache
+    # directory; share one per run, apart from the user's.
+    os.environ["XDG_CACHE_HOME"] = os.path.join(home, "cache")
+    os.environ["XDG_DATA_HOME"] = os.path.join(home, "data")
+    for name in ("CHX_MASKS_URI", "CHX_MASKS_API_KEY", "CHX_MASKS_PROFILE", "CHX_MASKS_DIR"):
+        os.environ.pop(name, None)
