@@ -93,6 +93,11 @@ def check_name(value: Any, what: str = "mask name") -> str:
             f"The {what} {value!r} starts or ends with white space; use "
             f"{value.strip()!r}."
         )
+    if set(value) == {"."}:
+        raise MaskValidationError(
+            f"The {what} {value!r} is only dots, which tiled reads as a path step; "
+            "give a name such as 'chip_mask'."
+        )
     if len(value) > MAX_NAME_LENGTH:
         raise MaskValidationError(
             f"The {what} is {len(value)} characters long; at most "

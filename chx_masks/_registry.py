@@ -22,6 +22,7 @@ slot names always has its full array behind it.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import operator
 import threading
@@ -326,16 +327,19 @@ class MaskRegistry:
         (1043, 981)
         """
         check_name(detector, "detector name")
-        try:
-            shape = tuple(int(n) for n in shape)
-        except (TypeError, ValueError) as err:
-            raise MaskValidationError(
-                f"shape must be two positive integers (rows, cols), not {shape!r}."
-            ) from err
-        if len(shape) != 2 or min(shape) <= 0:
+        if (
+            isinstance(shape, (str, bytes))
+            or not isinstance(shape, Sequence)
+            or len(shape) != 2
+            or not all(
+                isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0
+                for n in shape
+            )
+        ):
             raise MaskValidationError(
                 f"shape must be two positive integers (rows, cols), not {shape!r}."
             )
+        shape = (int(shape[0]), int(shape[1]))
         user_md = check_metadata(metadata)
         existing = self._existing_detector(detector)
         if existing is not None:
@@ -1120,6 +1124,10 @@ class MaskRegistry:
                 f"names must be a list of mask names, not the string {names!r}; "
                 f"write [{names!r}]."
             )
+        if not isinstance(names, Iterable):
+            raise MaskValidationError(
+                f"names must be a list of mask names, not {type(names).__name__}."
+            )
         names = [check_name(n) for n in names]
         if not names:
             raise MaskValidationError("Give at least one mask name.")
@@ -1312,6 +1320,12 @@ def check_query(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     for key in metadata:
         if not isinstance(key, str) or not key.strip():
             raise MaskValidationError(f"Search keys must be non-empty strings, not {key!r}.")
+    try:
+        json.dumps(dict(metadata), allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise MaskValidationError(
+            f"Search values must be JSON values (str, numbers, bool, None, lists, dicts): {err}."
+        ) from err
     return dict(metadata)
 
 

@@ -8,7 +8,6 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
-from conftest import EIGER4M, EIGER500K, SHAPE_500K, ones, random_mask
 
 import chx_masks
 from chx_masks import (
@@ -18,6 +17,7 @@ from chx_masks import (
     MaskRegistry,
     mask_sha256,
 )
+from conftest import EIGER4M, EIGER500K, SHAPE_500K, ones, random_mask
 
 
 def test_register_starts_version_zero_with_fresh_uid(registry):

@@ -11,9 +11,9 @@ import uuid
 import dask.array
 import numpy as np
 import pytest
-from conftest import SHAPE_4M, server_node_uri
 
 import chx_masks
+from conftest import SHAPE_4M, server_node_uri
 
 
 def _seed_masks() -> dict[str, np.ndarray]:
