@@ -12,3 +12,6 @@ def pytest_configure(config):
     os.environ["XDG_DATA_HOME"] = os.path.join(home, "data")
     for name in ("CHX_MASKS_URI", "CHX_MASKS_API_KEY", "CHX_MASKS_PROFILE", "CHX_MASKS_DIR"):
         os.environ.pop(name, None)
+    # tiled's client retries a lost server for up to 45 s by default; tests of
+    # a stopped server need the refusal, not the patience.
+    os.environ.setdefault("TILED_RETRY_TIMEOUT", "3")

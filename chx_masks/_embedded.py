@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -77,8 +77,29 @@ def _new_catalog(database: Path) -> None:
         from_uri(f"sqlite:///{database}", init_if_not_exists=True)
 
 
-def open_embedded(directory: Path) -> Any:
-    """Serve ``directory`` with tiled in this process; return the root client."""
+def open_embedded(
+    directory: Path,
+    *,
+    tabular: bool = False,
+    readable_storage: Sequence[str | Path] = (),
+    specs: Sequence[dict[str, str]] | None = None,
+    serialization_registry: Any = None,
+) -> Any:
+    """Serve ``directory`` with tiled in this process; return the root client.
+
+    Parameters
+    ----------
+    directory : Path
+        Holds ``catalog.db`` and ``data/`` (created if missing).
+    tabular : bool
+        Also give tiled a SQLite store for tables (``tables.db``), as Bluesky
+        runs written with TiledWriter need.
+    readable_storage : paths
+        Directories of external files (e.g. detector HDF5) tiled may serve.
+    specs, serialization_registry
+        Passed to tiled (the root's specs; exporters such as Bluesky's
+        ``application/json-seq``).
+    """
     from tiled.catalog import from_uri
     from tiled.client import Context, from_context
     from tiled.server.app import build_app
@@ -88,15 +109,23 @@ def open_embedded(directory: Path) -> Any:
         (directory / "data").mkdir(exist_ok=True)
     except OSError as err:
         raise RegistryUnavailableError(
-            f"Cannot create the embedded registry directory {directory}: {err}. "
+            f"Cannot create the embedded directory {directory}: {err}. "
             "Set CHX_MASKS_DIR to a writable directory."
         ) from err
     database = directory / "catalog.db"
+    writable: list[str] = [str(directory / "data")]
+    if tabular:
+        writable.append(f"sqlite:///{directory / 'tables.db'}")
     with _locked(directory / ".init.lock"):
         if not database.exists():
             _new_catalog(database)
-        catalog = from_uri(f"sqlite:///{database}", writable_storage=str(directory / "data"))
-    app = build_app(catalog)
+        catalog = from_uri(
+            f"sqlite:///{database}",
+            writable_storage=writable,
+            readable_storage=[str(p) for p in readable_storage] or None,
+            specs=list(specs) if specs else None,
+        )
+    app = build_app(catalog, serialization_registry=serialization_registry)
     # tiled announces its version at INFO on every in-process start; a
     # library opened from IPython should stay quiet.
     logging.getLogger("tiled.server.app").setLevel(logging.WARNING)

@@ -156,6 +156,7 @@ class MaskRegistry:
         self._nodes: dict[str, Any] = {}
         self._stored: dict[str, _Stored] = {}
         self._arrays: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._composites: OrderedDict[tuple[str, ...], tuple] = OrderedDict()
         self._cache_bytes = cache_bytes
 
     # ------------------------------------------------------------ construction
@@ -747,20 +748,55 @@ class MaskRegistry:
         """
         when = None if as_of is None else to_datetime(as_of)
         slots = self._resolve(detector, names, as_of=when)
-        components = tuple(self._read(s.uid) for s in slots)
-        composite = functools.reduce(np.logical_and, components)
-        if len(components) == 1:
-            composite = composite.copy()
-        composite.flags.writeable = False
+        uids = tuple(s.uid for s in slots)
+        composite, digest, components = self._and(uids)
         return CompositeMask(
             detector=detector,
             names=tuple(s.name for s in slots),
-            uids=tuple(s.uid for s in slots),
+            uids=uids,
             versions=tuple(s.version for s in slots),
-            sha256=mask_sha256(composite),
+            sha256=digest,
             mask=composite,
             components=components,
             as_of=when,
+        )
+
+    def composite_from_uids(self, uids: Sequence[str]) -> CompositeMask:
+        """Rebuild a composite from the exact uids a run recorded.
+
+        Names and versions come from the registry's records; nothing is
+        resolved by name, so a newer version registered since does not
+        change the result.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     a = np.ones((514, 1030), bool); a[0] = False
+        ...     uid = reg.register_mask("eiger500K_single_image", "a", a)
+        ...     _ = reg.update_mask("eiger500K_single_image", "a", ~a)
+        ...     reg.composite_from_uids([uid]).versions
+        (0,)
+        """
+        if isinstance(uids, str) or not uids:
+            raise MaskValidationError(f"Give a non-empty list of mask uids, not {uids!r}.")
+        records = [self.describe(uid) for uid in uids]
+        detectors = sorted({r.detector for r in records})
+        if len(detectors) != 1:
+            raise MaskValidationError(
+                f"The uids belong to several detectors ({', '.join(detectors)}); a "
+                "composite is built for one detector."
+            )
+        key = tuple(uids)
+        composite, digest, components = self._and(key)
+        return CompositeMask(
+            detector=detectors[0],
+            names=tuple(r.name for r in records),
+            uids=key,
+            versions=tuple(r.version for r in records),
+            sha256=digest,
+            mask=composite,
+            components=components,
         )
 
     def describe(self, uid: str) -> MaskRecord:
@@ -1288,6 +1324,27 @@ class MaskRegistry:
         with self._lock:
             self._put_array(uid, array)
         return array
+
+    def _and(
+        self, uids: tuple[str, ...]
+    ) -> tuple[np.ndarray, str, tuple[np.ndarray, ...]]:
+        """The read-only AND of the uids' masks, its sha256 and the components."""
+        with self._lock:
+            built = self._composites.get(uids)
+        if built is None:
+            components = tuple(self._read(uid) for uid in uids)
+            composite = functools.reduce(np.logical_and, components)
+            if len(components) == 1:
+                composite = composite.copy()
+            composite.flags.writeable = False
+            built = (composite, mask_sha256(composite), components)
+            with self._lock:
+                # Uids are immutable, so the composite of the same uids is the
+                # same array: the next run costs one query and no AND.
+                self._composites[uids] = built
+                while len(self._composites) > 16:
+                    self._composites.popitem(last=False)
+        return built
 
     def _read_copy(self, uid: str) -> np.ndarray:
         return self._read(uid).copy()

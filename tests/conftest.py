@@ -84,3 +84,19 @@ def ones(shape=SHAPE_500K) -> np.ndarray:
 def random_mask(shape=SHAPE_500K, fraction=0.05, seed=0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.random(shape) >= fraction
+
+
+@pytest.fixture
+def RE():
+    """A real RunEngine, its event loop stopped and closed afterwards."""
+    from bluesky import RunEngine
+
+    engine = RunEngine({})
+    yield engine
+    if engine.state != "idle":
+        engine.halt()
+    # The RunEngine runs its loop forever on a daemon thread; stop and close
+    # it so no "unclosed event loop" ResourceWarning surfaces in a later test.
+    engine.loop.call_soon_threadsafe(engine.loop.stop)
+    engine._th.join(timeout=5)
+    engine.loop.close()

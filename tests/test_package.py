@@ -103,5 +103,5 @@ def test_cli_reports_expected_errors_in_one_line(tmp_path):
     blocker.write_text("not a directory")
     result = CliRunner().invoke(main, ["demo", "--dir", str(blocker / "sub")])
     assert result.exit_code == 1
-    assert result.output.startswith("chx-masks: Cannot create the embedded registry directory")
+    assert result.output.startswith("chx-masks: Cannot create the embedded directory")
     assert "Traceback" not in result.output

@@ -1,0 +1,217 @@
+"""Plan preprocessor that records which exact masks a run uses, in its start document.
+
+Appended to ``RE.preprocessors`` by the beamline profile; talks to the registry
+once per run (one query per detector) and never reads an array twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+from bluesky.preprocessors import make_decorator, msg_mutator
+from bluesky.utils import Msg
+
+from chx_masks import ChxMasksError, MaskRegistry, MaskValidationError
+
+__all__ = ["MaskProvenance", "mask_provenance_decorator", "mask_provenance_wrapper"]
+
+logger = logging.getLogger(__name__)
+
+#: The key of a run's own metadata that chooses other mask names for that run.
+RUN_MASKS_KEY = "mask_names"
+
+Policy = Literal["raise", "record"]
+
+
+def _check_masks(masks: Mapping[str, Sequence[str]] | None, what: str) -> dict[str, list[str]]:
+    if masks is None:
+        return {}
+    if not isinstance(masks, Mapping):
+        raise MaskValidationError(
+            f"{what} must map a detector data key to a list of mask names, e.g. "
+            "{'eiger4m_single_image': ['chip_mask', 'bad_pixels']}; got "
+            f"{type(masks).__name__}."
+        )
+    checked = {}
+    for key, names in masks.items():
+        if isinstance(names, str) or not isinstance(names, Iterable):
+            raise MaskValidationError(
+                f"{what}[{key!r}] must be a list of mask names, not {names!r}."
+            )
+        checked[str(key)] = [str(n) for n in names]
+    return checked
+
+
+def detectors_in_run(
+    data_keys: Iterable[str], device_names: Iterable[str]
+) -> list[str]:
+    """The configured data keys that belong to devices a run uses.
+
+    An ophyd device ``eiger4m_single`` reads its image as data key
+    ``eiger4m_single_image``: a data key belongs to a device when it is the
+    device's name or starts with the name and ``_``.
+
+    Examples
+    --------
+    >>> detectors_in_run(["eiger4m_single_image", "eiger1m_single_image"],
+    ...                  ["eiger4m_single", "motor"])
+    ['eiger4m_single_image']
+    """
+    devices = set(device_names)
+    return [
+        key
+        for key in data_keys
+        if key in devices or any(key.startswith(d + "_") for d in devices)
+    ]
+
+
+class MaskProvenance:
+    """Record the composite mask of each detector a run uses, at ``open_run``.
+
+    For every configured detector the run uses (from the run's ``detectors``
+    metadata and the devices staged before it opens), the composite of the
+    named masks is resolved once and the start document gains::
+
+        "masks": {"eiger4m_single_image": {"names": [...], "uids": [...],
+                  "versions": [...], "sha256": "<composite hash>"}},
+        "mask_uids": [every component uid]
+
+    A run may choose other names for itself with its own metadata
+    ``mask_names={data_key: [names...]}``.
+
+    Parameters
+    ----------
+    registry : MaskRegistry or callable returning one
+        A callable is called at each run start, so a registry that was down
+        when the profile loaded is looked up again later.
+    masks : dict
+        ``{data_key: [mask names]}``: the composite applied to each detector.
+    on_unavailable : {"raise", "record"}
+        When the registry cannot be reached or a mask is missing: "raise"
+        refuses to open the run (no start document is emitted) with an error
+        naming the registry and the masks; "record" opens the run and records
+        in ``masks[data_key]["error"]`` why its masks are missing.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np
+    >>> from bluesky import RunEngine
+    >>> from bluesky.plans import count
+    >>> from chx_masks import MaskRegistry
+    >>> reg = MaskRegistry.embedded(tempfile.mkdtemp())
+    >>> _ = reg.register_mask("eiger500K_single_image", "chip",
+    ...                       np.ones((514, 1030), bool))
+    >>> RE = RunEngine({})
+    >>> RE.preprocessors.append(
+    ...     MaskProvenance(reg, masks={"eiger500K_single_image": ["chip"]}))
+    >>> starts = []
+    >>> _ = RE.subscribe(lambda name, doc: starts.append(doc), "start")
+    >>> _ = RE(count([], md={"detectors": ["eiger500K_single"]}))
+    >>> starts[0]["masks"]["eiger500K_single_image"]["names"]
+    ['chip']
+    >>> reg.close()
+    """
+
+    def __init__(
+        self,
+        registry: MaskRegistry | Callable[[], MaskRegistry],
+        masks: Mapping[str, Sequence[str]],
+        *,
+        on_unavailable: Policy = "raise",
+    ) -> None:
+        if on_unavailable not in ("raise", "record"):
+            raise MaskValidationError(
+                f"on_unavailable must be 'raise' or 'record', not {on_unavailable!r}."
+            )
+        self._registry = registry
+        self.masks = _check_masks(masks, "masks")
+        self.on_unavailable: Policy = on_unavailable
+        self._lock = threading.Lock()
+
+    @property
+    def registry(self) -> MaskRegistry:
+        """The registry in use (a factory given at construction is called now)."""
+        if isinstance(self._registry, MaskRegistry):
+            return self._registry
+        return self._registry()
+
+    def __call__(self, plan: Generator[Msg, Any, Any]) -> Generator[Msg, Any, Any]:
+        staged: list[str] = []
+
+        def mutate(msg: Msg) -> Msg:
+            if msg.command == "stage" and msg.obj is not None:
+                staged.append(getattr(msg.obj, "name", ""))
+            elif msg.command == "unstage" and msg.obj is not None:
+                name = getattr(msg.obj, "name", "")
+                if name in staged:
+                    staged.remove(name)
+            elif msg.command == "open_run":
+                return msg._replace(kwargs=self.start_metadata(msg.kwargs, staged))
+            return msg
+
+        return (yield from msg_mutator(plan, mutate))
+
+    def start_metadata(
+        self, run_md: Mapping[str, Any], staged: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        """Return ``run_md`` plus ``masks`` and ``mask_uids`` for the run it opens.
+
+        ``run_md`` itself is left unchanged.
+        """
+        own = _check_masks(run_md.get(RUN_MASKS_KEY), f"the run's {RUN_MASKS_KEY}")
+        wanted = {**self.masks, **own}
+        devices = [*(run_md.get("detectors") or ()), *staged]
+        used = detectors_in_run(wanted, devices)
+        # A detector the run names explicitly in its own mask_names is used
+        # even when no device with that name is staged.
+        used += [key for key in own if key not in used]
+        if not used:
+            return dict(run_md)
+        records: dict[str, dict[str, Any]] = {}
+        uids: list[str] = []
+        for key in used:
+            try:
+                composite = self.registry.resolve_composite(key, wanted[key])
+            except ChxMasksError as err:
+                if self.on_unavailable == "raise":
+                    raise type(err)(
+                        f"The run was not opened: the masks {wanted[key]} for {key} "
+                        f"could not be resolved: {err}"
+                    ) from err
+                logger.warning("Run opens without masks for %s: %s", key, err)
+                records[key] = {
+                    "names": list(wanted[key]),
+                    "uids": [],
+                    "versions": [],
+                    "sha256": None,
+                    "error": f"{type(err).__name__}: {err}",
+                }
+                continue
+            records[key] = composite.provenance()
+            uids.extend(uid for uid in composite.uids if uid not in uids)
+        return {**run_md, "masks": records, "mask_uids": uids}
+
+
+def mask_provenance_wrapper(
+    plan: Generator[Msg, Any, Any],
+    registry: MaskRegistry | Callable[[], MaskRegistry],
+    masks: Mapping[str, Sequence[str]],
+    *,
+    on_unavailable: Policy = "raise",
+) -> Generator[Msg, Any, Any]:
+    """Record mask provenance in every run of ``plan`` (see :class:`MaskProvenance`).
+
+    Examples
+    --------
+    >>> from bluesky.plans import count
+    >>> plan = mask_provenance_wrapper(count([]), registry=None, masks={})
+    """
+    return (
+        yield from MaskProvenance(registry, masks, on_unavailable=on_unavailable)(plan)
+    )
+
+
+mask_provenance_decorator = make_decorator(mask_provenance_wrapper)

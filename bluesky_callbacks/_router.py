@@ -1,0 +1,475 @@
+"""Callback that emits, for each raw run, a derived run whose detector frames are masked.
+
+Subscribed to the RunEngine (``RE.subscribe``) for live processing and fed a
+stored run's documents for replay; the same code serves both, so live and
+replayed frames are identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import numpy as np
+from event_model import DocumentRouter, Filler, RunRouter, compose_run
+
+from chx_masks import CompositeMask, MaskIntegrityError, MaskRegistry
+
+from ._provenance import _check_masks
+
+__all__ = ["MaskingRouter"]
+
+logger = logging.getLogger(__name__)
+
+Downstream = Callable[[str, dict], Any]
+
+
+def _as_callables(downstream: Downstream | Iterable[Downstream]) -> tuple[Downstream, ...]:
+    if callable(downstream):
+        return (downstream,)
+    callables = tuple(downstream)
+    if not callables or not all(callable(c) for c in callables):
+        raise TypeError(
+            "downstream must be a callable (name, doc) or a list of them, e.g. "
+            "a TiledWriter or a function; got "
+            f"{downstream!r}."
+        )
+    return callables
+
+
+class MaskingRouter:
+    """Emit a masked derived run to ``downstream`` for every raw run it sees.
+
+    For each run the composite mask of every detector is taken from the uids
+    in the start document (``masks``, written by :class:`MaskProvenance`); a
+    run without them gets the names in ``masks`` resolved ``as_of`` its start
+    time, and the derived start document says so
+    (``masks_resolved_as_of``). The composite is built once per run and
+    prepared in each frame dtype once.
+
+    The derived run: a start document with ``parent_uid`` (the raw run's uid)
+    and the same ``masks`` and ``mask_uids``; descriptors; event pages whose
+    masked fields hold ``frame * mask`` (masked pixels are 0, dtype and shape
+    kept, frames inline, every other field passed through); a stop. Frames
+    may arrive inline, through Resource/Datum (filled with
+    ``handler_registry``) or through StreamResource/StreamDatum (HDF5).
+
+    Parameters
+    ----------
+    registry : MaskRegistry or callable returning one
+    downstream : callable or list of callables ``(name, doc)``
+    masks : dict, optional
+        ``{data_key: [mask names]}`` for runs whose start document records
+        no masks.
+    strict : bool
+        Raise masking failures into the caller (the RunEngine). By default a
+        failure is logged, the frames concerned are left out of the derived
+        run (never passed on unmasked) and the derived stop document reports
+        it (``exit_status="fail"``, ``masking_errors``).
+    handler_registry : dict, optional
+        Asset handlers (spec -> class) for Resource/Datum frames.
+    root_map : dict, optional
+        Passed to the filler for relocated Resource roots.
+    unmasked_streams : {"pass", "drop"}
+        What to do with streams that hold no masked detector.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np
+    >>> from chx_masks import MaskRegistry
+    >>> reg = MaskRegistry.embedded(tempfile.mkdtemp())
+    >>> out = []
+    >>> router = MaskingRouter(reg, lambda name, doc: out.append(name))
+    >>> router("start", {"uid": "r1", "time": 0.0})
+    >>> router("stop", {"uid": "s1", "time": 1.0, "run_start": "r1",
+    ...                 "exit_status": "success"})
+    >>> out
+    ['start', 'stop']
+    >>> reg.close()
+    """
+
+    def __init__(
+        self,
+        registry: MaskRegistry | Callable[[], MaskRegistry],
+        downstream: Downstream | Iterable[Downstream],
+        masks: Mapping[str, Sequence[str]] | None = None,
+        *,
+        strict: bool = False,
+        handler_registry: Mapping[str, Any] | None = None,
+        root_map: Mapping[str, str] | None = None,
+        unmasked_streams: Literal["pass", "drop"] = "pass",
+    ) -> None:
+        if unmasked_streams not in ("pass", "drop"):
+            raise ValueError(
+                f"unmasked_streams must be 'pass' or 'drop', not {unmasked_streams!r}."
+            )
+        self._registry = registry
+        self.downstream = _as_callables(downstream)
+        self.masks = _check_masks(masks, "masks")
+        self.strict = strict
+        self.handler_registry = dict(handler_registry or {})
+        self.root_map = dict(root_map or {})
+        self.unmasked_streams = unmasked_streams
+        self._router = RunRouter([self._factory])
+
+    @property
+    def registry(self) -> MaskRegistry:
+        """The registry in use (a factory given at construction is called now)."""
+        if isinstance(self._registry, MaskRegistry):
+            return self._registry
+        return self._registry()
+
+    def __call__(self, name: str, doc: dict) -> None:
+        try:
+            self._router(name, doc)
+        except Exception:
+            if self.strict:
+                raise
+            # Masking must never break acquisition: the run's own state
+            # already recorded the failure where it could.
+            logger.exception("MaskingRouter failed on a %s document", name)
+
+    def _factory(self, name: str, start: dict) -> tuple[list[Any], list[Any]]:
+        return [_MaskedRun(self, start)], []
+
+
+class _MaskedRun(DocumentRouter):
+    """State and work of one raw run; emits its derived run."""
+
+    def __init__(self, router: MaskingRouter, raw_start: dict) -> None:
+        super().__init__()
+        self._router = router
+        self._errors: list[str] = []
+        self._composites: dict[str, CompositeMask] = {}
+        self._unresolved: set[str] = set()
+        self._prepared: dict[tuple[str, np.dtype], np.ndarray] = {}
+        self._dtypes: dict[str, np.dtype] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        # raw descriptor uid -> (derived descriptor uid or None, masked keys,
+        # keys passed on, stream name)
+        self._streams: dict[str, tuple[str | None, frozenset[str], frozenset[str], str]] = {}
+        self._counts: dict[str, int] = {}
+        self._stream_resources: dict[str, dict] = {}
+        self._files: dict[str, Any] = {}
+        self._filler: Filler | None = None
+        if router.handler_registry:
+            self._filler = Filler(
+                router.handler_registry, inplace=False, root_map=router.root_map
+            )
+        self._derived_start_uid: str | None = None
+        self._raw_start = raw_start
+
+    # ---------------------------------------------------------------- helpers
+
+    def _emit(self, name: str, doc: dict) -> None:
+        for callback in self._router.downstream:
+            try:
+                callback(name, doc)
+            except Exception as err:
+                if self._router.strict:
+                    raise
+                logger.exception("downstream %r failed on %s", callback, name)
+                self._errors.append(f"downstream {callback!r} failed on {name}: {err}")
+
+    def _fail(self, what: str, err: BaseException) -> None:
+        if self._router.strict:
+            raise err
+        logger.error("Masking %s failed: %s", what, err, exc_info=err)
+        self._errors.append(f"{what}: {type(err).__name__}: {err}")
+
+    def _mask_for(self, key: str, frame: np.ndarray) -> np.ndarray:
+        prepared = self._prepared.get((key, frame.dtype))
+        if prepared is None:
+            composite = self._composites[key]
+            if frame.shape[-2:] != composite.mask.shape:
+                raise MaskIntegrityError(
+                    f"{key} frames are {frame.shape[-2:]} but its mask is "
+                    f"{composite.mask.shape}: the mask belongs to another detector shape."
+                )
+            # Multiplying by 0/1 of the frame's own dtype keeps the dtype and
+            # avoids a bool->int cast on every pixel of every frame.
+            prepared = composite.mask.astype(frame.dtype)
+            self._prepared[(key, frame.dtype)] = prepared
+        return prepared
+
+    def _masked(self, key: str, frames: Sequence[Any]) -> list[np.ndarray]:
+        out = []
+        for frame in frames:
+            if not isinstance(frame, np.ndarray):
+                # Documents replayed as JSON carry nested lists; the
+                # descriptor's dtype_numpy restores the detector's dtype.
+                frame = np.asarray(frame, dtype=self._dtypes.get(key))
+            out.append(np.multiply(frame, self._mask_for(key, frame)))
+        return out
+
+    # ------------------------------------------------------------ documents
+
+    def start(self, doc: dict) -> None:
+        if self._filler is not None:
+            self._filler("start", doc)
+        recorded = doc.get("masks") or {}
+        records: dict[str, dict] = {}
+        resolved_as_of: dict[str, str] = {}
+        registry = None
+        try:
+            registry = self._router.registry
+        except Exception as err:
+            self._fail("opening the mask registry", err)
+        for key, record in recorded.items():
+            if registry is None:
+                break
+            if record.get("uids"):
+                try:
+                    composite = registry.composite_from_uids(record["uids"])
+                    if record.get("sha256") and composite.sha256 != record["sha256"]:
+                        raise MaskIntegrityError(
+                            f"The composite of {key} recorded sha256 {record['sha256']} "
+                            f"but its uids now give {composite.sha256}."
+                        )
+                except Exception as err:
+                    self._fail(f"masks of {key} (uids {record['uids']})", err)
+                    records[key] = {**record, "error": f"{type(err).__name__}: {err}"}
+                    continue
+                self._composites[key] = composite
+                records[key] = composite.provenance()
+        when = datetime.fromtimestamp(doc.get("time", time.time()), timezone.utc)
+        for key, names in self._router.masks.items():
+            if key in self._composites or registry is None:
+                continue
+            try:
+                composite = registry.resolve_composite(key, names, as_of=when)
+            except Exception as err:
+                self._fail(f"masks {names} of {key} as of {when.isoformat()}", err)
+                records[key] = {
+                    "names": names, "uids": [], "versions": [], "sha256": None,
+                    "error": f"{type(err).__name__}: {err}",
+                }
+                continue
+            self._composites[key] = composite
+            records[key] = composite.provenance()
+            resolved_as_of[key] = when.isoformat()
+            logger.info(
+                "Run %s recorded no masks for %s; using %s as of its start %s",
+                doc.get("uid"), key, list(composite.uids), when.isoformat(),
+            )
+        self._unresolved = (set(recorded) | set(self._router.masks)) - set(self._composites)
+        for key in sorted(self._unresolved):
+            records.setdefault(key, {**recorded.get(key, {}), "uids": []})
+            self._errors.append(f"no masks for {key}: its frames are withheld")
+        uids = [u for c in self._composites.values() for u in c.uids]
+        metadata = {
+            key: doc[key]
+            for key in ("plan_name", "scan_id", "detectors", "sample", "beamline_id")
+            if key in doc
+        }
+        metadata.update(
+            parent_uid=doc["uid"],
+            masks=records,
+            mask_uids=list(dict.fromkeys(uids)),
+            processing="chx_masks.MaskingRouter",
+        )
+        if resolved_as_of:
+            metadata["masks_resolved_as_of"] = resolved_as_of
+        bundle = compose_run(metadata=metadata)
+        self._bundle = bundle
+        self._derived_start_uid = bundle.start_doc["uid"]
+        self._emit("start", bundle.start_doc)
+
+    def descriptor(self, doc: dict) -> None:
+        if self._filler is not None:
+            self._filler("descriptor", doc)
+        data_keys = doc["data_keys"]
+        masked = frozenset(k for k in data_keys if k in self._composites)
+        # Keys whose data live in external assets are carried only when
+        # masked (then filled and inline); the raw run keeps the rest.
+        # A detector whose masks could not be resolved is withheld: its
+        # frames must never reach a downstream that expects them masked.
+        passed = frozenset(
+            k
+            for k in data_keys
+            if k not in masked and k not in self._unresolved and not data_keys[k].get("external")
+        )
+        stream = doc.get("name", "primary")
+        if not masked and self._router.unmasked_streams == "drop":
+            self._streams[doc["uid"]] = (None, masked, passed, stream)
+            return
+        for key in masked:
+            if data_keys[key].get("dtype_numpy"):
+                self._dtypes[key] = np.dtype(data_keys[key]["dtype_numpy"])
+            self._shapes[key] = tuple(data_keys[key].get("shape") or ())
+        derived_keys = {}
+        for key in (*sorted(masked), *sorted(passed)):
+            data_key = dict(data_keys[key])
+            data_key.pop("external", None)
+            derived_keys[key] = data_key
+        derived = self._bundle.compose_descriptor(
+            data_keys=derived_keys,
+            name=stream,
+            configuration=doc.get("configuration", {}),
+            hints=doc.get("hints", {}),
+            object_keys={
+                obj: [k for k in keys if k in derived_keys]
+                for obj, keys in doc.get("object_keys", {}).items()
+            },
+        ).descriptor_doc
+        self._streams[doc["uid"]] = (derived["uid"], masked, passed, stream)
+        self._emit("descriptor", derived)
+
+    def event(self, doc: dict) -> None:
+        self.event_page(
+            {
+                "uid": [doc["uid"]],
+                "descriptor": doc["descriptor"],
+                "seq_num": [doc["seq_num"]],
+                "time": [doc["time"]],
+                "data": {k: [v] for k, v in doc["data"].items()},
+                "timestamps": {k: [v] for k, v in doc["timestamps"].items()},
+                "filled": {k: [v] for k, v in doc.get("filled", {}).items()},
+            }
+        )
+
+    def event_page(self, doc: dict) -> None:
+        stream = self._streams.get(doc["descriptor"])
+        if stream is None or stream[0] is None:
+            return
+        derived_uid, masked, passed, name = stream
+        data = doc["data"]
+        present = [k for k in masked if k in data]
+        if present and self._filler is not None and any(
+            not all(doc.get("filled", {}).get(k, [True])) for k in present
+        ):
+            try:
+                doc = self._filler.event_page(doc)
+                data = doc["data"]
+            except Exception as err:
+                self._fail(f"filling {present} of seq_num {doc['seq_num']}", err)
+                present = []
+        out = {k: data[k] for k in passed if k in data}
+        for key in present:
+            try:
+                out[key] = self._masked(key, data[key])
+            except Exception as err:
+                self._fail(f"masking {key} of seq_num {doc['seq_num']}", err)
+        if not out or any(k not in out for k in present):
+            # Never pass on a page with a masked field left out or unmasked;
+            # the failure is in the derived stop document.
+            return
+        self._emit_page(derived_uid, name, doc["seq_num"], doc["time"], out,
+                        {k: doc["timestamps"][k] for k in out if k in doc["timestamps"]})
+
+    def _emit_page(
+        self,
+        descriptor: str,
+        stream: str,
+        seq_num: list[int],
+        times: list[float],
+        data: dict[str, list],
+        timestamps: dict[str, list],
+    ) -> None:
+        page = {
+            "uid": [str(uuid.uuid4()) for _ in seq_num],
+            "descriptor": descriptor,
+            "seq_num": list(seq_num),
+            "time": list(times),
+            "data": data,
+            "timestamps": timestamps,
+            "filled": {},
+        }
+        self._counts[stream] = self._counts.get(stream, 0) + len(seq_num)
+        self._emit("event_page", page)
+
+    def resource(self, doc: dict) -> None:
+        if self._filler is not None:
+            self._filler("resource", doc)
+
+    def datum(self, doc: dict) -> None:
+        if self._filler is not None:
+            self._filler("datum", doc)
+
+    def datum_page(self, doc: dict) -> None:
+        if self._filler is not None:
+            self._filler("datum_page", doc)
+
+    def stream_resource(self, doc: dict) -> None:
+        self._stream_resources[doc["uid"]] = doc
+
+    def stream_datum(self, doc: dict) -> None:
+        stream = self._streams.get(doc["descriptor"])
+        resource = self._stream_resources.get(doc["stream_resource"])
+        if stream is None or stream[0] is None or resource is None:
+            return
+        derived_uid, masked, _passed, name = stream
+        key = resource["data_key"]
+        if key not in masked:
+            return
+        start, stop = doc["indices"]["start"], doc["indices"]["stop"]
+        try:
+            frames = self._read_stream(resource, start, stop, self._shapes.get(key, ()))
+            data = {key: self._masked(key, frames)}
+        except Exception as err:
+            self._fail(f"masking {key} frames {start}:{stop}", err)
+            return
+        now = time.time()
+        seq_num = list(range(doc["seq_nums"]["start"], doc["seq_nums"]["stop"]))
+        self._emit_page(derived_uid, name, seq_num, [now] * len(seq_num), data,
+                        {key: [now] * len(seq_num)})
+
+    def _read_stream(
+        self, resource: dict, start: int, stop: int, shape: tuple[int, ...]
+    ) -> Sequence[np.ndarray]:
+        """Read indices ``start:stop``; each index is one event of ``shape``.
+
+        ophyd-async declares a frame as ``[frames_per_event, rows, cols]``;
+        index i then covers that many dataset rows.
+        """
+        mimetype = resource.get("mimetype", "application/x-hdf5")
+        if mimetype != "application/x-hdf5":
+            raise ValueError(
+                f"StreamResource {resource['uid']} has mimetype {mimetype!r}; the "
+                "masking router reads application/x-hdf5."
+            )
+        import h5py
+
+        dataset = self._files.get(resource["uid"])
+        if dataset is None:
+            path = urlsplit(resource["uri"]).path
+            for old, new in self._router.root_map.items():
+                if path.startswith(old):
+                    path = new + path[len(old):]
+            handle = h5py.File(path, "r", swmr=True, libver="latest")
+            dataset = handle[resource["parameters"]["dataset"]]
+            self._files[resource["uid"]] = dataset
+        dataset.refresh()
+        per_index = shape[0] if len(shape) == 3 else 1
+        block = dataset[start * per_index : stop * per_index]
+        if len(shape) == 3:
+            block = block.reshape(stop - start, *shape)
+        return block
+
+    def stop(self, doc: dict) -> None:
+        for dataset in self._files.values():
+            try:
+                dataset.file.close()
+            except Exception:  # a closed or vanished file needs no closing
+                logger.debug("closing HDF5 file failed", exc_info=True)
+        self._files.clear()
+        exit_status = doc.get("exit_status", "success")
+        reason = doc.get("reason", "")
+        if self._errors:
+            exit_status = "fail"
+            reason = "; ".join(filter(None, [reason, *self._errors]))[:10000]
+        stop = {
+            "uid": str(uuid.uuid4()),
+            "time": time.time(),
+            "run_start": self._derived_start_uid,
+            "exit_status": exit_status,
+            "reason": reason,
+            "num_events": dict(self._counts),
+            "masking_errors": list(self._errors),
+        }
+        self._emit("stop", stop)
