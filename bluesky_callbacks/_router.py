@@ -191,9 +191,10 @@ class _MaskedRun(DocumentRouter):
                     f"{key} frames are {frame.shape[-2:]} but its mask is "
                     f"{composite.mask.shape}: the mask belongs to another detector shape."
                 )
-            # Multiplying by 0/1 of the frame's own dtype keeps the dtype and
-            # avoids a bool->int cast on every pixel of every frame.
-            prepared = composite.mask.astype(frame.dtype)
+            # frame * bool keeps the frame's dtype; measured on Eiger 4M
+            # uint32 frames it beats multiplying by a 0/1 mask of the frame's
+            # dtype (one stream of 4.5 MB read instead of 18 MB).
+            prepared = composite.mask
             self._prepared[(key, frame.dtype)] = prepared
         return prepared
 

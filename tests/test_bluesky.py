@@ -446,3 +446,25 @@ def test_scan_of_100_eiger4m_frames_with_tiled_writer(RE, reg, store):
     np.testing.assert_array_equal(
         stored[99], det.expected_frame(99) * composite.mask.astype(np.uint32)
     )
+
+
+def test_replay_from_databroker_v1_header_and_progress(RE, reg, store):
+    from databroker.v1 import Broker
+
+    det = sim_eiger500k()
+    RE.preprocessors.append(MaskProvenance(reg, masks={K500: ["hot", "gaps"]}))
+    live = Collector()
+    RE.subscribe(TiledWriter(store))
+    RE.subscribe(MaskingRouter(reg, live))
+    (uid,) = RE(count([det], num=3))
+
+    header = Broker(store)[uid]
+    replayed = Collector()
+    replay_masked(header, replayed, registry=reg)
+    _assert_frames_equal(replayed.frames(K500), live.frames(K500))
+    assert replayed.start()["mask_uids"] == live.start()["mask_uids"]
+
+    seen = []
+    replay_masked(store[uid], Collector(), registry=reg,
+                  progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (3, 3) and [d for d, _ in seen] == sorted(d for d, _ in seen)
