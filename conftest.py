@@ -10,6 +10,8 @@ def pytest_configure(config):
     # directory; share one per run, apart from the user's.
     os.environ["XDG_CACHE_HOME"] = os.path.join(home, "cache")
     os.environ["XDG_DATA_HOME"] = os.path.join(home, "data")
+    # tiled reads its profile search path once, at import: fix it for the run.
+    os.environ["TILED_PROFILES"] = os.path.join(home, "tiled-profiles")
     for name in ("CHX_MASKS_URI", "CHX_MASKS_API_KEY", "CHX_MASKS_PROFILE", "CHX_MASKS_DIR"):
         os.environ.pop(name, None)
     # tiled's client retries a lost server for up to 45 s by default; tests of

@@ -937,6 +937,14 @@ class MaskRegistry:
         legacy.sort(key=lambda s: (s.detector, s.name, s.legacy_version or 0))
         adopted: list[MaskRecord] = []
         for stored in legacy:
+            try:
+                check_name(stored.detector, "detector name")
+                check_name(stored.name)
+            except MaskValidationError as err:
+                # Adopting it would list a name no look-up accepts; its uid
+                # keeps resolving as it is.
+                logger.warning("Not adopting legacy mask %s: %s", stored.uid, err)
+                continue
             if self._node(MASKS, stored.uid) is not None:
                 continue
             if dry_run:
@@ -957,8 +965,8 @@ class MaskRegistry:
                     wanted, stored.uid,
                 )
                 continue
-            uid = self._adopt_one(record, stored, array, slots, wanted)
-            adopted.append(self.describe(uid))
+            if self._adopt_one(record, stored, array, slots, wanted):
+                adopted.append(self.describe(stored.uid))
         return adopted
 
     def _adopt_one(
@@ -968,14 +976,14 @@ class MaskRegistry:
         array: np.ndarray,
         slots: list[_Slot],
         version: int,
-    ) -> str:
+    ) -> bool:
+        """Adopt one legacy mask; False if another process adopted it first."""
         from tiled.structures.core import Spec
 
         node = self._ensure_detector_node(record)
         masks = self._ensure_container(MASKS)
-        user_md = {k: v for k, v in stored.metadata.items() if k not in _LEGACY_KEYS}
         stored_md = {
-            **check_metadata(user_md),
+            **_adoptable_metadata(stored.metadata),
             "uid": stored.uid,
             "detector": record.name,
             "name": stored.name,
@@ -986,8 +994,17 @@ class MaskRegistry:
             "adopted_from": stored.legacy_key,
             "chx_masks": SCHEMA_VERSION,
         }
-        with self._translate(f"adopting legacy mask {stored.uid}"):
-            masks.write_array(array, key=stored.uid, metadata=stored_md, specs=[Spec(MASK_SPEC)])
+        try:
+            with self._translate(f"adopting legacy mask {stored.uid}"):
+                masks.write_array(
+                    array, key=stored.uid, metadata=stored_md, specs=[Spec(MASK_SPEC)]
+                )
+        except ChxMasksError:
+            raise
+        except Exception as err:
+            if _status(err) != 409:
+                raise
+            return False  # adopted concurrently by another process
         try:
             # Keep the legacy version number, even where older ones are missing.
             self._claim(
@@ -997,9 +1014,7 @@ class MaskRegistry:
         except BaseException:
             self._discard(masks, stored.uid)
             raise
-        with self._lock:
-            self._stored.pop(stored.uid, None)
-        return stored.uid
+        return True
 
     def _legacy_record(self, stored: _Stored) -> MaskRecord:
         return MaskRecord(
@@ -1236,9 +1251,12 @@ class MaskRegistry:
                     f"No mask with uid {uid} in the registry at {self.location}."
                 )
         stored = self._stored_from_node(uid, node)
-        with self._lock:
-            self._stored[uid] = stored
-            self._nodes[f"uid:{uid}"] = node
+        if stored.legacy_key is None:
+            # Only registry records are immutable; a legacy one changes when
+            # any process adopts it.
+            with self._lock:
+                self._stored[uid] = stored
+                self._nodes[f"uid:{uid}"] = node
         return stored
 
     def _stored_from_node(self, key: str, node: Any) -> _Stored:
@@ -1384,6 +1402,26 @@ def check_query(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
             f"Search values must be JSON values (str, numbers, bool, None, lists, dicts): {err}."
         ) from err
     return dict(metadata)
+
+
+def _adoptable_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Legacy metadata as the registry stores it: nothing dropped, nothing refused.
+
+    Keys the registry would refuse (reserved, dotted, empty) move, with their
+    values, under ``legacy_metadata``.
+    """
+    flat: dict[str, Any] = {}
+    kept: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if key in _LEGACY_KEYS:
+            continue
+        try:
+            flat.update(check_metadata({key: value}))
+        except MaskValidationError:
+            kept[str(key)] = value
+    if kept:
+        flat["legacy_metadata"] = json.loads(json.dumps(kept, default=str))
+    return flat
 
 
 def _lineage_start(slots: list[_Slot]) -> int:

@@ -25,7 +25,6 @@ def _isolated_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("CHX_MASKS_DIR", str(tmp_path / "default-registry"))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
-    monkeypatch.setenv("TILED_PROFILES", str(tmp_path / "tiled-profiles"))
     chx_masks.set_default_registry(None)
     yield
     chx_masks.set_default_registry(None)
@@ -45,6 +44,45 @@ def tiled_server(tmp_path_factory):
     server = SimpleTiledServer(tmp_path_factory.mktemp("server"))
     yield server
     server.close()
+
+
+class ServerProcess:
+    """A tiled server in its own process on loopback, which a test may stop.
+
+    tiled keeps one server's settings (its API key) per process, so a second
+    server in the test process would replace the session server's key.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        import secrets
+        import subprocess
+        import sys
+
+        self.api_key = secrets.token_hex(16)
+        code = (
+            "import sys, time\n"
+            "from tiled.server import SimpleTiledServer\n"
+            "server = SimpleTiledServer(sys.argv[1], api_key=sys.argv[2])\n"
+            "print(server.port, flush=True)\n"
+            "time.sleep(3600)\n"
+        )
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code, str(directory), self.api_key],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        line = self.process.stdout.readline().strip()
+        if not line.isdigit():
+            self.stop()
+            raise RuntimeError(f"tiled server process did not start: {line!r}")
+        self.port = int(line)
+        self.uri = f"http://127.0.0.1:{self.port}/api/v1"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self.process.stdout.close()
 
 
 def server_node_uri(server, key: str) -> str:

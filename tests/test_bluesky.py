@@ -24,6 +24,7 @@ from bluesky_callbacks import (
 )
 from bluesky_callbacks.sim import SimAsyncEiger, handler_registry, sim_eiger4m, sim_eiger500k
 from chx_masks import MaskNotFoundError, MaskRegistry, RegistryUnavailableError
+from conftest import ServerProcess
 
 K4M = "eiger4m_single_image"
 K500 = "eiger500K_single_image"
@@ -337,29 +338,26 @@ def test_cached_lookups_read_each_array_once(RE, reg):
 
 @pytest.fixture
 def doomed_server(tmp_path):
-    """A real tiled server that a test may stop."""
-    from tiled.server import SimpleTiledServer
-
-    server = SimpleTiledServer(tmp_path / "doomed")
+    """A real tiled server, in its own process, that a test stops."""
+    server = ServerProcess(tmp_path / "doomed")
     yield server
-    if server._server.thread.is_alive():
-        server.close()
+    server.stop()
 
 
 def test_registry_down_policy_raise_opens_no_run(RE, doomed_server):
-    registry = MaskRegistry.from_uri(doomed_server.uri, timeout=2)
+    registry = MaskRegistry.from_uri(doomed_server.uri, api_key=doomed_server.api_key, timeout=2)
     registry.register_mask(K500, "gaps", np.ones((514, 1030), bool))
     RE.preprocessors.append(MaskProvenance(registry, masks={K500: ["gaps"]}))
     seen = Collector()
     RE.subscribe(seen)
-    doomed_server.close()
+    doomed_server.stop()
     with pytest.raises(RegistryUnavailableError, match="run was not opened"):
         RE(count([sim_eiger500k()], num=1))
     assert seen.docs == []
 
 
 def test_registry_down_policy_record_opens_and_says_why(RE, doomed_server):
-    registry = MaskRegistry.from_uri(doomed_server.uri, timeout=2)
+    registry = MaskRegistry.from_uri(doomed_server.uri, api_key=doomed_server.api_key, timeout=2)
     registry.register_mask(K500, "gaps", np.ones((514, 1030), bool))
     RE.preprocessors.append(
         MaskProvenance(registry, masks={K500: ["gaps"]}, on_unavailable="record")
@@ -367,7 +365,7 @@ def test_registry_down_policy_record_opens_and_says_why(RE, doomed_server):
     raw, derived = Collector(), Collector()
     RE.subscribe(raw)
     RE.subscribe(MaskingRouter(registry, derived))
-    doomed_server.close()
+    doomed_server.stop()
     (uid,) = RE(count([sim_eiger500k()], num=2))
     record = raw.start()["masks"][K500]
     assert record["uids"] == [] and "RegistryUnavailableError" in record["error"]

@@ -6,7 +6,9 @@ real tiled server on loopback chosen through CHX_MASKS_URI/CHX_MASKS_API_KEY.
 
 from __future__ import annotations
 
+import os
 import uuid
+from pathlib import Path
 
 import dask.array
 import numpy as np
@@ -107,20 +109,29 @@ def test_uri_beats_embedded_and_profile(tiled_server, server_registry_uri, monke
     assert chx_masks.default_registry().location == server_registry_uri
 
 
-def test_profile_is_used(tiled_server, server_registry_uri, tmp_path, monkeypatch):
-    profiles = tmp_path / "tiled-profiles"
-    profiles.mkdir(exist_ok=True)
-    (profiles / "chx.yml").write_text(f"chx:\n  uri: {server_registry_uri}\n")
-    monkeypatch.setenv("TILED_PROFILES", str(profiles))
+def test_profile_is_used(tiled_server, server_registry_uri, monkeypatch):
+    from tiled.profiles import load_profiles
+
+    profiles = Path(os.environ["TILED_PROFILES"])  # set for the whole run
+    profiles.mkdir(parents=True, exist_ok=True)
+    profile = profiles / "chx.yml"
+    profile.write_text(f"chx:\n  uri: {server_registry_uri}\n")
+    load_profiles.cache_clear()
     # tiled profiles hold no secrets; the key comes from tiled's own variable.
     monkeypatch.setenv("TILED_API_KEY", tiled_server.api_key)
     monkeypatch.setenv("CHX_MASKS_PROFILE", "chx")
-    registry = chx_masks.default_registry()
-    assert registry.location == "profile 'chx'"
-    uid = chx_masks.register_mask("eiger500K_single_image", "m", np.ones((514, 1030), bool))
-    direct = chx_masks.MaskRegistry.from_uri(server_registry_uri, api_key=tiled_server.api_key)
-    assert direct.get_mask_uid("eiger500K_single_image", "m") == uid
-    direct.close()
+    try:
+        registry = chx_masks.default_registry()
+        assert registry.location == "profile 'chx'"
+        uid = chx_masks.register_mask("eiger500K_single_image", "m", np.ones((514, 1030), bool))
+        direct = chx_masks.MaskRegistry.from_uri(
+            server_registry_uri, api_key=tiled_server.api_key
+        )
+        assert direct.get_mask_uid("eiger500K_single_image", "m") == uid
+        direct.close()
+    finally:
+        profile.unlink()
+        load_profiles.cache_clear()
 
 
 def test_unknown_profile_says_how_to_list(monkeypatch):
