@@ -123,6 +123,14 @@ def replay_masked(
         if name == "start":
             derived.append(doc["uid"])
 
+    reader = None
+    if hasattr(run, "documents") and hasattr(run, "metadata") and hasattr(run, "__getitem__"):
+
+        def reader(resource: dict, stream: str, start: int, stop: int) -> Any:
+            # tiled serves the frames wherever the files are and in whatever
+            # format TiledWriter registered (HDF5, .npy sequences, ...).
+            return run[stream][resource["data_key"]][start:stop]
+
     router = MaskingRouter(
         registry,
         [*_as_callables(downstream), note_start],
@@ -130,6 +138,7 @@ def replay_masked(
         strict=strict,
         handler_registry=handler_registry,
         root_map=root_map,
+        stream_reader=reader,
     )
     report = _progress_reporter(run, progress)
     done = 0

@@ -27,6 +27,7 @@ __all__ = ["MaskingRouter"]
 logger = logging.getLogger(__name__)
 
 Downstream = Callable[[str, dict], Any]
+StreamReader = Callable[[dict, str, int, int], Any]
 
 
 def _as_callables(downstream: Downstream | Iterable[Downstream]) -> tuple[Downstream, ...]:
@@ -77,6 +78,11 @@ class MaskingRouter:
         Passed to the filler for relocated Resource roots.
     unmasked_streams : {"pass", "drop"}
         What to do with streams that hold no masked detector.
+    stream_reader : callable, optional
+        ``(stream_resource, stream_name, start, stop) -> frames`` for
+        StreamDatum frames; by default HDF5 files are read with h5py. Replay
+        from tiled passes one that asks tiled, which reads any format it
+        serves (HDF5, .npy sequences, TIFF) where the files live.
 
     Examples
     --------
@@ -103,6 +109,7 @@ class MaskingRouter:
         handler_registry: Mapping[str, Any] | None = None,
         root_map: Mapping[str, str] | None = None,
         unmasked_streams: Literal["pass", "drop"] = "pass",
+        stream_reader: StreamReader | None = None,
     ) -> None:
         if unmasked_streams not in ("pass", "drop"):
             raise ValueError(
@@ -115,6 +122,7 @@ class MaskingRouter:
         self.handler_registry = dict(handler_registry or {})
         self.root_map = dict(root_map or {})
         self.unmasked_streams = unmasked_streams
+        self.stream_reader = stream_reader
         self._router = RunRouter([self._factory])
 
     @property
@@ -410,7 +418,10 @@ class _MaskedRun(DocumentRouter):
             return
         start, stop = doc["indices"]["start"], doc["indices"]["stop"]
         try:
-            frames = self._read_stream(resource, start, stop, self._shapes.get(key, ()))
+            if self._router.stream_reader is not None:
+                frames = self._router.stream_reader(resource, name, start, stop)
+            else:
+                frames = self._read_stream(resource, start, stop, self._shapes.get(key, ()))
             data = {key: self._masked(key, frames)}
         except Exception as err:
             self._fail(f"masking {key} frames {start}:{stop}", err)
