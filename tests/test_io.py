@@ -1,0 +1,508 @@
+"""Mask files in and out: every format, files made by users' own libraries, bad files."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chx_masks import MaskValidationError
+from chx_masks.io import (
+    NEXUS_PIXEL_MASK,
+    export_mask,
+    ingest_master_file,
+    read_mask,
+    register_from_file,
+    write_mask,
+)
+from conftest import EIGER500K, SHAPE_500K, random_mask
+
+SUFFIXES = {
+    "npy": ".npy",
+    "npz": ".npz",
+    "tiff": ".tif",
+    "edf": ".edf",
+    "msk": ".msk",
+    "nexus": ".h5",
+    "indices": ".txt",
+}
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def eiger_master(path: Path, pixel_mask: np.ndarray, where: str = NEXUS_PIXEL_MASK) -> Path:
+    """An Eiger-like master file written with plain h5py, as the firmware lays it out."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.create_dataset(where, data=pixel_mask.astype(np.uint32))
+        f.create_dataset("/entry/instrument/detector/detectorSpecific/x_pixels_in_detector",
+                         data=pixel_mask.shape[1])
+        f["/entry/data/data_000001"] = h5py.ExternalLink("scan_data_000001.h5", "/entry/data/data")
+    return path
+
+
+def bad_pixels() -> np.ndarray:
+    """Eiger-style flags: 0 good, bit values for dead/hot/gap pixels."""
+    flags = np.zeros(SHAPE_500K, dtype=np.uint32)
+    flags[0, 0] = 1
+    flags[10, 20] = 2
+    flags[:, 512:514] = 16
+    return flags
+
+
+# --------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("fmt", sorted(SUFFIXES))
+def test_our_writer_round_trips(tmp_path, fmt):
+    mask = random_mask()
+    path = write_mask(mask, tmp_path / f"m{SUFFIXES[fmt]}")
+    back, source = read_mask(path, shape=SHAPE_500K if fmt == "indices" else None)
+    assert back.dtype == np.bool_
+    np.testing.assert_array_equal(back, mask)
+    assert source["format"] == fmt
+    assert source["file_sha256"] == sha256_of(path)
+    assert source["path"] == str(path) and Path(source["path"]).is_absolute()
+
+
+@pytest.mark.parametrize("fmt", sorted(SUFFIXES))
+def test_convention_override_round_trips(tmp_path, fmt):
+    mask = random_mask(seed=3)
+    default = {"npy": "keep", "npz": "keep", "tiff": "keep"}.get(fmt, "masked-nonzero")
+    other = "keep" if default == "masked-nonzero" else "masked-nonzero"
+    path = write_mask(mask, tmp_path / f"m{SUFFIXES[fmt]}", convention=other)
+    shape = SHAPE_500K if fmt == "indices" else None
+    back, source = read_mask(path, convention=other, shape=shape)
+    np.testing.assert_array_equal(back, mask)
+    assert source["convention"] == other
+    # Read with the format's default, the same file is the inverted mask.
+    if fmt in ("edf", "msk", "nexus", "indices"):
+        np.testing.assert_array_equal(read_mask(path, shape=shape)[0], ~mask)
+
+
+def test_explicit_format_ignores_suffix(tmp_path):
+    mask = random_mask()
+    path = write_mask(mask, tmp_path / "mask.data", format="npy")
+    assert path.name == "mask.data"  # not "mask.data.npy"
+    np.testing.assert_array_equal(read_mask(path, format="npy")[0], mask)
+
+
+def test_np_save_bool(tmp_path):
+    mask = random_mask()
+    np.save(tmp_path / "m.npy", mask)
+    back, source = read_mask(tmp_path / "m.npy")
+    np.testing.assert_array_equal(back, mask)
+    assert source["convention"] == "keep"
+    assert "dataset" not in source
+
+
+def test_np_save_integer_needs_convention(tmp_path):
+    mask = random_mask()
+    np.save(tmp_path / "m.npy", mask.astype(np.uint8))
+    with pytest.raises(MaskValidationError, match=r"m\.npy.*convention="):
+        read_mask(tmp_path / "m.npy")
+    np.testing.assert_array_equal(read_mask(tmp_path / "m.npy", convention="keep")[0], mask)
+    np.testing.assert_array_equal(
+        read_mask(tmp_path / "m.npy", convention="masked-nonzero")[0], ~mask
+    )
+
+
+def test_np_savez_single_and_named(tmp_path):
+    mask = random_mask()
+    np.savez(tmp_path / "one.npz", mask)
+    back, source = read_mask(tmp_path / "one.npz")
+    np.testing.assert_array_equal(back, mask)
+    assert source["dataset"] == "arr_0"
+    np.savez(tmp_path / "two.npz", gap=mask, other=~mask)
+    with pytest.raises(MaskValidationError, match=r"two\.npz.*gap.*other.*dataset="):
+        read_mask(tmp_path / "two.npz")
+    np.testing.assert_array_equal(read_mask(tmp_path / "two.npz", dataset="other")[0], ~mask)
+    with pytest.raises(MaskValidationError, match=r"two\.npz.*no array 'nope'.*gap, other"):
+        read_mask(tmp_path / "two.npz", dataset="nope")
+
+
+def test_tifffile_imwrite(tmp_path):
+    import tifffile
+
+    mask = random_mask()
+    tifffile.imwrite(tmp_path / "m.tiff", mask)
+    back, source = read_mask(tmp_path / "m.tiff")
+    np.testing.assert_array_equal(back, mask)
+    assert source["libraries"]["tifffile"] == tifffile.__version__
+    tifffile.imwrite(tmp_path / "pyfai.tif", (~mask).astype(np.int8))
+    np.testing.assert_array_equal(
+        read_mask(tmp_path / "pyfai.tif", convention="masked-nonzero")[0], mask
+    )
+
+
+def test_fabio_edf_nonzero_is_masked(tmp_path):
+    import fabio
+    from fabio.edfimage import EdfImage
+
+    data = np.zeros(SHAPE_500K, dtype=np.int32)
+    data[7, 9] = 1
+    data[100, 200] = 5  # any nonzero value is masked in pyFAI
+    EdfImage(data=data).write(str(tmp_path / "pyfai.edf"))
+    mask, source = read_mask(tmp_path / "pyfai.edf")
+    assert not mask[7, 9] and not mask[100, 200]
+    assert mask[0, 0] and int((~mask).sum()) == 2
+    assert source["convention"] == "masked-nonzero"
+    assert source["libraries"]["fabio"] == fabio.version
+    binary = (data != 0).astype(np.uint8)
+    EdfImage(data=binary).write(str(tmp_path / "kept.edf"))
+    kept, _ = read_mask(tmp_path / "kept.edf", convention="keep")
+    assert kept[7, 9] and not kept[0, 0]
+
+
+def test_fabio_edf_keep_refuses_flags(tmp_path):
+    from fabio.edfimage import EdfImage
+
+    data = np.zeros(SHAPE_500K, dtype=np.int32)
+    data[100, 200] = 5
+    EdfImage(data=data).write(str(tmp_path / "flags.edf"))
+    with pytest.raises(MaskValidationError, match=r"flags\.edf.*other than 0 and 1"):
+        read_mask(tmp_path / "flags.edf", convention="keep")
+
+
+def test_fabio_fit2d_mask(tmp_path):
+    from fabio.fit2dmaskimage import Fit2dMaskImage
+
+    data = np.zeros(SHAPE_500K, dtype=np.uint8)
+    data[3, 5] = 1
+    data[513, 1029] = 1
+    Fit2dMaskImage(data=data).write(str(tmp_path / "fit2d.msk"))
+    mask, source = read_mask(tmp_path / "fit2d.msk")
+    assert mask.shape == SHAPE_500K
+    assert not mask[3, 5] and not mask[513, 1029] and int((~mask).sum()) == 2
+    assert source["format"] == "msk"
+
+
+def test_h5py_eiger_master(tmp_path):
+    import h5py
+
+    path = eiger_master(tmp_path / "scan_master.h5", bad_pixels())
+    mask, source = read_mask(path)
+    np.testing.assert_array_equal(mask, bad_pixels() == 0)
+    assert not mask[10, 20] and mask[10, 21]
+    assert source["dataset"] == NEXUS_PIXEL_MASK
+    assert source["format"] == "nexus"
+    assert source["libraries"]["h5py"] == h5py.__version__
+
+
+def test_h5py_pixel_mask_elsewhere_is_found(tmp_path):
+    path = eiger_master(tmp_path / "other.nxs", bad_pixels(), "/entry/detector/pixel_mask")
+    mask, source = read_mask(path)
+    np.testing.assert_array_equal(mask, bad_pixels() == 0)
+    assert source["dataset"] == "/entry/detector/pixel_mask"
+
+
+def test_np_savetxt_indices(tmp_path):
+    mask = random_mask()
+    np.savetxt(tmp_path / "float.txt", np.flatnonzero(~mask))  # numpy's default: '%.18e'
+    np.savetxt(tmp_path / "int.txt", np.flatnonzero(~mask), fmt="%d")
+    for name in ("float.txt", "int.txt"):
+        back, source = read_mask(tmp_path / name, shape=SHAPE_500K)
+        np.testing.assert_array_equal(back, mask)
+        assert source["format"] == "indices"
+    kept, _ = read_mask(tmp_path / "int.txt", shape=SHAPE_500K, convention="keep")
+    np.testing.assert_array_equal(kept, ~mask)
+
+
+def test_empty_index_list_masks_nothing(tmp_path):
+    (tmp_path / "none.txt").write_text("")
+    mask, _ = read_mask(tmp_path / "none.txt", shape=(3, 4))
+    assert mask.all() and mask.shape == (3, 4)
+
+
+def test_source_is_json_with_plain_keys(tmp_path):
+    import json
+
+    import chx_masks
+
+    path = write_mask(random_mask(), tmp_path / "m.npz")
+    _, source = read_mask(path)
+    assert json.loads(json.dumps(source)) == source
+    assert source["chx_masks"] == chx_masks.__version__
+    assert source["libraries"]["numpy"] == np.__version__
+
+    def keys(d):
+        for k, v in d.items():
+            yield k
+            if isinstance(v, dict):
+                yield from keys(v)
+
+    assert not [k for k in keys(source) if "." in k]
+
+
+def test_write_refuses_non_bool(tmp_path):
+    with pytest.raises(MaskValidationError, match="2-D bool"):
+        write_mask(np.ones(SHAPE_500K, dtype=np.uint8), tmp_path / "m.npy")
+    assert not (tmp_path / "m.npy").exists()
+
+
+# ------------------------------------------------------------------ registry
+
+
+@pytest.mark.parametrize("fmt", ["npy", "edf", "nexus", "indices", "msk"])
+def test_register_from_file_records_source(registry, tmp_path, fmt):
+    mask = random_mask(seed=5)
+    path = write_mask(mask, tmp_path / f"chip{SUFFIXES[fmt]}")
+    uid = register_from_file(registry, EIGER500K, "chip", path, metadata={"sample": "silica"})
+    record = registry.describe(uid)
+    source = record.metadata["source"]
+    assert source["file_name"] == path.name
+    assert source["format"] == fmt
+    assert source["convention"] == ("keep" if fmt == "npy" else "masked-nonzero")
+    assert source["file_sha256"] == sha256_of(path)
+    assert record.metadata["sample"] == "silica"
+    np.testing.assert_array_equal(registry.get_mask(EIGER500K, "chip").compute(), mask)
+
+
+def test_register_from_file_update_keeps_metadata(registry, tmp_path):
+    first = write_mask(random_mask(seed=1), tmp_path / "v0.npy")
+    second = write_mask(random_mask(seed=2), tmp_path / "v1.edf")
+    register_from_file(registry, EIGER500K, "chip", first, metadata={"sample": "silica"})
+    uid = register_from_file(registry, EIGER500K, "chip", second, update=True)
+    record = registry.describe(uid)
+    assert record.version == 1
+    assert record.metadata["sample"] == "silica"
+    assert record.metadata["source"]["file_name"] == "v1.edf"
+
+
+@pytest.mark.parametrize("fmt", ["npy", "edf", "msk", "nexus", "indices", "tiff", "npz"])
+def test_export_then_read_equals_registered(registry, tmp_path, fmt):
+    mask = random_mask(seed=7)
+    uid = registry.register_mask(EIGER500K, "beamstop", mask)
+    registry.update_mask(EIGER500K, "beamstop", ~mask)
+    path = export_mask(registry, EIGER500K, "beamstop", tmp_path / f"out{SUFFIXES[fmt]}",
+                       version=0)
+    shape = SHAPE_500K if fmt == "indices" else None
+    np.testing.assert_array_equal(read_mask(path, shape=shape)[0], mask)
+    by_uid = export_mask(registry, EIGER500K, "beamstop", tmp_path / f"uid{SUFFIXES[fmt]}",
+                         uid=uid)
+    np.testing.assert_array_equal(read_mask(by_uid, shape=shape)[0], mask)
+    current = export_mask(registry, EIGER500K, "beamstop", tmp_path / f"cur{SUFFIXES[fmt]}")
+    np.testing.assert_array_equal(read_mask(current, shape=shape)[0], ~mask)
+
+
+def test_exported_edf_is_what_pyfai_expects(registry, tmp_path):
+    import fabio
+
+    mask = random_mask(seed=8)
+    registry.register_mask(EIGER500K, "beamstop", mask)
+    path = export_mask(registry, EIGER500K, "beamstop", tmp_path / "for_pyfai.edf")
+    with fabio.open(str(path)) as image:
+        np.testing.assert_array_equal(image.data != 0, ~mask)
+
+
+def test_export_uid_of_other_lineage_is_refused(registry, tmp_path):
+    uid = registry.register_mask(EIGER500K, "a", random_mask())
+    with pytest.raises(MaskValidationError, match="not eiger500K_single_image/b"):
+        export_mask(registry, EIGER500K, "b", tmp_path / "x.npy", uid=uid)
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_ingest_master_file_once_per_content(registry, tmp_path):
+    flags = bad_pixels()
+    path = eiger_master(tmp_path / "a_master.h5", flags)
+    uid, created = ingest_master_file(registry, EIGER500K, "pixel_mask", path)
+    assert created
+    np.testing.assert_array_equal(registry.get_mask_by_uid(uid).compute(), flags == 0)
+    assert registry.describe(uid).metadata["source"]["file_sha256"] == sha256_of(path)
+
+    # Same pixel mask in another master file (other bytes): nothing new.
+    same = eiger_master(tmp_path / "b_master.h5", flags)
+    again, created_again = ingest_master_file(registry, EIGER500K, "pixel_mask", same)
+    assert (again, created_again) == (uid, False)
+    assert len(registry.history(EIGER500K, "pixel_mask")) == 1
+
+    flags[200, 300] = 8
+    changed = eiger_master(tmp_path / "c_master.h5", flags)
+    new_uid, created_new = ingest_master_file(registry, EIGER500K, "pixel_mask", changed)
+    assert created_new and new_uid != uid
+    history = registry.history(EIGER500K, "pixel_mask")
+    assert [r.version for r in history] == [0, 1]
+    assert registry.describe(new_uid).metadata["source"]["file_name"] == "c_master.h5"
+    assert not registry.get_mask(EIGER500K, "pixel_mask").compute()[200, 300]
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def _truncated_npy(tmp_path):
+    path = tmp_path / "cut.npy"
+    np.save(path, random_mask())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path, {}, "not a readable .npy"
+
+
+def _truncated_edf(tmp_path):
+    path = write_mask(random_mask(), tmp_path / "cut.edf")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path, {}, "truncated"
+
+
+def _truncated_h5(tmp_path):
+    path = eiger_master(tmp_path / "cut_master.h5", bad_pixels())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path, {}, "HDF5"
+
+
+def _truncated_msk(tmp_path):
+    path = write_mask(random_mask(), tmp_path / "cut.msk")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path, {}, "Fit2D"
+
+
+def _truncated_tiff(tmp_path):
+    path = write_mask(random_mask(), tmp_path / "cut.tif")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path, {}, "TIFF"
+
+
+def _text_as(suffix, expected):
+    def make(tmp_path):
+        path = tmp_path / f"notes{suffix}"
+        path.write_text("beamstop at 512, 300\nremember to check the gap\n")
+        return path, {}, expected
+
+    return make
+
+
+def _wrong_shape(tmp_path):
+    path = tmp_path / "small.npy"
+    np.save(path, np.ones((100, 100), dtype=bool))
+    return path, {}, "100x100.*514x1030"
+
+
+def _transposed(tmp_path):
+    path = tmp_path / "transposed.npy"
+    np.save(path, np.ones(SHAPE_500K[::-1], dtype=bool))
+    return path, {}, "transposed"
+
+
+def _array(name, array, expected):
+    def make(tmp_path):
+        path = tmp_path / name
+        np.save(path, array)
+        return path, {"convention": "keep"}, expected
+
+    return make
+
+
+def _missing_dataset(tmp_path):
+    import h5py
+
+    path = tmp_path / "no_mask_master.h5"
+    with h5py.File(path, "w") as f:
+        f["/entry/data/frame"] = np.zeros((2, 2))
+        f["/entry/instrument/detector/count_time"] = 1.0
+    return path, {}, r"/entry/data/frame.*count_time|count_time.*/entry/data/frame"
+
+
+def _named_missing_dataset(tmp_path):
+    path = eiger_master(tmp_path / "named_master.h5", bad_pixels())
+    return path, {"dataset": "/entry/mask"}, "'/entry/mask'.*Datasets found: .*pixel_mask"
+
+
+def _missing_file(tmp_path):
+    return tmp_path / "nowhere.npy", {}, "does not exist"
+
+
+def _txt_no_shape(tmp_path):
+    path = tmp_path / "indices.txt"
+    np.savetxt(path, [1, 2, 3], fmt="%d")
+    return path, {}, "shape="
+
+
+def _txt_out_of_range(tmp_path):
+    path = tmp_path / "far.txt"
+    np.savetxt(path, [0, 514 * 1030], fmt="%d")
+    return path, {}, "outside 0..529419"
+
+
+def _unknown_suffix(tmp_path):
+    path = tmp_path / "mask.png"
+    path.write_bytes(b"\x89PNG")
+    return path, {}, "suffix '.png'"
+
+
+BAD = {
+    "truncated-npy": _truncated_npy,
+    "truncated-edf": _truncated_edf,
+    "truncated-h5": _truncated_h5,
+    "truncated-msk": _truncated_msk,
+    "truncated-tiff": _truncated_tiff,
+    "text-as-npy": _text_as(".npy", "not a readable .npy"),
+    "text-as-edf": _text_as(".edf", "not an EDF image"),
+    "text-as-h5": _text_as(".h5", "not a readable HDF5"),
+    "text-as-npz": _text_as(".npz", "not a readable .npz"),
+    "text-as-tiff": _text_as(".tiff", "not a readable TIFF"),
+    "text-as-msk": _text_as(".msk", "not a Fit2D mask"),
+    "text-as-txt": _text_as(".txt", "not a list of flat pixel indices"),
+    "wrong-shape": _wrong_shape,
+    "transposed": _transposed,
+    "float-not-binary": _array("float.npy", np.full(SHAPE_500K, 0.5), "float values other"),
+    "complex": _array("complex.npy", np.ones(SHAPE_500K, dtype=complex), "complex"),
+    "strings": _array("strings.npy", np.full(SHAPE_500K, "x"), "<U1"),
+    "3-D": _array("stack.npy", np.ones((2, *SHAPE_500K), dtype=bool), "3-D"),
+    "missing-dataset": _missing_dataset,
+    "named-missing-dataset": _named_missing_dataset,
+    "missing-file": _missing_file,
+    "txt-out-of-range": _txt_out_of_range,
+    "unknown-suffix": _unknown_suffix,
+}
+
+
+def _state(registry):
+    return registry.get_masks(include_retired=True), sorted(registry._root)
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_file_registers_nothing(registry, tmp_path, case):
+    registry.register_mask(EIGER500K, "existing", random_mask())
+    before = _state(registry)
+    path, read_kw, expected = BAD[case](tmp_path)
+    with pytest.raises(MaskValidationError, match=expected) as info:
+        register_from_file(registry, EIGER500K, "from_file", path, **read_kw)
+    assert path.name in str(info.value)
+    assert _state(registry) == before
+    assert registry.get_masks(include_retired=True) == [(EIGER500K, "existing")]
+
+
+@pytest.mark.parametrize("case", ["truncated-h5", "text-as-h5", "missing-dataset", "wrong-shape"])
+def test_bad_master_file_ingests_nothing(registry, tmp_path, case):
+    before = _state(registry)
+    path, read_kw, expected = BAD[case](tmp_path)
+    if path.suffix == ".npy":
+        path = path.rename(path.with_suffix(".h5"))
+        expected = "HDF5"
+    with pytest.raises(MaskValidationError, match=expected) as info:
+        ingest_master_file(registry, EIGER500K, "pixel_mask", path, **read_kw)
+    assert path.name in str(info.value)
+    assert _state(registry) == before
+
+
+def test_bad_read_errors_name_the_file(tmp_path):
+    path, _, _ = _txt_no_shape(tmp_path)
+    with pytest.raises(MaskValidationError, match=r"indices\.txt.*shape=\(rows, cols\)"):
+        read_mask(path)
+    with pytest.raises(MaskValidationError, match=r"indices\.txt.*convention='sideways'"):
+        read_mask(path, convention="sideways", shape=(2, 2))
+    with pytest.raises(MaskValidationError, match=r"indices\.txt.*format='png'"):
+        read_mask(path, format="png")
+    for case in ("float-not-binary", "3-D", "complex", "truncated-edf", "missing-dataset"):
+        p, kw, expected = BAD[case](tmp_path)
+        with pytest.raises(MaskValidationError, match=expected) as info:
+            read_mask(p, **kw)
+        assert p.name in str(info.value)
