@@ -44,6 +44,7 @@ import numpy as np
 from ._content import mask_sha256
 from ._detectors import BUILTIN_DETECTORS
 from ._errors import MaskValidationError
+from ._sources import register_with_source
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -139,7 +140,8 @@ class GeneratedMask:
             Add the next version of an active lineage (``update_mask``)
             instead of starting one (``register_mask``).
         metadata : dict, optional
-            Further metadata; may not contain the key ``"source"``.
+            Further metadata; may not contain the key ``"source"``. With
+            ``update`` and no metadata, the previous version's metadata is kept.
 
         Examples
         --------
@@ -151,16 +153,10 @@ class GeneratedMask:
         ...     reg.describe(uid).metadata["source"]["generator"]
         'circle'
         """
-        extra = dict(metadata or {})
-        if "source" in extra:
-            raise MaskValidationError(
-                "metadata may not contain 'source': it is set to how the mask was "
-                "generated. Use another key, e.g. 'user_source'."
-            )
-        full = {"source": copy.deepcopy(self.source), **extra}
-        if update:
-            return registry.update_mask(detector, name, self.mask, metadata=full)
-        return registry.register_mask(detector, name, self.mask, metadata=full)
+        return register_with_source(
+            registry, detector, name, self.mask, copy.deepcopy(self.source),
+            update=update, metadata=metadata,
+        )
 
 
 # --------------------------------------------------------------------------- helpers

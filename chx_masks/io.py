@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ._content import check_metadata, coerce_mask, mask_sha256, shape_str
+from ._content import coerce_mask, mask_sha256, shape_str
 from ._errors import MaskNotFoundError, MaskValidationError
+from ._sources import register_with_source
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -585,14 +586,9 @@ def register_from_file(
     'gap.npy'
     """
     array, source, _ = _read_for(registry, detector, path, dict(read_kw))
-    if update:
-        if metadata is None:
-            previous = registry.describe(registry.get_mask_uid(detector, name)).metadata
-            metadata = {k: v for k, v in previous.items() if k != "source"}
-        full = check_metadata({**metadata, "source": source})
-        return registry.update_mask(detector, name, array, metadata=full)
-    full = check_metadata({**(metadata or {}), "source": source})
-    return registry.register_mask(detector, name, array, metadata=full)
+    return register_with_source(
+        registry, detector, name, array, source, update=update, metadata=metadata
+    )
 
 
 def export_mask(
@@ -694,11 +690,7 @@ def ingest_master_file(
     try:
         current = registry.get_mask_uid(detector, name)
     except MaskNotFoundError:
-        uid = registry.register_mask(detector, name, array, metadata={"source": source})
-        return uid, True
-    record = registry.describe(current)
-    if record.sha256 == mask_sha256(array):
+        return register_with_source(registry, detector, name, array, source), True
+    if registry.describe(current).sha256 == mask_sha256(array):
         return current, False
-    metadata = {k: v for k, v in record.metadata.items() if k != "source"}
-    uid = registry.update_mask(detector, name, array, metadata={**metadata, "source": source})
-    return uid, True
+    return register_with_source(registry, detector, name, array, source, update=True), True
