@@ -25,6 +25,9 @@ RUN_MASKS_KEY = "mask_names"
 
 Policy = Literal["raise", "record"]
 
+CHOSEN_BY_RUN = "run metadata"
+CHOSEN_BY_CONFIGURATION = "configuration"
+
 
 def _check_masks(masks: Mapping[str, Sequence[str]] | None, what: str) -> dict[str, list[str]]:
     if masks is None:
@@ -79,16 +82,25 @@ class MaskProvenance:
                   "versions": [...], "sha256": "<composite hash>"}},
         "mask_uids": [every component uid]
 
-    A run may choose other names for itself with its own metadata
-    ``mask_names={data_key: [names...]}``.
+    Which names apply to a detector, highest precedence first: the run's own
+    metadata ``mask_names={data_key: [names...]}``; the detector's current
+    active set in the registry (``MaskRegistry.activate``, read at every run
+    start, so staff change it between samples without touching the profile);
+    the ``masks`` given here. Each record says which decided, in
+    ``chosen_by``: ``"run metadata"``, ``"active set v<N>"`` or
+    ``"configuration"``.
 
     Parameters
     ----------
     registry : MaskRegistry or callable returning one
         A callable is called at each run start, so a registry that was down
         when the profile loaded is looked up again later.
-    masks : dict
-        ``{data_key: [mask names]}``: the composite applied to each detector.
+    masks : dict, optional
+        ``{data_key: [mask names]}``: the composite applied to each detector
+        that has no active set in the registry.
+    active : bool
+        Read the registry's active sets at each run start (default). False
+        uses ``masks`` (and the run's own ``mask_names``) only.
     on_unavailable : {"raise", "record"}
         When the registry cannot be reached or a mask is missing: "raise"
         refuses to open the run (no start document is emitted) with an error
@@ -118,8 +130,9 @@ class MaskProvenance:
     def __init__(
         self,
         registry: MaskRegistry | Callable[[], MaskRegistry],
-        masks: Mapping[str, Sequence[str]],
+        masks: Mapping[str, Sequence[str]] | None = None,
         *,
+        active: bool = True,
         on_unavailable: Policy = "raise",
     ) -> None:
         if on_unavailable not in ("raise", "record"):
@@ -128,6 +141,7 @@ class MaskProvenance:
             )
         self._registry = registry
         self.masks = _check_masks(masks, "masks")
+        self.active = active
         self.on_unavailable: Policy = on_unavailable
         self._lock = threading.Lock()
 
@@ -162,8 +176,21 @@ class MaskProvenance:
         ``run_md`` itself is left unchanged.
         """
         own = _check_masks(run_md.get(RUN_MASKS_KEY), f"the run's {RUN_MASKS_KEY}")
-        wanted = {**self.masks, **own}
         devices = [*(run_md.get("detectors") or ()), *staged]
+        try:
+            registry = self.registry
+            wanted = self._choices(registry, own)
+        except ChxMasksError as err:
+            # Without the registry the choice itself is unknown: what the
+            # configuration and the run name is what this run would have used.
+            registry = None
+            wanted = {
+                key: (names, CHOSEN_BY_RUN if key in own else CHOSEN_BY_CONFIGURATION)
+                for key, names in {**self.masks, **own}.items()
+            }
+            failure: ChxMasksError | None = err
+        else:
+            failure = None
         used = detectors_in_run(wanted, devices)
         # A detector the run names explicitly in its own mask_names is used
         # even when no device with that name is staged.
@@ -173,33 +200,51 @@ class MaskProvenance:
         records: dict[str, dict[str, Any]] = {}
         uids: list[str] = []
         for key in used:
+            names, chosen_by = wanted[key]
             try:
-                composite = self.registry.resolve_composite(key, wanted[key])
+                if failure is not None:
+                    raise failure
+                assert registry is not None
+                composite = registry.resolve_composite(key, names)
             except ChxMasksError as err:
                 if self.on_unavailable == "raise":
                     raise type(err)(
-                        f"The run was not opened: the masks {wanted[key]} for {key} "
+                        f"The run was not opened: the masks {names} for {key} "
                         f"could not be resolved: {err}"
                     ) from err
                 logger.warning("Run opens without masks for %s: %s", key, err)
                 records[key] = {
-                    "names": list(wanted[key]),
+                    "names": list(names),
                     "uids": [],
                     "versions": [],
                     "sha256": None,
+                    "chosen_by": chosen_by,
                     "error": f"{type(err).__name__}: {err}",
                 }
                 continue
-            records[key] = composite.provenance()
+            records[key] = {**composite.provenance(), "chosen_by": chosen_by}
             uids.extend(uid for uid in composite.uids if uid not in uids)
         return {**run_md, "masks": records, "mask_uids": uids}
+
+    def _choices(
+        self, registry: MaskRegistry, own: Mapping[str, list[str]]
+    ) -> dict[str, tuple[list[str], str]]:
+        """Each detector's mask names and where the choice came from."""
+        wanted = {key: (names, CHOSEN_BY_CONFIGURATION) for key, names in self.masks.items()}
+        if self.active:
+            for key, active in registry.active_sets().items():
+                if active.names:
+                    wanted[key] = (list(active.names), f"active set v{active.version}")
+        wanted.update((key, (names, CHOSEN_BY_RUN)) for key, names in own.items())
+        return wanted
 
 
 def mask_provenance_wrapper(
     plan: Generator[Msg, Any, Any],
     registry: MaskRegistry | Callable[[], MaskRegistry],
-    masks: Mapping[str, Sequence[str]],
+    masks: Mapping[str, Sequence[str]] | None = None,
     *,
+    active: bool = True,
     on_unavailable: Policy = "raise",
 ) -> Generator[Msg, Any, Any]:
     """Record mask provenance in every run of ``plan`` (see :class:`MaskProvenance`).
@@ -210,7 +255,9 @@ def mask_provenance_wrapper(
     >>> plan = mask_provenance_wrapper(count([]), registry=None, masks={})
     """
     return (
-        yield from MaskProvenance(registry, masks, on_unavailable=on_unavailable)(plan)
+        yield from MaskProvenance(
+            registry, masks, active=active, on_unavailable=on_unavailable
+        )(plan)
     )
 
 

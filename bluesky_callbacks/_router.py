@@ -245,7 +245,7 @@ class _MaskedRun(DocumentRouter):
                     records[key] = {**record, "error": f"{type(err).__name__}: {err}"}
                     continue
                 self._composites[key] = composite
-                records[key] = composite.provenance()
+                records[key] = {**record, **composite.provenance()}
         when = datetime.fromtimestamp(doc.get("time", time.time()), timezone.utc)
         for key, names in self._router.masks.items():
             if key in self._composites or registry is None:

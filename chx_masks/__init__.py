@@ -33,6 +33,7 @@ from ._errors import (
     RegistryUnavailableError,
 )
 from ._records import (
+    ActiveSet,
     ComponentExplanation,
     CompositeMask,
     DetectorRecord,
@@ -43,6 +44,7 @@ from ._registry import MaskRegistry
 from ._version import __version__
 
 __all__ = [
+    "ActiveSet",
     "BUILTIN_DETECTORS",
     "ChxMasksError",
     "ComponentExplanation",

@@ -220,3 +220,38 @@ class CompositeMask:
             "versions": list(self.versions),
             "sha256": self.sha256,
         }
+
+
+@dataclass(frozen=True)
+class ActiveSet:
+    """Which masks apply to a detector from ``at`` on: one version of its choice.
+
+    Staff change it between samples (``MaskRegistry.activate``); the Bluesky
+    preprocessor reads the current one at every run start. An empty ``names``
+    means the registry makes no choice for the detector.
+
+    Examples
+    --------
+    >>> from datetime import datetime, timezone
+    >>> s = ActiveSet("eiger4m_single_image", ("gaps", "beamstop"), 2,
+    ...               datetime(2026, 11, 25, 9, 30, tzinfo=timezone.utc), note="sample B")
+    >>> str(s)
+    'eiger4m_single_image: gaps, beamstop (active set v2, 2026-11-25 09:30 UTC, sample B)'
+    """
+
+    detector: str
+    names: tuple[str, ...]
+    version: int
+    at: datetime
+    note: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", tuple(self.names))
+
+    def __str__(self) -> str:
+        names = ", ".join(self.names) if self.names else "(none)"
+        note = f", {self.note}" if self.note else ""
+        return (
+            f"{self.detector}: {names} (active set v{self.version}, "
+            f"{self.at:%Y-%m-%d %H:%M} UTC{note})"
+        )

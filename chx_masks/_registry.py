@@ -10,6 +10,8 @@ Used directly by beamline code and through the module-level functions of
     detectors/<detector>/<name>@<version>
                                 empty container, a "slot": kind ("mask" or
                                 "retired"), uid, at (UTC ISO 8601)
+    active/<detector>/<version> empty container: the detector's active set
+                                from ``at`` on; names (list), note, at
 
 Every state change of a (detector, name) claims the next slot key. tiled
 refuses an existing key with HTTP 409, so two writers can never claim the same
@@ -58,7 +60,7 @@ from ._errors import (
     MaskValidationError,
     RegistryUnavailableError,
 )
-from ._records import CompositeMask, DetectorRecord, MaskRecord
+from ._records import ActiveSet, CompositeMask, DetectorRecord, MaskRecord
 
 if TYPE_CHECKING:
     import dask.array
@@ -69,9 +71,11 @@ logger = logging.getLogger(__name__)
 
 MASKS = "masks"
 DETECTORS = "detectors"
+ACTIVE = "active"
 SCHEMA_VERSION = 1
 MASK_SPEC = "chx_mask"
 SLOT_SPEC = "chx_mask_slot"
+ACTIVE_SPEC = "chx_mask_active_set"
 LEGACY_SPEC = "mask"
 _MAX_CLAIM_ATTEMPTS = 64
 _TICK = timedelta(microseconds=1)
@@ -911,6 +915,175 @@ class MaskRegistry:
         records.sort(key=lambda r: (r.detector, r.name, r.version))
         return records
 
+    # ------------------------------------------------------------ active sets
+
+    def activate(
+        self, detector: str, names: Sequence[str], *, note: str | None = None
+    ) -> ActiveSet:
+        """Choose which masks apply to ``detector`` from now on; return the new set.
+
+        The choice is stored in the registry with its own history, so every
+        IPython session, callback and worker sees it at its next run start
+        without a restart. Each name must be an active lineage now. Pass
+        ``[]`` (or use :meth:`deactivate`) to withdraw the registry's choice.
+
+        Parameters
+        ----------
+        detector : str
+            Image data key.
+        names : list of str
+            Mask names, composed with AND in this order.
+        note : str, optional
+            Why (e.g. the sample); kept with this version of the choice.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     _ = reg.register_mask("eiger500K_single_image", "gaps",
+        ...                           np.ones((514, 1030), bool))
+        ...     s = reg.activate("eiger500K_single_image", ["gaps"], note="sample A")
+        ...     reg.active_set("eiger500K_single_image").names, s.version
+        (('gaps',), 0)
+        """
+        self.get_detector(detector)
+        if isinstance(names, str) or not isinstance(names, Iterable):
+            raise MaskValidationError(
+                f"names must be a list of mask names, not {names!r}; write [{names!r}]."
+            )
+        names = [check_name(n) for n in names]
+        if names:
+            self._resolve(detector, names)
+        if note is not None and not isinstance(note, str):
+            raise MaskValidationError(f"note must be a string, not {type(note).__name__}.")
+        container = self._ensure_container(ACTIVE)
+        node = self._node(ACTIVE, detector)
+        if node is None:
+            try:
+                with self._translate(f"recording the active set of {detector}"):
+                    container.create_container(key=detector, metadata={"detector": detector})
+            except ChxMasksError:
+                raise
+            except Exception as err:
+                if _status(err) != 409:
+                    raise
+            node = self._node(ACTIVE, detector)
+        return self._claim_active(node, detector, tuple(names), note)
+
+    def deactivate(self, detector: str, *, note: str | None = None) -> ActiveSet:
+        """Withdraw the registry's choice of masks for ``detector`` (an empty set).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     reg.deactivate("eiger500K_single_image").names
+        ()
+        """
+        return self.activate(detector, [], note=note)
+
+    def active_set(self, detector: str, *, as_of: Any = None) -> ActiveSet | None:
+        """The detector's current active set (or the one in force ``as_of``), or None.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     reg.active_set("eiger4m_single_image") is None
+        True
+        """
+        self.get_detector(detector)
+        when = None if as_of is None else to_datetime(as_of)
+        if when is not None:
+            earlier = [s for s in self.active_history(detector) if s.at <= when]
+            return earlier[-1] if earlier else None
+        if self._container(ACTIVE) is None:
+            return None
+        node = self._node(ACTIVE, detector)
+        if node is None:
+            return None
+        with self._translate(f"reading the active set of {detector}"):
+            try:
+                child = node.sort(("version", -1)).values().first()
+            except IndexError:
+                return None
+        return _active_from_metadata(child.metadata)
+
+    def active_history(self, detector: str) -> list[ActiveSet]:
+        """Every active set the detector has had, oldest first.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     _ = reg.deactivate("eiger500K_single_image", note="no sample")
+        ...     [s.note for s in reg.active_history("eiger500K_single_image")]
+        ['no sample']
+        """
+        self.get_detector(detector)
+        if self._container(ACTIVE) is None:
+            return []
+        node = self._node(ACTIVE, detector)
+        if node is None:
+            return []
+        with self._translate(f"reading the active sets of {detector}"):
+            found = [_active_from_metadata(child.metadata) for child in node.values()]
+        return sorted(found, key=lambda s: s.version)
+
+    def active_sets(self) -> dict[str, ActiveSet]:
+        """The current active set of every detector that has one (empty ones too).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     reg.active_sets()
+        {}
+        """
+        container = self._container(ACTIVE)
+        if container is None:
+            return {}
+        with self._translate("listing active sets"):
+            detectors = list(container.keys())
+        found = {}
+        for detector in detectors:
+            current = self.active_set(detector)
+            if current is not None:
+                found[detector] = current
+        return found
+
+    def _claim_active(
+        self, node: Any, detector: str, names: tuple[str, ...], note: str | None
+    ) -> ActiveSet:
+        from tiled.structures.core import Spec
+
+        for _ in range(_MAX_CLAIM_ATTEMPTS):
+            last = self.active_set(detector)
+            version = last.version + 1 if last else 0
+            at = max(utcnow(), last.at + _TICK) if last else utcnow()
+            md = {
+                "detector": detector,
+                "version": version,
+                "names": list(names),
+                "note": note,
+                "at": at.isoformat(),
+            }
+            try:
+                with self._translate(f"recording the active set of {detector}"):
+                    node.create_container(key=str(version), metadata=md,
+                                          specs=[Spec(ACTIVE_SPEC)])
+            except ChxMasksError:
+                raise
+            except Exception as err:
+                if _status(err) != 409:
+                    raise
+                continue
+            return _active_from_metadata(md)
+        raise ChxMasksError(
+            f"Gave up recording the active set of {detector} after "
+            f"{_MAX_CLAIM_ATTEMPTS} attempts: other writers kept changing it. Try again."
+        )
+
     # --------------------------------------------------------- legacy layout
 
     def adopt_legacy(self, *, dry_run: bool = False) -> list[MaskRecord]:
@@ -1422,6 +1595,16 @@ def _adoptable_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     if kept:
         flat["legacy_metadata"] = json.loads(json.dumps(kept, default=str))
     return flat
+
+
+def _active_from_metadata(md: Mapping[str, Any]) -> ActiveSet:
+    return ActiveSet(
+        detector=md["detector"],
+        names=tuple(md["names"]),
+        version=int(md["version"]),
+        at=datetime.fromisoformat(md["at"]),
+        note=md.get("note"),
+    )
 
 
 def _lineage_start(slots: list[_Slot]) -> int:

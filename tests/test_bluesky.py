@@ -111,7 +111,7 @@ def test_count_4m_records_provenance_masks_frames_and_stores_both_runs(RE, reg, 
 
     composite = reg.resolve_composite(K4M, names)
     start = raw.start()
-    assert start["masks"] == {K4M: composite.provenance()}
+    assert start["masks"] == {K4M: {**composite.provenance(), "chosen_by": "configuration"}}
     assert start["mask_uids"] == list(composite.uids)
     assert derived.start()["parent_uid"] == uid
     assert derived.start()["masks"] == start["masks"]

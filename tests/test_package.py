@@ -12,6 +12,7 @@ import chx_masks
 from chx_masks._cli import main
 
 PUBLIC = {
+    "ActiveSet",
     "BUILTIN_DETECTORS",
     "ChxMasksError",
     "ComponentExplanation",
