@@ -1,39 +1,839 @@
 """The ``chx-masks`` command line; imports heavy libraries only inside commands.
 
-Used from a terminal at the beamline. Expected failures print one line and
-exit with status 1; no traceback.
+Used from a terminal at the beamline. Expected failures print one line
+(``chx-masks: <what was wrong and what to do>``) and exit with status 1; no
+traceback. ``--json`` gives output a script can read. The registry is chosen
+as everywhere in chx-masks (``--uri``/``--profile``/``--dir``, else
+``CHX_MASKS_URI``/``CHX_MASKS_PROFILE``, else the embedded default).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from ._errors import ChxMasksError, MaskValidationError
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+if TYPE_CHECKING:
+    from ._records import ActiveSet, CompositeMask, MaskRecord
+    from ._registry import MaskRegistry
+
+FORMATS = ("npy", "npz", "tiff", "edf", "msk", "nexus", "indices")
+CONVENTIONS = ("keep", "masked-nonzero")
+
+
+class _Failure(click.ClickException):
+    """An expected failure: one line on stderr, exit status 1."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"chx-masks: {self.format_message()}", err=True)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ChxMasksError as err:
+            raise _Failure(str(err)) from err
+
+
+class _State:
+    """The options every command shares; the registry opens on first use."""
+
+    def __init__(self, uri: str | None, api_key: str | None, profile: str | None,
+                 directory: Path | None) -> None:
+        chosen = [n for n, v in (("--uri", uri), ("--profile", profile),
+                                 ("--dir", directory)) if v is not None]
+        if len(chosen) > 1:
+            raise click.UsageError(f"Give one of {', '.join(chosen)}, not several.")
+        self.uri, self.api_key, self.profile, self.directory = uri, api_key, profile, directory
+        self._registry: MaskRegistry | None = None
+        self._owned = False
+
+    @property
+    def registry(self) -> MaskRegistry:
+        if self._registry is None:
+            from ._default import default_registry
+            from ._registry import MaskRegistry
+
+            if self.uri is not None:
+                key = self.api_key or os.environ.get("CHX_MASKS_API_KEY") or None
+                self._registry, self._owned = MaskRegistry.from_uri(self.uri, api_key=key), True
+            elif self.profile is not None:
+                self._registry, self._owned = MaskRegistry.from_profile(self.profile), True
+            elif self.directory is not None:
+                self._registry, self._owned = MaskRegistry.embedded(self.directory), True
+            else:
+                self._registry = default_registry()
+        return self._registry
+
+    def close(self) -> None:
+        if self._registry is not None and self._owned:
+            self._registry.close()
+
+
+pass_state = click.make_pass_decorator(_State)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="chx-masks")
-def main() -> None:
-    """Detector masks for CHX: a versioned registry on tiled."""
+@click.option("--uri", metavar="URI", default=None,
+              help="tiled URI of the registry container (default: $CHX_MASKS_URI).")
+@click.option("--api-key", metavar="KEY", default=None,
+              help="API key for --uri (default: $CHX_MASKS_API_KEY).")
+@click.option("--profile", metavar="NAME", default=None,
+              help="A tiled profile naming the registry (default: $CHX_MASKS_PROFILE).")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="An embedded registry in this directory "
+              "(default: $CHX_MASKS_DIR or the user data directory).")
+@click.pass_context
+def main(ctx: click.Context, uri: str | None, api_key: str | None, profile: str | None,
+         directory: Path | None) -> None:
+    """Detector masks for CHX: a versioned registry on tiled.
+
+    A mask is True where a pixel is kept. Every version has a uid that
+    resolves forever; names are (detector, name) lineages with versions.
+    """
+    state = _State(uri, api_key, profile, directory)
+    ctx.obj = state
+    ctx.call_on_close(state.close)
+
+
+# ------------------------------------------------------------------ output
+
+
+def _json_option(func: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print JSON for scripts instead of a table.")(func)
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+def _when(value: datetime | None) -> str:
+    return "" if value is None else value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _percent(fraction: float) -> str:
+    return f"{fraction:.3%}"
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
+           right: Iterable[int] = ()) -> None:
+    """Aligned columns; the header bold when stdout is a terminal."""
+    rows = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    right = set(right)
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    click.echo(click.style(line(headers), bold=True))
+    for row in rows:
+        click.echo(line(row))
+
+
+def _record_json(record: MaskRecord) -> dict[str, Any]:
+    return {
+        "uid": record.uid,
+        "detector": record.detector,
+        "name": record.name,
+        "version": record.version,
+        "registered_at": record.registered_at,
+        "superseded_at": record.superseded_at,
+        "retired_at": record.retired_at,
+        "active": record.active,
+        "sha256": record.sha256,
+        "shape": list(record.shape),
+        "masked_pixels": record.masked_pixels,
+        "masked_fraction": record.masked_fraction,
+        "metadata": dict(record.metadata),
+    }
+
+
+def _state_of(record: MaskRecord) -> str:
+    if record.retired_at is not None:
+        return "retired"
+    return "current" if record.superseded_at is None else "superseded"
+
+
+def _active_json(active: ActiveSet) -> dict[str, Any]:
+    return {"detector": active.detector, "names": list(active.names),
+            "version": active.version, "at": active.at, "note": active.note}
+
+
+def _composite_json(composite: CompositeMask) -> dict[str, Any]:
+    explanation = composite.explain()
+    return {
+        "detector": composite.detector,
+        **composite.provenance(),
+        "as_of": composite.as_of,
+        "masked_pixels": explanation.masked_pixels,
+        "masked_fraction": explanation.masked_pixels / explanation.total_pixels,
+        "components": [c.__dict__ for c in explanation.components],
+    }
+
+
+def _wrote(kind: str, path: Path) -> None:
+    click.echo(f"wrote {kind} {path}")
+
+
+def _parse_meta(pairs: Sequence[str]) -> dict[str, Any] | None:
+    """``KEY=VALUE`` pairs; a value that parses as JSON is taken as JSON."""
+    if not pairs:
+        return None
+    metadata: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MaskValidationError(f"--meta takes KEY=VALUE, not {pair!r}.")
+        try:
+            metadata[key] = json.loads(value)
+        except json.JSONDecodeError:
+            metadata[key] = value
+    return metadata
+
+
+_meta_option = click.option(
+    "-m", "--meta", "meta", multiple=True, metavar="KEY=VALUE",
+    help="Metadata stored with the version (repeatable; JSON values allowed).")
+_png_option = click.option(
+    "--png", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="Also write a picture of the mask to this PNG file.")
+
+
+# ---------------------------------------------------------------- listings
 
 
 @main.command()
-@click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
-              help="Embedded registry directory (default: $CHX_MASKS_DIR or the "
-              "user data directory).")
-def demo(directory: str | None) -> None:
-    """Register, compose, version and retire masks on the default registry."""
-    from ._default import default_registry, set_default_registry
-    from ._demo import run_demo
-    from ._errors import ChxMasksError
+@_json_option
+@pass_state
+def detectors(state: _State, as_json: bool) -> None:
+    """The detectors the registry knows, their shapes and active masks."""
+    reg = state.registry
+    found = reg.detectors()
+    active = reg.active_sets()
+    if as_json:
+        _print_json([
+            {"detector": d.name, "shape": list(d.shape), "builtin": d.builtin,
+             "metadata": dict(d.metadata),
+             "active": list(active[d.name].names) if d.name in active else None}
+            for d in found
+        ])
+        return
+    _table(
+        ["detector", "shape", "pixels", "built in", "active masks"],
+        [[d.name, f"{d.shape[0]} x {d.shape[1]}", f"{d.pixels:,}",
+          "yes" if d.builtin else "no",
+          ", ".join(active[d.name].names) if d.name in active else ""] for d in found],
+        right=[2],
+    )
 
+
+@main.command("list")
+@click.argument("detector", required=False)
+@click.option("--all", "show_all", is_flag=True, help="Also show retired lineages.")
+@_json_option
+@pass_state
+def list_(state: _State, detector: str | None, show_all: bool, as_json: bool) -> None:
+    """Current version of every mask (of DETECTOR, if given)."""
+    records = state.registry.search(detector=detector, include_retired=show_all)
+    if detector is not None:
+        state.registry.get_detector(detector)
+    if as_json:
+        _print_json([_record_json(r) for r in records])
+        return
+    if not records:
+        click.echo("No masks registered" + (f" for {detector}." if detector else "."))
+        return
+    headers = ["detector", "name", "version", "uid", "masked", "registered at"]
+    rows = [[r.detector, r.name, r.version, r.uid[:8], _percent(r.masked_fraction),
+             _when(r.registered_at)] + ([_state_of(r)] if show_all else [])
+            for r in records]
+    _table(headers + (["state"] if show_all else []), rows, right=[2, 4])
+
+
+@main.command()
+@click.argument("detector")
+@click.argument("name")
+@_json_option
+@pass_state
+def history(state: _State, detector: str, name: str, as_json: bool) -> None:
+    """Every version of DETECTOR/NAME, retired ones included."""
+    records = state.registry.history(detector, name)
+    if as_json:
+        _print_json([_record_json(r) for r in records])
+        return
+    _table(
+        ["version", "uid", "masked", "registered at", "until", "state"],
+        [[r.version, r.uid, _percent(r.masked_fraction), _when(r.registered_at),
+          _when(r.valid_until), _state_of(r)] for r in records],
+        right=[0, 2],
+    )
+
+
+def _title(record: MaskRecord) -> str:
+    from ._plot import record_title
+
+    return record_title(record)
+
+
+@main.command()
+@click.argument("detector", required=False)
+@click.argument("name", required=False)
+@click.option("--version", "version", type=int, default=None, help="An exact version.")
+@click.option("--as-of", default=None, metavar="TIME",
+              help="The version active at this time (ISO 8601).")
+@click.option("--uid", default=None, help="Any mask ever registered, by uid.")
+@_png_option
+@_json_option
+@pass_state
+def show(state: _State, detector: str | None, name: str | None, version: int | None,
+         as_of: str | None, uid: str | None, png: Path | None, as_json: bool) -> None:
+    """One mask version: its record, metadata and (with --png) a picture."""
+    reg = state.registry
+    if uid is not None:
+        if detector is not None or version is not None or as_of is not None:
+            raise click.UsageError("--uid names one version: give no DETECTOR, NAME, "
+                                   "--version or --as-of with it.")
+    elif detector is None or name is None:
+        raise click.UsageError("Give DETECTOR NAME (or --uid UID).")
+    else:
+        uid = reg.get_mask_uid(detector, name, version=version, as_of=as_of)
+    record = reg.describe(uid)
+    picture = None
+    if png is not None:
+        from ._plot import mask_png
+
+        picture = mask_png(reg.get_mask_by_uid(uid).compute(), png, title=_title(record))
+    if as_json:
+        _print_json({**_record_json(record), "png": picture})
+        return
+    click.echo(click.style(f"{record.detector}/{record.name} v{record.version}", bold=True))
+    fields = [
+        ("uid", record.uid),
+        ("state", _state_of(record)),
+        ("registered at", _when(record.registered_at)),
+        ("valid until", _when(record.valid_until) or "(current)"),
+        ("shape", f"{record.shape[0]} x {record.shape[1]}"),
+        ("masked", f"{record.masked_pixels:,} pixels ({_percent(record.masked_fraction)})"),
+        ("sha256", record.sha256),
+    ]
+    for label, value in fields:
+        click.echo(f"  {label:<14} {value}")
+    if record.metadata:
+        click.echo("  metadata")
+        for line in json.dumps(dict(record.metadata), indent=2, default=str).splitlines():
+            click.echo(f"    {line}")
+    if picture is not None:
+        _wrote("picture", picture)
+
+
+# ------------------------------------------------------------------ writes
+
+
+def _file_options(func: Callable) -> Callable:
+    func = click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+                        help="File format (default: from the suffix).")(func)
+    func = click.option("--convention", type=click.Choice(CONVENTIONS), default=None,
+                        help="What nonzero means in the file (default: the format's own).")(func)
+    func = click.option("--dataset", default=None, metavar="PATH",
+                        help="Array inside an .npz or HDF5/NeXus file.")(func)
+    return func
+
+
+def _report_version(reg: MaskRegistry, uid: str, verb: str, as_json: bool,
+                    png: Path | None = None) -> None:
+    record = reg.describe(uid)
+    picture = None
+    if png is not None:
+        from ._plot import mask_png
+
+        picture = mask_png(reg.get_mask_by_uid(uid).compute(), png, title=_title(record))
+    if as_json:
+        _print_json({**_record_json(record), "png": picture})
+        return
+    click.echo(f"{verb} {record.detector}/{record.name} v{record.version}  uid {record.uid}  "
+               f"masks {_percent(record.masked_fraction)}")
+    if picture is not None:
+        _wrote("picture", picture)
+
+
+def _read_kw(fmt: str | None, convention: str | None, dataset: str | None) -> dict[str, Any]:
+    return {k: v for k, v in (("format", fmt), ("convention", convention),
+                              ("dataset", dataset)) if v is not None}
+
+
+@main.command()
+@click.argument("detector")
+@click.argument("name")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_file_options
+@_meta_option
+@_png_option
+@_json_option
+@pass_state
+def register(state: _State, detector: str, name: str, file: Path, fmt: str | None,
+             convention: str | None, dataset: str | None, meta: tuple[str, ...],
+             png: Path | None, as_json: bool) -> None:
+    """Start the lineage DETECTOR/NAME with the mask in FILE (version 0)."""
+    from .io import register_from_file
+
+    uid = register_from_file(state.registry, detector, name, file, metadata=_parse_meta(meta),
+                             **_read_kw(fmt, convention, dataset))
+    _report_version(state.registry, uid, "registered", as_json, png)
+
+
+@main.command()
+@click.argument("detector")
+@click.argument("name")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_file_options
+@_meta_option
+@_png_option
+@_json_option
+@pass_state
+def update(state: _State, detector: str, name: str, file: Path, fmt: str | None,
+           convention: str | None, dataset: str | None, meta: tuple[str, ...],
+           png: Path | None, as_json: bool) -> None:
+    """Add the next version of DETECTOR/NAME from FILE (metadata kept unless -m)."""
+    from .io import register_from_file
+
+    uid = register_from_file(state.registry, detector, name, file, update=True,
+                             metadata=_parse_meta(meta), **_read_kw(fmt, convention, dataset))
+    _report_version(state.registry, uid, "updated", as_json, png)
+
+
+@main.command("import")
+@click.argument("detector")
+@click.argument("files", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_file_options
+@click.option("--update", "update_existing", is_flag=True,
+              help="Add a version to names that exist instead of skipping them.")
+@_json_option
+@pass_state
+def import_(state: _State, detector: str, files: tuple[Path, ...], fmt: str | None,
+            convention: str | None, dataset: str | None, update_existing: bool,
+            as_json: bool) -> None:
+    """Register many mask FILES for DETECTOR, each named after its file stem."""
+    from ._errors import MaskExistsError
+    from .io import register_from_file
+
+    reg = state.registry
+    reg.get_detector(detector)
+    names = [f.stem for f in files]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise MaskValidationError(f"Several files would be named {repeated}; rename them.")
+    done: list[dict[str, Any]] = []
+    with click.progressbar(files, label="importing", file=sys.stderr) as bar:
+        for path in bar:
+            kw = _read_kw(fmt, convention, dataset)
+            try:
+                uid = register_from_file(reg, detector, path.stem, path, **kw)
+                outcome = "registered"
+            except MaskExistsError:
+                if not update_existing:
+                    done.append({"file": str(path), "name": path.stem, "outcome": "skipped",
+                                 "uid": None, "version": None})
+                    continue
+                uid = register_from_file(reg, detector, path.stem, path, update=True, **kw)
+                outcome = "updated"
+            done.append({"file": str(path), "name": path.stem, "outcome": outcome, "uid": uid,
+                         "version": reg.describe(uid).version})
+    if as_json:
+        _print_json(done)
+        return
+    _table(["file", "name", "outcome", "version", "uid"],
+           [[d["file"], d["name"], d["outcome"], "" if d["version"] is None else d["version"],
+             d["uid"] or "(exists; --update adds a version)"] for d in done], right=[3])
+
+
+@main.command()
+@click.argument("detector")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_json_option
+@pass_state
+def delete(state: _State, detector: str, name: str, yes: bool, as_json: bool) -> None:
+    """Retire DETECTOR/NAME: gone from listings; every uid stays readable."""
+    reg = state.registry
+    current = reg.describe(reg.get_mask_uid(detector, name))
+    if not yes:
+        click.confirm(f"Retire {detector}/{name} (v{current.version})? Its uids stay "
+                      "readable", abort=True)
+    last = reg.delete_mask(detector, name)
+    if as_json:
+        _print_json(_record_json(last))
+        return
+    click.echo(f"retired {detector}/{name} at v{last.version}; uid {last.uid} still reads "
+               "with `chx-masks show --uid`.")
+
+
+@main.command()
+@click.argument("detector")
+@click.argument("name")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--version", "version", type=int, default=None, help="An exact version.")
+@click.option("--uid", default=None, help="A uid of DETECTOR/NAME instead of the current one.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+              help="File format (default: from the suffix).")
+@click.option("--convention", type=click.Choice(CONVENTIONS), default=None,
+              help="What nonzero means in the file (default: the format's own).")
+@click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
+@pass_state
+def export(state: _State, detector: str, name: str, file: Path, version: int | None,
+           uid: str | None, fmt: str | None, convention: str | None, force: bool) -> None:
+    """Write DETECTOR/NAME to FILE in a format other tools read (pyFAI, Fit2D, ...)."""
+    from .io import export_mask
+
+    if file.exists() and not force:
+        raise _Failure(f"{file} exists; add --force to overwrite it.")
+    path = export_mask(state.registry, detector, name, file, version=version, uid=uid,
+                       format=fmt, convention=convention)
+    _wrote("mask", path)
+
+
+# -------------------------------------------------------------- composites
+
+
+@main.command()
+@click.argument("detector")
+@click.argument("names", nargs=-1)
+@click.option("--as-of", default=None, metavar="TIME",
+              help="The versions active at this time (ISO 8601).")
+@click.option("--explain", is_flag=True, help="What each component masks.")
+@_png_option
+@_json_option
+@pass_state
+def composite(state: _State, detector: str, names: tuple[str, ...], as_of: str | None,
+              explain: bool, png: Path | None, as_json: bool) -> None:
+    """The AND of NAMES for DETECTOR (default: the detector's active set)."""
+    reg = state.registry
+    chosen = list(names)
+    if not chosen:
+        active = reg.active_set(detector, as_of=as_of)
+        if active is None or not active.names:
+            raise _Failure(f"No mask names given and {detector} has no active set; give "
+                           f"names or choose them with `chx-masks activate {detector} NAME...`.")
+        chosen = list(active.names)
+    result = reg.resolve_composite(detector, chosen, as_of=as_of)
+    picture = None
+    if png is not None:
+        from ._plot import composite_png
+
+        picture = composite_png(result, png)
+    if as_json:
+        _print_json({**_composite_json(result), "png": picture})
+        return
+    explanation = result.explain()
+    parts = [f"{n} v{v}" for n, v in zip(result.names, result.versions, strict=True)]
+    click.echo(f"{detector}: {' & '.join(parts)}")
+    click.echo(f"  masked {explanation.masked_pixels:,} pixels "
+               f"({_percent(explanation.masked_pixels / explanation.total_pixels)}); "
+               f"sha256 {result.sha256}")
+    click.echo(f"  uids {', '.join(result.uids)}")
+    if explain:
+        click.echo("  " + str(explanation).replace("\n", "\n  "))
+    if picture is not None:
+        _wrote("picture", picture)
+
+
+@main.command()
+@click.argument("detector")
+@click.argument("names", nargs=-1)
+@click.option("--none", "clear", is_flag=True,
+              help="Withdraw the choice: the profile's fallback applies again.")
+@click.option("--note", default=None, help="Why (e.g. the sample); kept in the history.")
+@_json_option
+@pass_state
+def activate(state: _State, detector: str, names: tuple[str, ...], clear: bool,
+             note: str | None, as_json: bool) -> None:
+    """Choose the masks applied to DETECTOR from the next run on.
+
+    Every IPython session and callback reads the choice at its next run
+    start; nothing needs restarting.
+    """
+    if clear == bool(names):
+        raise click.UsageError("Give mask NAMES, or --none to withdraw the choice.")
+    active = state.registry.activate(detector, list(names), note=note)
+    if as_json:
+        _print_json(_active_json(active))
+        return
+    click.echo(f"active for {detector} from the next run: {active}")
+
+
+@main.command()
+@click.argument("detector", required=False)
+@click.option("--history", "show_history", is_flag=True, help="Every change, oldest first.")
+@_json_option
+@pass_state
+def active(state: _State, detector: str | None, show_history: bool, as_json: bool) -> None:
+    """Which masks apply to each detector now (or DETECTOR's history)."""
+    reg = state.registry
+    if show_history:
+        if detector is None:
+            raise click.UsageError("--history needs a DETECTOR.")
+        sets = reg.active_history(detector)
+    elif detector is not None:
+        current = reg.active_set(detector)
+        sets = [] if current is None else [current]
+    else:
+        sets = list(reg.active_sets().values())
+    if as_json:
+        _print_json([_active_json(s) for s in sets])
+        return
+    if not sets:
+        click.echo("No active sets: runs use the profile's fallback masks.")
+        return
+    _table(["detector", "version", "since", "masks", "note"],
+           [[s.detector, s.version, _when(s.at), ", ".join(s.names) or "(none)", s.note or ""]
+            for s in sets], right=[1])
+
+
+# -------------------------------------------------------------- generators
+
+
+@main.group(cls=_Group)
+def generate() -> None:
+    """Make a mask (module gaps, chip lines, hot pixels, shapes) and register it."""
+
+
+def _generator_options(func: Callable) -> Callable:
+    for option in reversed([
+        click.argument("detector"),
+        click.argument("name"),
+        click.option("--grow", "grow_by", type=int, default=0,
+                     help="Grow the masked region by this many pixels."),
+        click.option("--update", "update_existing", is_flag=True,
+                     help="Add a version to an existing DETECTOR/NAME."),
+        click.option("--dry-run", is_flag=True, help="Make the mask; register nothing."),
+        _meta_option,
+        _png_option,
+        _json_option,
+    ]):
+        func = option(func)
+    return func
+
+
+def _finish_generated(state: _State, made: Any, detector: str, name: str, grow_by: int,
+                      update_existing: bool, dry_run: bool, meta: tuple[str, ...],
+                      png: Path | None, as_json: bool) -> None:
+    from . import generate as gen
+
+    if grow_by:
+        made = gen.grow(made, grow_by)
+    reg = state.registry
+    shape = reg.get_detector(detector).shape
+    if made.mask.shape != shape:
+        raise MaskValidationError(f"The generated mask is {made.mask.shape}, but {detector} "
+                                  f"frames are {shape}.")
+    if dry_run:
+        picture = None
+        if png is not None:
+            from ._plot import mask_png
+
+            fraction = made.masked_pixels / made.mask.size
+            picture = mask_png(made.mask, png, title=f"{detector}/{name} (not registered)  "
+                               f"masked {_percent(fraction)}")
+        if as_json:
+            _print_json({"detector": detector, "name": name, "masked_pixels": made.masked_pixels,
+                         "source": made.source, "png": picture})
+        else:
+            click.echo(f"would register {detector}/{name}: masks {made.masked_pixels:,} pixels "
+                       f"({_percent(made.masked_pixels / made.mask.size)})")
+            if picture is not None:
+                _wrote("picture", picture)
+        return
+    uid = made.register(reg, detector, name, update=update_existing, metadata=_parse_meta(meta))
+    _report_version(reg, uid, "updated" if update_existing else "registered", as_json, png)
+
+
+@generate.command("module-gaps")
+@_generator_options
+@pass_state
+def generate_module_gaps(state: _State, detector: str, name: str, **options: Any) -> None:
+    """The inter-module gaps of a CHX Eiger (from pyFAI's geometry)."""
+    from . import generate as gen
+
+    _finish_generated(state, gen.module_gaps(detector), detector, name, **options)
+
+
+@generate.command("chip-lines")
+@_generator_options
+@click.option("--width", type=int, default=1, help="Pixels masked each side of a boundary.")
+@pass_state
+def generate_chip_lines(state: _State, detector: str, name: str, width: int,
+                        **options: Any) -> None:
+    """The double-size pixels along the chip boundaries of a CHX Eiger."""
+    from . import generate as gen
+
+    _finish_generated(state, gen.chip_lines(detector, width=width), detector, name, **options)
+
+
+def _read_stack(path: Path, dataset: str | None) -> Any:
+    """A (frames, rows, cols) stack from .npy or HDF5, read frame by frame with a bar."""
+    import numpy as np
+
+    if path.suffix.lower() == ".npy":
+        source = np.load(path, mmap_mode="r")
+        close = None
+    else:
+        try:
+            import h5py
+        except ImportError as err:
+            raise _Failure('Reading HDF5 needs h5py: pip install "chx-masks[io]".') from err
+        try:
+            handle = h5py.File(path, "r")
+        except OSError as err:
+            raise MaskValidationError(f"{path} is not an .npy or HDF5 file: {err}.") from err
+        key = dataset or "/entry/data/data"
+        if key not in handle:
+            handle.close()
+            raise MaskValidationError(f"{path} has no dataset {key}; give --dataset.")
+        source, close = handle[key], handle.close
     try:
-        if directory is not None:
-            set_default_registry(directory)
-        run_demo(default_registry(), echo=click.echo)
-    except ChxMasksError as err:
-        click.echo(f"chx-masks: {err}", err=True)
-        sys.exit(1)
+        if source.ndim != 3:
+            raise MaskValidationError(
+                f"{path} holds an array of shape {tuple(source.shape)}; a dark series is "
+                "(frames, rows, cols).")
+        stack = np.empty(source.shape, dtype=source.dtype)
+        with click.progressbar(range(source.shape[0]), label="reading darks",
+                               file=sys.stderr) as bar:
+            for i in bar:
+                stack[i] = source[i]
+    finally:
+        if close is not None:
+            close()
+    return stack
+
+
+@generate.command("hot-pixels")
+@_generator_options
+@click.argument("darks", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--threshold", type=float, required=True,
+              help="Mean dark counts per frame above which a pixel is hot.")
+@click.option("--dataset", default=None, help="HDF5 dataset (default /entry/data/data).")
+@pass_state
+def generate_hot_pixels(state: _State, detector: str, name: str, darks: Path,
+                        threshold: float, dataset: str | None, **options: Any) -> None:
+    """Hot pixels from a dark series DARKS (.npy or HDF5, frames x rows x cols)."""
+    from . import generate as gen
+
+    made = gen.hot_dead_pixels(_read_stack(darks, dataset), hot_threshold=threshold)
+    _finish_generated(state, made, detector, name, **options)
+
+
+@generate.command("circle")
+@_generator_options
+@click.option("--center", nargs=2, type=float, required=True, metavar="ROW COL")
+@click.option("--radius", type=float, required=True, help="In pixels.")
+@pass_state
+def generate_circle(state: _State, detector: str, name: str, center: tuple[float, float],
+                    radius: float, **options: Any) -> None:
+    """A round region (e.g. a beamstop) masked."""
+    from . import generate as gen
+
+    shape = state.registry.get_detector(detector).shape
+    _finish_generated(state, gen.circle(shape, center, radius), detector, name, **options)
+
+
+@generate.command("rectangle")
+@_generator_options
+@click.option("--top-left", nargs=2, type=int, required=True, metavar="ROW COL")
+@click.option("--bottom-right", nargs=2, type=int, required=True, metavar="ROW COL")
+@pass_state
+def generate_rectangle(state: _State, detector: str, name: str, top_left: tuple[int, int],
+                       bottom_right: tuple[int, int], **options: Any) -> None:
+    """A rectangle masked (e.g. a beamstop arm)."""
+    from . import generate as gen
+
+    shape = state.registry.get_detector(detector).shape
+    made = gen.rectangle(shape, top_left, bottom_right)
+    _finish_generated(state, made, detector, name, **options)
+
+
+@generate.command("polygon")
+@_generator_options
+@click.option("--vertex", "vertices", nargs=2, type=float, multiple=True, required=True,
+              metavar="ROW COL", help="Repeat for each vertex (at least 3).")
+@pass_state
+def generate_polygon(state: _State, detector: str, name: str,
+                     vertices: tuple[tuple[float, float], ...], **options: Any) -> None:
+    """A polygon masked (even-odd rule)."""
+    from . import generate as gen
+
+    shape = state.registry.get_detector(detector).shape
+    _finish_generated(state, gen.polygon(shape, list(vertices)), detector, name, **options)
+
+
+# -------------------------------------------------------------------- demo
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the run store and the PNGs go (default: a 'demo' folder in "
+              "the registry directory or the user data directory).")
+@click.option("--frames", type=click.IntRange(1, 1000), default=20, show_default=True,
+              help="Frames in the scan (Eiger 4M, uint32).")
+@_json_option
+@pass_state
+def demo(state: _State, out: Path | None, frames: int, as_json: bool) -> None:
+    """The main job end to end on the default registry.
+
+    Registers masks for a simulated Eiger 4M, runs a scan with the RunEngine,
+    the preprocessor, the masking router and TiledWriter, replays the stored
+    run, checks the replay equals the live masked frames and draws pictures.
+    """
+    try:
+        from bluesky_callbacks._demo import run_demo
+    except ImportError as err:
+        raise _Failure(f'The demo needs Bluesky ({err.name} is missing): '
+                       'pip install "chx-masks[all]".') from err
+    reg = state.registry
+    if out is None:
+        from ._embedded import default_directory
+
+        base = state.directory or (Path(os.environ["CHX_MASKS_DIR"])
+                                   if os.environ.get("CHX_MASKS_DIR") else default_directory())
+        out = base / "demo"
+
+    def progress(label: str, total: int) -> Any:
+        return click.progressbar(length=total, label=label, file=sys.stderr)
+
+    echo = (lambda line: None) if as_json else click.echo
+    summary = run_demo(reg, out, frames=frames, echo=echo, progress=progress)
+    if as_json:
+        _print_json(summary.as_dict())
+    else:
+        click.echo(click.style("summary", bold=True))
+        click.echo(f"  raw run      {summary.raw_uid}")
+        click.echo(f"  masked run   {summary.derived_uid} (replayed as {summary.replay_uid})")
+        for name, info in summary.masks.items():
+            click.echo(f"  mask         {name} v{info['version']}  {info['uid']}")
+        click.echo(f"  masked       {_percent(summary.masked_fraction)} of each frame; "
+                   f"composite sha256 {summary.composite_sha256[:16]}...")
+        click.echo(f"  router       {summary.router_frames_per_second:,.0f} frames/s "
+                   f"(4M uint32)")
+        click.echo(f"  replay       equal to live: {summary.replay_equal}; lazy dask path "
+                   f"equal: {summary.lazy_equal}")
+        click.echo(f"  took         {summary.seconds:.1f} s")
+        for kind, path in summary.pngs.items():
+            _wrote(kind.replace("_", " "), Path(path))
+    if not (summary.replay_equal and summary.lazy_equal):
+        raise _Failure("The replayed frames differ from the live masked frames.")
 
 
 if __name__ == "__main__":  # pragma: no cover

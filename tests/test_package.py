@@ -6,10 +6,7 @@ import json
 import subprocess
 import sys
 
-from click.testing import CliRunner
-
 import chx_masks
-from chx_masks._cli import main
 
 PUBLIC = {
     "ActiveSet",
@@ -83,26 +80,3 @@ def test_cli_help_imports_nothing_heavy():
     # numpy (~0.1 s) is fine; tiled, dask and the server stack are seconds.
     heavy = {"tiled", "dask", "httpx", "sqlalchemy", "fastapi", "pandas", "zarr"}
     assert not {m for m in modules if m.split(".")[0] in heavy}
-
-
-def test_cli_demo_on_embedded_default(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHX_MASKS_DIR", str(tmp_path / "demo"))
-    runner = CliRunner()
-    first = runner.invoke(main, ["demo"])
-    assert first.exit_code == 0, first.output
-    assert "registered eiger4m_single_image/demo_module_gaps" in first.output
-    assert "lazy dask read agrees" in first.output
-    assert "still reads back: True" in first.output
-    chx_masks.set_default_registry(None)
-    again = runner.invoke(main, ["demo"])
-    assert again.exit_code == 0, again.output
-    assert "updated    eiger4m_single_image/demo_module_gaps   v1" in again.output
-
-
-def test_cli_reports_expected_errors_in_one_line(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
-    result = CliRunner().invoke(main, ["demo", "--dir", str(blocker / "sub")])
-    assert result.exit_code == 1
-    assert result.output.startswith("chx-masks: Cannot create the embedded directory")
-    assert "Traceback" not in result.output
