@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from event_model import DocumentRouter, Filler, RunRouter, compose_run
 
-from chx_masks import CompositeMask, MaskIntegrityError, MaskRegistry
+from chx_masks import ChxMasksError, CompositeMask, MaskIntegrityError, MaskRegistry
 
 from ._provenance import _check_masks
 
@@ -187,7 +187,10 @@ class _MaskedRun(DocumentRouter):
     def _fail(self, what: str, err: BaseException) -> None:
         if self._router.strict:
             raise err
-        logger.error("Masking %s failed: %s", what, err, exc_info=err)
+        # An expected failure (registry down, mask missing) is one line; only
+        # an unexpected one carries its traceback.
+        expected = isinstance(err, ChxMasksError)
+        logger.error("Masking %s failed: %s", what, err, exc_info=None if expected else err)
         self._errors.append(f"{what}: {type(err).__name__}: {err}")
 
     def _mask_for(self, key: str, frame: np.ndarray) -> np.ndarray:
