@@ -825,8 +825,9 @@ def demo(state: _State, out: Path | None, frames: int, as_json: bool) -> None:
             click.echo(f"  mask         {name} v{info['version']}  {info['uid']}")
         click.echo(f"  masked       {_percent(summary.masked_fraction)} of each frame; "
                    f"composite sha256 {summary.composite_sha256[:16]}...")
-        click.echo(f"  router       {summary.router_frames_per_second:,.0f} frames/s "
-                   f"(4M uint32)")
+        click.echo(f"  router       {summary.router_frames_per_second:,.0f} frames/s alone "
+                   f"(4M uint32); {summary.scan_router_frames_per_second:,.0f} frames/s "
+                   "during the scan")
         click.echo(f"  replay       equal to live: {summary.replay_equal}; lazy dask path "
                    f"equal: {summary.lazy_equal}")
         click.echo(f"  took         {summary.seconds:.1f} s")
