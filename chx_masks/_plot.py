@@ -555,6 +555,13 @@ def frame_png(
                 f"The mask has shape {shape_str(keep.shape)} but the frame is "
                 f"{shape_str(data.shape)}; give the mask of the frame's detector."
             )
+    # Eiger firmware flags gaps and bad pixels with the dtype's maximum: they
+    # are not counts, so they stay out of the colour scale (still drawn).
+    unflagged = None
+    if data.dtype.kind == "u":
+        flagged = data == np.iinfo(data.dtype).max
+        if flagged.any():
+            unflagged = ~flagged
     fig, ax = _figure(data.shape, title)
     if keep is not None:
         masked = int(keep.size - np.count_nonzero(keep))
@@ -580,7 +587,8 @@ def frame_png(
     for _ in range(3):
         values = _block_mean(data, factor)
         kept = np.ones(values.shape, bool) if keep is None else _block_kept(keep, factor)
-        norm, extend = _frame_norm(values[kept])
+        scaled = kept if unflagged is None else kept & _block_kept(unflagged, factor)
+        norm, extend = _frame_norm(values[scaled])
         colorbar.remove()
         colorbar = add_colorbar(norm, factor, extend)
         fig.draw_without_rendering()

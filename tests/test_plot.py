@@ -310,3 +310,23 @@ def test_frame_png_validates_its_input(tmp_path, frame, mask, words):
         frame_png(frame, tmp_path / "f.png", mask=mask, title="bad")
     for word in words:
         assert word in str(info.value)
+
+
+def test_flagged_eiger_pixels_do_not_set_the_frame_scale(tmp_path):
+    """Gaps at the dtype's maximum (as Eiger firmware flags them) are not counts."""
+    rng = np.random.default_rng(3)
+    frame = rng.poisson(20, SHAPE_500K).astype(np.uint32)
+    frame[:, 500:530] = np.iinfo(np.uint32).max  # about 3% of the pixels
+    rgb = read_rgb(frame_png(frame, tmp_path / "f.png", title="flags")).astype(float) / 255
+    # A patch inside the image, left of the flagged columns.
+    h, w = rgb.shape[:2]
+    rgb = rgb[h // 3 : h // 2, w // 8 : w // 3]
+    # Counts of about 20 sit mid-scale: the picture is not the colormap's
+    # darkest colour, as it would be under a top of 4e9.
+    from matplotlib import colormaps
+
+    viridis = colormaps["viridis"]
+    # Each pixel's position on the colormap, by its nearest colour.
+    lut = viridis(np.linspace(0, 1, 256))[:, :3]
+    position = np.abs(rgb[..., None, :] - lut).sum(axis=-1).argmin(axis=-1) / 255
+    assert np.median(position) > 0.5  # about 0.2 if the flags set the top
