@@ -27,6 +27,7 @@ import functools
 import json
 import logging
 import operator
+import os
 import threading
 import uuid
 from collections import OrderedDict
@@ -126,6 +127,14 @@ class MaskRegistry:
         registry creates ``masks`` and ``detectors`` inside it on first write.
     location : str, optional
         How to name this registry in messages (a URI or a directory).
+    cache_bytes : int
+        Memory for arrays already read (uids are immutable, so an array read
+        once is never read again while it stays here).
+    disk_cache : path, None or False
+        A directory of local copies of arrays read before, by uid, so a new
+        process need not fetch them again: ``$CHX_MASKS_CACHE_DIR`` or the
+        user cache directory by default; False for none. A copy is used only
+        if it matches the sha256 the registry holds for its uid.
 
     See Also
     --------
@@ -152,6 +161,7 @@ class MaskRegistry:
         *,
         location: str | None = None,
         cache_bytes: int = 1 << 30,
+        disk_cache: str | Path | None | Literal[False] = None,
     ) -> None:
         self._root = client
         self.location = location or _redact(str(getattr(client, "uri", "tiled")))
@@ -162,6 +172,7 @@ class MaskRegistry:
         self._arrays: OrderedDict[str, np.ndarray] = OrderedDict()
         self._composites: OrderedDict[tuple[str, ...], tuple] = OrderedDict()
         self._cache_bytes = cache_bytes
+        self._disk = _disk_cache_directory(disk_cache)
 
     # ------------------------------------------------------------ construction
 
@@ -784,24 +795,45 @@ class MaskRegistry:
         """
         if isinstance(uids, str) or not uids:
             raise MaskValidationError(f"Give a non-empty list of mask uids, not {uids!r}.")
-        records = [self.describe(uid) for uid in uids]
-        detectors = sorted({r.detector for r in records})
+        stored = [self._stored_for(uid) for uid in uids]
+        detectors = sorted({s.detector for s in stored})
         if len(detectors) != 1:
             raise MaskValidationError(
                 f"The uids belong to several detectors ({', '.join(detectors)}); a "
                 "composite is built for one detector."
             )
+        versions = self._versions_of(detectors[0], stored)
         key = tuple(uids)
         composite, digest, components = self._and(key)
         return CompositeMask(
             detector=detectors[0],
-            names=tuple(r.name for r in records),
+            names=tuple(s.name for s in stored),
             uids=key,
-            versions=tuple(r.version for r in records),
+            versions=versions,
             sha256=digest,
             mask=composite,
             components=components,
         )
+
+    def _versions_of(self, detector: str, stored: Sequence[_Stored]) -> tuple[int | None, ...]:
+        """The version of each stored mask of one detector, in one slot query."""
+        if all(s.legacy_key is not None for s in stored):
+            return tuple(s.legacy_version for s in stored)
+        slots = self._slots(detector, sorted({s.name for s in stored}))
+        versions = []
+        for s in stored:
+            if s.legacy_key is not None:
+                versions.append(s.legacy_version)
+                continue
+            found = [slot.version for slot in slots.get(s.name, []) if slot.uid == s.uid]
+            if not found:
+                raise MaskNotFoundError(
+                    f"uid {s.uid} holds a mask array but was never registered under "
+                    f"{s.detector}/{s.name} (an interrupted registration); it has no "
+                    "version and was never handed out."
+                )
+            versions.append(found[0])
+        return tuple(versions)
 
     def describe(self, uid: str) -> MaskRecord:
         """Everything known about one uid: who, which version, when, content.
@@ -1480,6 +1512,18 @@ class MaskRegistry:
                 self._arrays.move_to_end(uid)
                 return self._arrays[uid]
         stored = self._stored_for(uid)
+        array = self._from_disk(stored)
+        if array is None:
+            array = self._fetch(uid, stored)
+            self._to_disk(stored, array)
+        array = np.ascontiguousarray(array)
+        array.flags.writeable = False
+        with self._lock:
+            self._put_array(uid, array)
+        return array
+
+    def _fetch(self, uid: str, stored: _Stored) -> np.ndarray:
+        """Read a uid's array from tiled and verify it against its sha256."""
         node = self._nodes.get(f"uid:{uid}") or self._node(MASKS, uid) or self._node(uid)
         try:
             with self._translate(f"reading mask {uid}"):
@@ -1510,11 +1554,44 @@ class MaskRegistry:
                 f"{digest[:12]}.... The stored bytes were changed after registration; "
                 "it is not served. Restore it from a backup or register the mask again."
             )
-        array = np.ascontiguousarray(array)
-        array.flags.writeable = False
-        with self._lock:
-            self._put_array(uid, array)
         return array
+
+    def _cache_path(self, stored: _Stored) -> Path | None:
+        if self._disk is None or stored.legacy_key is not None:
+            return None
+        return self._disk / f"{stored.uid}.npy"
+
+    def _from_disk(self, stored: _Stored) -> np.ndarray | None:
+        """A local copy of the array if there is one and it matches its sha256."""
+        path = self._cache_path(stored)
+        if path is None:
+            return None
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        if (
+            array.dtype != np.bool_
+            or array.shape != stored.shape
+            or mask_sha256(array) != stored.sha256
+        ):
+            logger.warning("Ignoring the damaged local copy %s of mask %s", path, stored.uid)
+            return None
+        return array
+
+    def _to_disk(self, stored: _Stored, array: np.ndarray) -> None:
+        path = self._cache_path(stored)
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+            with open(partial, "wb") as f:
+                np.save(f, array, allow_pickle=False)
+            os.replace(partial, path)
+        except OSError:
+            # A cache that cannot be written costs speed, never correctness.
+            logger.debug("Could not keep a local copy of mask %s", stored.uid, exc_info=True)
 
     def _and(
         self, uids: tuple[str, ...]
@@ -1595,6 +1672,19 @@ def _adoptable_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     if kept:
         flat["legacy_metadata"] = json.loads(json.dumps(kept, default=str))
     return flat
+
+
+def _disk_cache_directory(choice: str | Path | None | Literal[False]) -> Path | None:
+    if choice is False:
+        return None
+    if choice is not None:
+        return Path(choice)
+    configured = os.environ.get("CHX_MASKS_CACHE_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("chx-masks", appauthor=False)) / "masks"
 
 
 def _active_from_metadata(md: Mapping[str, Any]) -> ActiveSet:

@@ -305,3 +305,38 @@ def test_api_key_never_in_repr_or_location(tiled_server, server_registry_uri):
         assert tiled_server.api_key not in reg.location
     finally:
         reg.close()
+
+
+def test_local_copies_spare_a_new_process_the_read_and_are_verified(embedded_dir, tmp_path):
+    import zarr
+
+    cache = tmp_path / "cache"
+    mask = random_mask(seed=8)
+    with MaskRegistry.embedded(embedded_dir) as reg:
+        uid = reg.register_mask(EIGER500K, "m", mask)
+    with MaskRegistry.embedded(embedded_dir) as first:
+        reg = MaskRegistry(first._root, disk_cache=cache)
+        np.testing.assert_array_equal(reg.get_mask_by_uid(uid).compute(), mask)
+    copy = cache / f"{uid}.npy"
+    assert copy.is_file() and not [p for p in cache.iterdir() if p.name.startswith(".")]
+    np.testing.assert_array_equal(np.load(copy), mask)
+
+    # The registry's own bytes change: a new reader with the verified local
+    # copy still gives the registered mask; one without it refuses.
+    array_dir = _chunk_file(embedded_dir, uid).parents[2]
+    stored = zarr.open_array(str(array_dir), mode="r+")
+    stored[0, 0] = not mask[0, 0]
+    opened = MaskRegistry.embedded(embedded_dir)
+    try:
+        cached = MaskRegistry(opened._root, disk_cache=cache)
+        np.testing.assert_array_equal(cached.get_mask_by_uid(uid).compute(), mask)
+        uncached = MaskRegistry(opened._root, disk_cache=False)
+        with pytest.raises(MaskIntegrityError, match="integrity"):
+            uncached.get_mask_by_uid(uid).compute()
+        # A damaged local copy is not used: the read goes to the registry,
+        # whose changed bytes are then refused.
+        np.save(copy, ~mask)
+        with pytest.raises(MaskIntegrityError, match="integrity"):
+            MaskRegistry(opened._root, disk_cache=cache).get_mask_by_uid(uid).compute()
+    finally:
+        opened.close()

@@ -1,0 +1,115 @@
+"""The per-frame work of masking: one multiply, on both cores, into reused buffers.
+
+Used by :class:`~bluesky_callbacks.MaskingRouter` for every frame it emits; the
+hot path of live processing, so it allocates nothing a frame does not need.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+__all__ = ["FrameBuffers", "multiply_into"]
+
+#: Frames at least this large are split over worker threads (NumPy releases
+#: the GIL in multiply); smaller ones are not worth the hand-off.
+PARALLEL_BYTES = 4 << 20
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_workers(), thread_name_prefix="chx-masks-multiply")
+        return _pool
+
+
+def _unshared_count() -> int:
+    """``sys.getrefcount`` of a pooled buffer that nothing outside the pool holds."""
+    # Measured, not assumed: the count differs between Python versions. The
+    # loop has the shape of the one in FrameBuffers.take.
+    buffers = [np.empty(0)]
+    for buffer in buffers:
+        return sys.getrefcount(buffer)
+    raise AssertionError("unreachable")
+
+
+class FrameBuffers:
+    """Output arrays handed out again once every consumer has let go of them.
+
+    A buffer is reused only when nothing outside this pool references it: a
+    downstream that keeps a frame (or a view of it, which references its
+    base) keeps that buffer out of reuse, so a kept frame never changes. At
+    most ``size`` buffers are tracked; beyond that, new arrays are allocated
+    and left to their consumers.
+
+    Examples
+    --------
+    >>> buffers = FrameBuffers(size=2)
+    >>> a = buffers.take((2, 3), np.uint16)
+    >>> buffers.take((2, 3), np.uint16) is a  # a is still held
+    False
+    >>> first = id(a)
+    >>> del a
+    >>> id(buffers.take((2, 3), np.uint16)) == first  # nobody holds it now
+    True
+    """
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self._buffers: list[np.ndarray] = []
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A writable array of ``shape`` and ``dtype`` that nobody else holds."""
+        for buffer in self._buffers:
+            if (
+                buffer.shape == shape
+                and buffer.dtype == dtype
+                and sys.getrefcount(buffer) <= _UNSHARED
+            ):
+                return buffer
+        fresh = np.empty(shape, dtype)
+        if len(self._buffers) < self.size:
+            self._buffers.append(fresh)
+        return fresh
+
+
+_UNSHARED = _unshared_count()
+
+
+def multiply_into(frame: np.ndarray, mask: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out[...] = frame * mask`` (mask broadcast over leading axes), on all cores.
+
+    Large frames are split by rows over a few threads.
+
+    Examples
+    --------
+    >>> frame = np.arange(12, dtype=np.uint32).reshape(3, 4)
+    >>> mask = np.ones((3, 4), np.uint32); mask[1] = 0
+    >>> multiply_into(frame, mask, np.empty_like(frame))[1].tolist()
+    [0, 0, 0, 0]
+    """
+    workers = _workers()
+    rows = frame.shape[-2] if frame.ndim >= 2 else 0
+    if workers == 1 or frame.nbytes < PARALLEL_BYTES or rows < 2 * workers:
+        return np.multiply(frame, mask, out=out)
+    bounds = np.linspace(0, rows, workers + 1).astype(int)
+    pool = _executor()
+    futures = [
+        pool.submit(np.multiply, frame[..., a:b, :], mask[a:b, :], out=out[..., a:b, :])
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    for future in futures:
+        future.result()
+    return out
