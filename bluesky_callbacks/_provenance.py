@@ -16,6 +16,8 @@ from bluesky.utils import Msg
 
 from chx_masks import ChxMasksError, MaskRegistry, MaskValidationError
 
+from ._deadline import DEFAULT_TIMEOUT, call_with_deadline
+
 __all__ = ["MaskProvenance", "mask_provenance_decorator", "mask_provenance_wrapper"]
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,15 @@ def _check_masks(masks: Mapping[str, Sequence[str]] | None, what: str) -> dict[s
             )
         checked[str(key)] = [str(n) for n in names]
     return checked
+
+
+def _used(
+    wanted: Mapping[str, Any], own: Mapping[str, Any], devices: list[str]
+) -> list[str]:
+    used = detectors_in_run(wanted, devices)
+    # A detector the run names explicitly in its own mask_names is used
+    # even when no device with that name is staged.
+    return used + [key for key in own if key not in used]
 
 
 def detectors_in_run(
@@ -101,6 +112,10 @@ class MaskProvenance:
     active : bool
         Read the registry's active sets at each run start (default). False
         uses ``masks`` (and the run's own ``mask_names``) only.
+    timeout : float or None
+        Seconds a run start may wait for the registry (default 20); past
+        that the registry counts as unreachable and ``on_unavailable``
+        decides. None waits as long as tiled retries.
     on_unavailable : {"raise", "record"}
         When the registry cannot be reached or a mask is missing: "raise"
         refuses to open the run (no start document is emitted) with an error
@@ -134,6 +149,7 @@ class MaskProvenance:
         *,
         active: bool = True,
         on_unavailable: Policy = "raise",
+        timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
         if on_unavailable not in ("raise", "record"):
             raise MaskValidationError(
@@ -143,6 +159,7 @@ class MaskProvenance:
         self.masks = _check_masks(masks, "masks")
         self.active = active
         self.on_unavailable: Policy = on_unavailable
+        self.timeout = timeout
         self._lock = threading.Lock()
 
     @property
@@ -178,35 +195,28 @@ class MaskProvenance:
         own = _check_masks(run_md.get(RUN_MASKS_KEY), f"the run's {RUN_MASKS_KEY}")
         devices = [*(run_md.get("detectors") or ()), *staged]
         try:
-            registry = self.registry
-            wanted = self._choices(registry, own)
+            wanted, used, resolved = call_with_deadline(
+                lambda: self._resolve(own, devices), self.timeout,
+                "resolving the run's masks",
+            )
         except ChxMasksError as err:
             # Without the registry the choice itself is unknown: what the
             # configuration and the run name is what this run would have used.
-            registry = None
             wanted = {
                 key: (names, CHOSEN_BY_RUN if key in own else CHOSEN_BY_CONFIGURATION)
                 for key, names in {**self.masks, **own}.items()
             }
-            failure: ChxMasksError | None = err
-        else:
-            failure = None
-        used = detectors_in_run(wanted, devices)
-        # A detector the run names explicitly in its own mask_names is used
-        # even when no device with that name is staged.
-        used += [key for key in own if key not in used]
+            used = _used(wanted, own, devices)
+            resolved = dict.fromkeys(used, err)
         if not used:
             return dict(run_md)
         records: dict[str, dict[str, Any]] = {}
         uids: list[str] = []
         for key in used:
             names, chosen_by = wanted[key]
-            try:
-                if failure is not None:
-                    raise failure
-                assert registry is not None
-                composite = registry.resolve_composite(key, names)
-            except ChxMasksError as err:
+            composite = resolved[key]
+            if isinstance(composite, ChxMasksError):
+                err = composite
                 if self.on_unavailable == "raise":
                     raise type(err)(
                         f"The run was not opened: the masks {names} for {key} "
@@ -225,6 +235,21 @@ class MaskProvenance:
             records[key] = {**composite.provenance(), "chosen_by": chosen_by}
             uids.extend(uid for uid in composite.uids if uid not in uids)
         return {**run_md, "masks": records, "mask_uids": uids}
+
+    def _resolve(
+        self, own: Mapping[str, list[str]], devices: list[str]
+    ) -> tuple[dict[str, tuple[list[str], str]], list[str], dict[str, Any]]:
+        """All the registry work of a run start: choices, then each composite."""
+        registry = self.registry
+        wanted = self._choices(registry, own)
+        used = _used(wanted, own, devices)
+        resolved: dict[str, Any] = {}
+        for key in used:
+            try:
+                resolved[key] = registry.resolve_composite(key, wanted[key][0])
+            except ChxMasksError as err:
+                resolved[key] = err
+        return wanted, used, resolved
 
     def _choices(
         self, registry: MaskRegistry, own: Mapping[str, list[str]]

@@ -20,6 +20,7 @@ from event_model import DocumentRouter, Filler, RunRouter, compose_run
 
 from chx_masks import ChxMasksError, CompositeMask, MaskIntegrityError, MaskRegistry
 
+from ._deadline import DEFAULT_TIMEOUT, call_with_deadline
 from ._kernel import FrameBuffers, multiply_into
 from ._provenance import _check_masks
 
@@ -84,6 +85,10 @@ class MaskingRouter:
         StreamDatum frames; by default HDF5 files are read with h5py. Replay
         from tiled passes one that asks tiled, which reads any format it
         serves (HDF5, .npy sequences, TIFF) where the files live.
+    timeout : float or None
+        Seconds a run start may wait for the registry (default 20); past
+        that the run's detectors are reported unresolved and their frames
+        withheld, and acquisition goes on. None waits as long as tiled retries.
 
     Examples
     --------
@@ -111,6 +116,7 @@ class MaskingRouter:
         root_map: Mapping[str, str] | None = None,
         unmasked_streams: Literal["pass", "drop"] = "pass",
         stream_reader: StreamReader | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
         if unmasked_streams not in ("pass", "drop"):
             raise ValueError(
@@ -124,6 +130,7 @@ class MaskingRouter:
         self.root_map = dict(root_map or {})
         self.unmasked_streams = unmasked_streams
         self.stream_reader = stream_reader
+        self.timeout = timeout
         self._router = RunRouter([self._factory])
 
     @property
@@ -226,53 +233,74 @@ class _MaskedRun(DocumentRouter):
 
     # ------------------------------------------------------------ documents
 
+    def _lookup(self, recorded: Mapping[str, dict], when: datetime) -> dict[str, Any]:
+        """The registry work of a run start: each detector's composite, or its error."""
+        registry = self._router.registry
+        found: dict[str, Any] = {}
+        for key, record in recorded.items():
+            if not record.get("uids"):
+                continue
+            try:
+                composite = registry.composite_from_uids(record["uids"])
+                if record.get("sha256") and composite.sha256 != record["sha256"]:
+                    raise MaskIntegrityError(
+                        f"The composite of {key} recorded sha256 {record['sha256']} "
+                        f"but its uids now give {composite.sha256}."
+                    )
+                found[key] = composite
+            except Exception as err:
+                found[key] = err
+        for key, names in self._router.masks.items():
+            if key in found:
+                continue
+            try:
+                found[key] = registry.resolve_composite(key, names, as_of=when)
+            except Exception as err:
+                found[key] = err
+        return found
+
     def start(self, doc: dict) -> None:
         if self._filler is not None:
             self._filler("start", doc)
         recorded = doc.get("masks") or {}
         records: dict[str, dict] = {}
         resolved_as_of: dict[str, str] = {}
-        registry = None
+        when = datetime.fromtimestamp(doc.get("time", time.time()), timezone.utc)
         try:
-            registry = self._router.registry
+            found = call_with_deadline(
+                lambda: self._lookup(recorded, when), self._router.timeout,
+                "building the run's masks",
+            )
         except Exception as err:
             self._fail("opening the mask registry", err)
+            found = {}
         for key, record in recorded.items():
-            if registry is None:
-                break
-            if record.get("uids"):
-                try:
-                    composite = registry.composite_from_uids(record["uids"])
-                    if record.get("sha256") and composite.sha256 != record["sha256"]:
-                        raise MaskIntegrityError(
-                            f"The composite of {key} recorded sha256 {record['sha256']} "
-                            f"but its uids now give {composite.sha256}."
-                        )
-                except Exception as err:
-                    self._fail(f"masks of {key} (uids {record['uids']})", err)
-                    records[key] = {**record, "error": f"{type(err).__name__}: {err}"}
-                    continue
-                self._composites[key] = composite
-                records[key] = {**record, **composite.provenance()}
-        when = datetime.fromtimestamp(doc.get("time", time.time()), timezone.utc)
-        for key, names in self._router.masks.items():
-            if key in self._composites or registry is None:
+            result = found.get(key)
+            if not record.get("uids") or result is None:
                 continue
-            try:
-                composite = registry.resolve_composite(key, names, as_of=when)
-            except Exception as err:
-                self._fail(f"masks {names} of {key} as of {when.isoformat()}", err)
+            if isinstance(result, Exception):
+                self._fail(f"masks of {key} (uids {record['uids']})", result)
+                records[key] = {**record, "error": f"{type(result).__name__}: {result}"}
+                continue
+            self._composites[key] = result
+            records[key] = {**record, **result.provenance()}
+        for key, names in self._router.masks.items():
+            result = found.get(key)
+            if key in self._composites or result is None:
+                continue
+            if isinstance(result, Exception):
+                self._fail(f"masks {names} of {key} as of {when.isoformat()}", result)
                 records[key] = {
                     "names": names, "uids": [], "versions": [], "sha256": None,
-                    "error": f"{type(err).__name__}: {err}",
+                    "error": f"{type(result).__name__}: {result}",
                 }
                 continue
-            self._composites[key] = composite
-            records[key] = composite.provenance()
+            self._composites[key] = result
+            records[key] = result.provenance()
             resolved_as_of[key] = when.isoformat()
             logger.info(
                 "Run %s recorded no masks for %s; using %s as of its start %s",
-                doc.get("uid"), key, list(composite.uids), when.isoformat(),
+                doc.get("uid"), key, list(result.uids), when.isoformat(),
             )
         self._unresolved = (set(recorded) | set(self._router.masks)) - set(self._composites)
         for key in sorted(self._unresolved):
