@@ -70,6 +70,10 @@ class FrameBuffers:
         self.size = size
         self._buffers: list[np.ndarray] = []
 
+    def reserve(self, n: int) -> None:
+        """Track at least ``n`` buffers: a page of ``n`` frames needs ``n`` at once."""
+        self.size = max(self.size, n)
+
     def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """A writable array of ``shape`` and ``dtype`` that nobody else holds."""
         for buffer in self._buffers:

@@ -220,6 +220,8 @@ class _MaskedRun(DocumentRouter):
         return prepared
 
     def _masked(self, key: str, frames: Sequence[Any]) -> list[np.ndarray]:
+        # Reused across pages once the previous page has been let go of.
+        self._buffers.reserve(len(frames) * len(self._composites))
         out = []
         for frame in frames:
             if not isinstance(frame, np.ndarray):

@@ -79,6 +79,7 @@ SLOT_SPEC = "chx_mask_slot"
 ACTIVE_SPEC = "chx_mask_active_set"
 LEGACY_SPEC = "mask"
 _MAX_CLAIM_ATTEMPTS = 64
+_PAGE = 300  # tiled's largest page of search results
 _TICK = timedelta(microseconds=1)
 
 
@@ -989,7 +990,7 @@ class MaskRegistry:
         if note is not None and not isinstance(note, str):
             raise MaskValidationError(f"note must be a string, not {type(note).__name__}.")
         container = self._ensure_container(ACTIVE)
-        node = self._node(ACTIVE, detector)
+        node = self._active_node(detector)
         if node is None:
             try:
                 with self._translate(f"recording the active set of {detector}"):
@@ -999,7 +1000,7 @@ class MaskRegistry:
             except Exception as err:
                 if _status(err) != 409:
                     raise
-            node = self._node(ACTIVE, detector)
+            node = self._active_node(detector)
         return self._claim_active(node, detector, tuple(names), note)
 
     def deactivate(self, detector: str, *, note: str | None = None) -> ActiveSet:
@@ -1031,7 +1032,7 @@ class MaskRegistry:
             return earlier[-1] if earlier else None
         if self._container(ACTIVE) is None:
             return None
-        node = self._node(ACTIVE, detector)
+        node = self._active_node(detector)
         if node is None:
             return None
         with self._translate(f"reading the active set of {detector}"):
@@ -1055,7 +1056,7 @@ class MaskRegistry:
         self.get_detector(detector)
         if self._container(ACTIVE) is None:
             return []
-        node = self._node(ACTIVE, detector)
+        node = self._active_node(detector)
         if node is None:
             return []
         with self._translate(f"reading the active sets of {detector}"):
@@ -1076,13 +1077,29 @@ class MaskRegistry:
         if container is None:
             return {}
         with self._translate("listing active sets"):
-            detectors = list(container.keys())
+            # One request (a page of keys, not counted first) unless there are
+            # more detectors than tiled's largest page.
+            detectors = list(container.keys().head(_PAGE))
+            if len(detectors) == _PAGE:
+                detectors = list(container.keys())
         found = {}
         for detector in detectors:
             current = self.active_set(detector)
             if current is not None:
                 found[detector] = current
         return found
+
+    def _active_node(self, detector: str) -> Any | None:
+        """The container of a detector's active sets (cached: it is never removed)."""
+        cache_key = f"{ACTIVE}/{detector}"
+        with self._lock:
+            if cache_key in self._nodes:
+                return self._nodes[cache_key]
+        node = self._node(ACTIVE, detector)
+        if node is not None:
+            with self._lock:
+                self._nodes[cache_key] = node
+        return node
 
     def _claim_active(
         self, node: Any, detector: str, names: tuple[str, ...], note: str | None
