@@ -1262,10 +1262,14 @@ class MaskRegistry:
             yield
 
     def _node(self, *path: str) -> Any | None:
+        with self._lock:
+            # The top-level containers are never removed: start from a cached
+            # one rather than asking for it again.
+            start = self._nodes.get(path[0]) if len(path) > 1 else None
         try:
             with self._translate(f"reading {'/'.join(path)}"):
-                node = self._root
-                for key in path:
+                node = self._root if start is None else start
+                for key in path if start is None else path[1:]:
                     node = node[key]
                 return node
         except KeyError:
@@ -1610,6 +1614,25 @@ class MaskRegistry:
             # A cache that cannot be written costs speed, never correctness.
             logger.debug("Could not keep a local copy of mask %s", stored.uid, exc_info=True)
 
+    def _prefetch(self, uids: Sequence[str]) -> None:
+        """Learn what the registry says of several uids in one query, not one each."""
+        with self._lock:
+            missing = [u for u in uids if u not in self._stored]
+        masks = self._container(MASKS) if len(missing) > 1 else None
+        if masks is None:
+            return
+        from tiled.queries import In
+
+        with self._translate("looking up masks by uid"):
+            # Iterated, not list()-ed: list() would first ask tiled to count.
+            found = [item for item in masks.search(In("uid", missing)).items()]  # noqa: C416
+        for key, node in found:
+            stored = self._stored_from_node(key, node)
+            if stored.uid == key:
+                with self._lock:
+                    self._stored[key] = stored
+                    self._nodes[f"uid:{key}"] = node
+
     def _and(
         self, uids: tuple[str, ...]
     ) -> tuple[np.ndarray, str, tuple[np.ndarray, ...]]:
@@ -1617,6 +1640,7 @@ class MaskRegistry:
         with self._lock:
             built = self._composites.get(uids)
         if built is None:
+            self._prefetch(uids)
             components = tuple(self._read(uid) for uid in uids)
             composite = functools.reduce(np.logical_and, components)
             if len(components) == 1:
