@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["FrameBuffers", "multiply_into"]
+__all__ = ["FrameBuffers", "Multiplier", "multiply_into"]
 
 #: Frames at least this large are split over worker threads (NumPy releases
 #: the GIL in multiply); smaller ones are not worth the hand-off.
@@ -92,10 +93,12 @@ class FrameBuffers:
 _UNSHARED = _unshared_count()
 
 
-def multiply_into(frame: np.ndarray, mask: np.ndarray, out: np.ndarray) -> np.ndarray:
+def multiply_into(
+    frame: np.ndarray, mask: np.ndarray, out: np.ndarray, *, threads: bool = True
+) -> np.ndarray:
     """``out[...] = frame * mask`` (mask broadcast over leading axes), on all cores.
 
-    Large frames are split by rows over a few threads.
+    Large frames are split by rows over a few threads unless ``threads`` is False.
 
     Examples
     --------
@@ -106,7 +109,7 @@ def multiply_into(frame: np.ndarray, mask: np.ndarray, out: np.ndarray) -> np.nd
     """
     workers = _workers()
     rows = frame.shape[-2] if frame.ndim >= 2 else 0
-    if workers == 1 or frame.nbytes < PARALLEL_BYTES or rows < 2 * workers:
+    if not threads or workers == 1 or frame.nbytes < PARALLEL_BYTES or rows < 2 * workers:
         return np.multiply(frame, mask, out=out)
     bounds = np.linspace(0, rows, workers + 1).astype(int)
     pool = _executor()
@@ -117,3 +120,38 @@ def multiply_into(frame: np.ndarray, mask: np.ndarray, out: np.ndarray) -> np.nd
     for future in futures:
         future.result()
     return out
+
+
+class Multiplier:
+    """:func:`multiply_into` that learns, per run, whether threads pay here.
+
+    Splitting a frame over cores pays on an idle machine and costs on one
+    whose other cores are busy (two threads then queue for one core). The
+    first ``trials`` large frames alternate between one thread and several;
+    the faster median is used from then on.
+
+    Examples
+    --------
+    >>> multiply = Multiplier()
+    >>> frame = np.ones((4, 4), np.uint16); mask = np.eye(4, dtype=np.uint16)
+    >>> int(multiply(frame, mask, np.empty_like(frame)).sum())
+    4
+    """
+
+    def __init__(self, trials: int = 6) -> None:
+        self.trials = trials
+        self._times: dict[bool, list[float]] = {True: [], False: []}
+        self.threads: bool | None = None if _workers() > 1 else False
+
+    def __call__(self, frame: np.ndarray, mask: np.ndarray, out: np.ndarray) -> np.ndarray:
+        if self.threads is not None or frame.nbytes < PARALLEL_BYTES:
+            return multiply_into(frame, mask, out, threads=bool(self.threads))
+        threads = len(self._times[True]) <= len(self._times[False])
+        start = time.perf_counter()
+        multiply_into(frame, mask, out, threads=threads)
+        self._times[threads].append(time.perf_counter() - start)
+        if min(len(t) for t in self._times.values()) * 2 >= self.trials:
+            threaded, single = (sorted(self._times[k])[len(self._times[k]) // 2]
+                                for k in (True, False))
+            self.threads = threaded < single
+        return out

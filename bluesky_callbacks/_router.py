@@ -21,7 +21,7 @@ from event_model import DocumentRouter, Filler, RunRouter, compose_run
 from chx_masks import ChxMasksError, CompositeMask, MaskIntegrityError, MaskRegistry
 
 from ._deadline import DEFAULT_TIMEOUT, call_with_deadline
-from ._kernel import FrameBuffers, multiply_into
+from ._kernel import FrameBuffers, Multiplier
 from ._provenance import _check_masks
 
 __all__ = ["MaskingRouter"]
@@ -165,6 +165,7 @@ class _MaskedRun(DocumentRouter):
         self._unresolved: set[str] = set()
         self._prepared: dict[tuple[str, np.dtype], np.ndarray] = {}
         self._buffers = FrameBuffers()
+        self._multiply = Multiplier()
         self._dtypes: dict[str, np.dtype] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         # raw descriptor uid -> (derived descriptor uid or None, masked keys,
@@ -230,7 +231,7 @@ class _MaskedRun(DocumentRouter):
                 frame = np.asarray(frame, dtype=self._dtypes.get(key))
             mask = self._mask_for(key, frame)
             buffer = self._buffers.take(frame.shape, mask.dtype)
-            out.append(multiply_into(frame, mask, buffer))
+            out.append(self._multiply(frame, mask, buffer))
         return out
 
     # ------------------------------------------------------------ documents

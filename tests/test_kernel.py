@@ -104,3 +104,19 @@ def test_frame_buffers_track_at_most_size():
     again = buffers.take((3, 3), np.uint16)
     assert any(again is b for b in buffers._buffers)
     assert buffers.take((3, 4), np.uint16).shape == (3, 4)  # another shape: fresh
+
+
+def test_multiplier_tries_both_ways_then_keeps_one():
+    from bluesky_callbacks._kernel import Multiplier, _workers
+
+    multiply = Multiplier(trials=4)
+    rng = np.random.default_rng(3)
+    mask = (rng.random(SHAPE_4M) > 0.1).astype(np.uint32)
+    for _ in range(6):
+        frame = rng.integers(0, 9, SHAPE_4M, dtype=np.uint32)
+        np.testing.assert_array_equal(multiply(frame, mask, np.empty_like(frame)), frame * mask)
+    if _workers() > 1:
+        assert multiply.threads in (True, False)
+        assert len(multiply._times[True]) == len(multiply._times[False]) == 2
+    else:
+        assert multiply.threads is False
