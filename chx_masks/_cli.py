@@ -375,44 +375,34 @@ def _read_kw(fmt: str | None, convention: str | None, dataset: str | None) -> di
                               ("dataset", dataset)) if v is not None}
 
 
-@main.command()
-@click.argument("detector")
-@click.argument("name")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@_file_options
-@_meta_option
-@_png_option
-@_json_option
-@pass_state
-def register(state: _State, detector: str, name: str, file: Path, fmt: str | None,
-             convention: str | None, dataset: str | None, meta: tuple[str, ...],
-             png: Path | None, as_json: bool) -> None:
-    """Start the lineage DETECTOR/NAME with the mask in FILE (version 0)."""
-    from .io import register_from_file
+def _file_command(command: str, update: bool, doc: str) -> None:
+    """Add ``register`` or ``update``: the same options, one verb apart."""
 
-    uid = register_from_file(state.registry, detector, name, file, metadata=_parse_meta(meta),
-                             **_read_kw(fmt, convention, dataset))
-    _report_version(state.registry, uid, "registered", as_json, png)
+    @main.command(command, help=doc)
+    @click.argument("detector")
+    @click.argument("name")
+    @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+    @_file_options
+    @_meta_option
+    @_png_option
+    @_json_option
+    @pass_state
+    def from_file(state: _State, detector: str, name: str, file: Path, fmt: str | None,
+                  convention: str | None, dataset: str | None, meta: tuple[str, ...],
+                  png: Path | None, as_json: bool) -> None:
+        from .io import register_from_file
+
+        uid = register_from_file(state.registry, detector, name, file, update=update,
+                                 metadata=_parse_meta(meta),
+                                 **_read_kw(fmt, convention, dataset))
+        _report_version(state.registry, uid, "updated" if update else "registered",
+                        as_json, png)
 
 
-@main.command()
-@click.argument("detector")
-@click.argument("name")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@_file_options
-@_meta_option
-@_png_option
-@_json_option
-@pass_state
-def update(state: _State, detector: str, name: str, file: Path, fmt: str | None,
-           convention: str | None, dataset: str | None, meta: tuple[str, ...],
-           png: Path | None, as_json: bool) -> None:
-    """Add the next version of DETECTOR/NAME from FILE (metadata kept unless -m)."""
-    from .io import register_from_file
-
-    uid = register_from_file(state.registry, detector, name, file, update=True,
-                             metadata=_parse_meta(meta), **_read_kw(fmt, convention, dataset))
-    _report_version(state.registry, uid, "updated", as_json, png)
+_file_command("register", False, "Start the lineage DETECTOR/NAME with the mask in FILE "
+              "(version 0).")
+_file_command("update", True, "Add the next version of DETECTOR/NAME from FILE (metadata "
+              "kept unless -m).")
 
 
 @main.command("import")
