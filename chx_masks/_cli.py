@@ -283,10 +283,14 @@ def history(state: _State, detector: str, name: str, as_json: bool) -> None:
     )
 
 
-def _title(record: MaskRecord) -> str:
-    from ._plot import record_title
+def _picture_of(reg: MaskRegistry, record: MaskRecord, png: Path | None) -> Path | None:
+    """Draw one registered version to ``png`` (if asked) and return where."""
+    if png is None:
+        return None
+    from ._plot import mask_png, record_title
 
-    return record_title(record)
+    mask = reg.get_mask_by_uid(record.uid).compute()
+    return mask_png(mask, png, title=record_title(record))
 
 
 @main.command()
@@ -312,11 +316,7 @@ def show(state: _State, detector: str | None, name: str | None, version: int | N
     else:
         uid = reg.get_mask_uid(detector, name, version=version, as_of=as_of)
     record = reg.describe(uid)
-    picture = None
-    if png is not None:
-        from ._plot import mask_png
-
-        picture = mask_png(reg.get_mask_by_uid(uid).compute(), png, title=_title(record))
+    picture = _picture_of(reg, record, png)
     if as_json:
         _print_json({**_record_json(record), "png": picture})
         return
@@ -356,11 +356,7 @@ def _file_options(func: Callable) -> Callable:
 def _report_version(reg: MaskRegistry, uid: str, verb: str, as_json: bool,
                     png: Path | None = None) -> None:
     record = reg.describe(uid)
-    picture = None
-    if png is not None:
-        from ._plot import mask_png
-
-        picture = mask_png(reg.get_mask_by_uid(uid).compute(), png, title=_title(record))
+    picture = _picture_of(reg, record, png)
     if as_json:
         _print_json({**_record_json(record), "png": picture})
         return
