@@ -765,6 +765,72 @@ def generate_polygon(state: _State, detector: str, name: str,
     _finish_generated(state, gen.polygon(shape, list(vertices)), detector, name, **options)
 
 
+# ------------------------------------------------------------------- serve
+
+
+@main.command()
+@click.option("--host", default=None, metavar="HOST",
+              help="Interface to listen on (default 127.0.0.1, this machine only; "
+              "0.0.0.0 for the network).")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="Port (default 8000; 0 picks a free one).")
+@click.option("--dir", "serve_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Writable storage: arrays go to DIR/data, and the SQLite "
+              "catalog is DIR/catalog.db (default: the embedded registry's directory, "
+              "$CHX_MASKS_DIR or the user data directory).")
+@click.option("--catalog", metavar="URI", default=None,
+              help="Catalog database instead of DIR/catalog.db, e.g. "
+              "postgresql+asyncpg://USER@HOST:5432/DB for the shared deployment.")
+@click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
+              default=None, help="Run from a tiled configuration file instead (e.g. "
+              "deploy/tiled-config.yml: PostgreSQL, accounts, API keys with scopes).")
+@click.option("--api-key", "server_key", metavar="KEY", envvar="TILED_SINGLE_USER_API_KEY",
+              show_envvar=True, default=None,
+              help="The key clients must give (default: generated and printed once).")
+@click.option("--public", is_flag=True,
+              help="Anyone who can connect may read without a key (writing still needs one).")
+@pass_state
+def serve(state: _State, host: str | None, port: int | None, serve_dir: Path | None,
+          catalog: str | None, config_file: Path | None, server_key: str | None,
+          public: bool) -> None:
+    """Serve a registry over HTTP with tiled, for other processes and machines.
+
+    Prints the URI to give clients as CHX_MASKS_URI. Runs until Ctrl-C or
+    SIGTERM.
+    """
+    from . import _serve
+
+    if state.uri is not None or state.profile is not None:
+        raise click.UsageError("serve serves a local registry; --uri and --profile name "
+                               "a remote one. Use `chx-masks serve --dir DIR`.")
+    if state.api_key is not None:
+        raise click.UsageError("Give the server's key after the command: "
+                               "`chx-masks serve --api-key KEY`.")
+    directory = serve_dir or state.directory
+    if config_file is not None:
+        if directory is not None or catalog is not None:
+            raise click.UsageError("--config describes the catalog and storage; do not "
+                                   "also give --dir or --catalog.")
+        plan = _serve.plan_config(config_file, host=host, port=port, api_key=server_key,
+                                  public=public)
+    else:
+        if directory is None:
+            from ._embedded import default_directory
+
+            directory = default_directory()
+        plan = _serve.plan_directory(directory.expanduser().resolve(), catalog=catalog,
+                                     host=host or "127.0.0.1",
+                                     port=8000 if port is None else port,
+                                     api_key=server_key, public=public)
+
+    def ready(info: Any) -> None:
+        click.echo(_serve.announcement(info, plan.generated_key))
+        sys.stdout.flush()
+
+    _serve.run(plan, on_ready=ready)
+    click.echo("chx-masks: server stopped.", err=True)
+
+
 # -------------------------------------------------------------------- demo
 
 

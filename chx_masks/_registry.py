@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
@@ -113,6 +113,25 @@ def _redact(uri: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
+def _split_api_key(uri: str, api_key: str | None) -> tuple[str, str | None]:
+    """Take ``api_key`` out of a URI's query; an explicit ``api_key`` wins.
+
+    Examples
+    --------
+    >>> _split_api_key("http://127.0.0.1:8000/masks?api_key=s3cret&x=1", None)
+    ('http://127.0.0.1:8000/masks?x=1', 's3cret')
+    >>> _split_api_key("http://127.0.0.1:8000", "k")
+    ('http://127.0.0.1:8000', 'k')
+    """
+    parts = urlsplit(uri)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    keys = [value for name, value in query if name == "api_key"]
+    if not keys:
+        return uri, api_key
+    rest = urlencode([(name, value) for name, value in query if name != "api_key"])
+    return urlunsplit(parts._replace(query=rest)), api_key or keys[-1]
+
+
 def _status(err: BaseException) -> int | None:
     response = getattr(err, "response", None)
     return getattr(response, "status_code", None)
@@ -179,7 +198,12 @@ class MaskRegistry:
 
     @classmethod
     def from_uri(
-        cls, uri: str, *, api_key: str | None = None, timeout: float = 10.0
+        cls,
+        uri: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 10.0,
+        disk_cache: str | Path | None | Literal[False] = None,
     ) -> MaskRegistry:
         """Connect to a registry held in a container on a tiled server.
 
@@ -187,34 +211,66 @@ class MaskRegistry:
         ----------
         uri : str
             URI of the tiled container, e.g. ``"http://127.0.0.1:8000/masks"``
-            or the server root ``"http://127.0.0.1:8000"``.
+            or the server root ``"http://127.0.0.1:8000"``. A key given in
+            the URI (``?api_key=...``) is taken out of it and used as
+            ``api_key``, so it is never sent in a logged URL.
         api_key : str, optional
-            A tiled API key; never shown in messages or reprs.
+            A tiled API key; never shown in messages, reprs or logs.
         timeout : float
             Seconds to wait for any one request before giving up.
+        disk_cache : path, None or False
+            Local copies of arrays read before (see `MaskRegistry`).
+
+        Raises
+        ------
+        MaskPermissionError
+            The server requires a key and none was given, or it refused the key.
+        RegistryUnavailableError
+            The server cannot be reached.
 
         Examples
         --------
         >>> reg = MaskRegistry.from_uri("http://127.0.0.1:8000", api_key="secret")  # doctest: +SKIP
         """
         import httpx
-        from tiled.client import from_uri as tiled_from_uri
+        from tiled.client.constructors import from_context
+        from tiled.client.context import Context
 
+        uri, api_key = _split_api_key(uri, api_key)
         location = _redact(uri)
-        with _translate(f"connecting to {location}", location):
-            client = tiled_from_uri(
-                uri,
-                api_key=api_key,
-                timeout=httpx.Timeout(timeout),
-                remember_me=False,
-            )
-        registry = cls(client, location=location)
+        context = None
+        try:
+            with _translate(f"connecting to {location}", location):
+                context, path = Context.from_any_uri(
+                    uri, api_key=api_key, timeout=httpx.Timeout(timeout)
+                )
+                if not context.authenticated and context.server_info.authentication.required:
+                    raise MaskPermissionError(
+                        f"The registry at {location} requires an API key and none was "
+                        "given: set CHX_MASKS_API_KEY (or pass api_key=, or "
+                        "--api-key on the command line) to a key from the facility."
+                    )
+                client = from_context(context, node_path_parts=path, remember_me=False)
+        except BaseException:
+            if isinstance(context, Context):
+                context.close()
+            raise
+        registry = cls(client, location=location, disk_cache=disk_cache)
         registry._owned.append(client.context)
         return registry
 
     @classmethod
-    def from_profile(cls, name: str) -> MaskRegistry:
+    def from_profile(
+        cls, name: str, *, disk_cache: str | Path | None | Literal[False] = None
+    ) -> MaskRegistry:
         """Connect through a tiled profile (``tiled profile list`` shows them).
+
+        Parameters
+        ----------
+        name : str
+            The profile's name.
+        disk_cache : path, None or False
+            Local copies of arrays read before (see `MaskRegistry`).
 
         Examples
         --------
@@ -230,12 +286,17 @@ class MaskRegistry:
                     f"No tiled profile named {name!r}; `tiled profile list` shows "
                     "the profiles this machine has."
                 ) from err
-        registry = cls(client, location=f"profile {name!r}")
+        registry = cls(client, location=f"profile {name!r}", disk_cache=disk_cache)
         registry._owned.append(client.context)
         return registry
 
     @classmethod
-    def embedded(cls, path: str | Path | None = None) -> MaskRegistry:
+    def embedded(
+        cls,
+        path: str | Path | None = None,
+        *,
+        disk_cache: str | Path | None | Literal[False] = None,
+    ) -> MaskRegistry:
         """Open (creating if needed) a registry in a local directory, no server.
 
         The directory holds a tiled SQLite catalog (``catalog.db``) and the
@@ -247,6 +308,8 @@ class MaskRegistry:
         path : str or Path, optional
             Directory; by default ``$CHX_MASKS_DIR`` or the user data
             directory (``platformdirs.user_data_dir("chx-masks")``).
+        disk_cache : path, None or False
+            Local copies of arrays read before (see `MaskRegistry`).
 
         Examples
         --------
@@ -259,7 +322,7 @@ class MaskRegistry:
 
         directory = Path(path).expanduser() if path is not None else default_directory()
         client = open_embedded(directory)
-        registry = cls(client, location=str(directory))
+        registry = cls(client, location=str(directory), disk_cache=disk_cache)
         registry._owned.append(client.context)
         return registry
 
@@ -1790,6 +1853,15 @@ def _select(
     return last
 
 
+def _detail(err: Any) -> str:
+    """The server's own reason for a refusal ("Requires scopes [...]"), if any."""
+    try:
+        detail = err.response.json().get("detail", "")
+    except Exception:
+        return ""
+    return detail.strip().rstrip(".") if isinstance(detail, str) else ""
+
+
 @contextmanager
 def _translate(action: str, location: str) -> Iterator[None]:
     """Turn transport and authorization failures into registry errors."""
@@ -1802,11 +1874,13 @@ def _translate(action: str, location: str) -> Iterator[None]:
     except httpx.HTTPStatusError as err:
         code = _status(err)
         if code in (401, 403):
+            detail = _detail(err)
             raise MaskPermissionError(
-                f"The registry at {location} refused {action} (HTTP {code}): the "
-                "credentials in use do not allow it. Use an API key with the "
-                "needed scopes (read:metadata, read:data to read; write:metadata, "
-                "write:data, create to write), e.g. through CHX_MASKS_API_KEY."
+                f"The registry at {location} refused {action} (HTTP {code}"
+                f"{': ' + detail if detail else ''}): the credentials in use do not "
+                "allow it. Use an API key with the needed scopes (read:metadata, "
+                "read:data to read; write:metadata, write:data, create:node to "
+                "write), e.g. through CHX_MASKS_API_KEY."
             ) from None
         raise
     except (httpx.TransportError, OSError) as err:

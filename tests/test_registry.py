@@ -298,13 +298,20 @@ def test_unreachable_server_is_registry_unavailable():
         MaskRegistry.from_uri(f"http://127.0.0.1:{port}/api/v1?api_key=secret", timeout=2)
 
 
-def test_api_key_never_in_repr_or_location(tiled_server, server_registry_uri):
-    reg = MaskRegistry.from_uri(server_registry_uri + f"?api_key={tiled_server.api_key}")
+def test_api_key_never_in_repr_or_location(tiled_server, server_registry_uri, tmp_path):
+    reg = MaskRegistry.from_uri(server_registry_uri + f"?api_key={tiled_server.api_key}",
+                                disk_cache=tmp_path / "copies")
     try:
         assert tiled_server.api_key not in repr(reg)
         assert tiled_server.api_key not in reg.location
+        uid = reg.register_mask(EIGER500K, "keyed", random_mask(seed=3))
     finally:
         reg.close()
+    # A new reader keeps a local copy of what it read where it was told to.
+    with MaskRegistry.from_uri(server_registry_uri, api_key=tiled_server.api_key,
+                               disk_cache=tmp_path / "copies") as reader:
+        reader.get_mask_by_uid(uid).compute()
+    assert (tmp_path / "copies" / f"{uid}.npy").is_file()
 
 
 def test_local_copies_spare_a_new_process_the_read_and_are_verified(embedded_dir, tmp_path):
@@ -314,8 +321,10 @@ def test_local_copies_spare_a_new_process_the_read_and_are_verified(embedded_dir
     mask = random_mask(seed=8)
     with MaskRegistry.embedded(embedded_dir) as reg:
         uid = reg.register_mask(EIGER500K, "m", mask)
-    with MaskRegistry.embedded(embedded_dir) as first:
-        reg = MaskRegistry(first._root, disk_cache=cache)
+    with MaskRegistry.embedded(embedded_dir, disk_cache=False) as none:
+        np.testing.assert_array_equal(none.get_mask_by_uid(uid).compute(), mask)
+    assert not cache.exists()
+    with MaskRegistry.embedded(embedded_dir, disk_cache=cache) as reg:
         np.testing.assert_array_equal(reg.get_mask_by_uid(uid).compute(), mask)
     copy = cache / f"{uid}.npy"
     assert copy.is_file() and not [p for p in cache.iterdir() if p.name.startswith(".")]

@@ -1,0 +1,679 @@
+"""The registry on real tiled servers: `chx-masks serve`, keys and scopes, many writers.
+
+Every server here is a `chx-masks serve` process on loopback, on two catalog
+backends: SQLite, and PostgreSQL (fresh databases for the session, dropped at
+its end; skipped, with the reason, where no PostgreSQL answers). For each
+backend one server runs the shared deployment's configuration,
+``deploy/tiled-config.yml`` (accounts, API keys with scopes, the replay
+exporter) and serves every test of the module that needs it; an admin makes
+a read-only key and a writer key for it as deploy/README.md says.
+
+The concurrency tests use one crew of worker processes per backend (spawned
+once: importing tiled takes seconds): 8 writers and 1 reader, separate
+clients of the server, released together by a barrier for each round. The
+figures they measure are printed at the end of the module.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import servers
+from click.testing import CliRunner
+
+import chx_masks
+from chx_masks import (
+    MaskExistsError,
+    MaskIntegrityError,
+    MaskNotFoundError,
+    MaskPermissionError,
+    MaskRegistry,
+)
+from chx_masks._cli import main
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+DET = servers.DETECTOR
+WRITERS = 8
+READER = WRITERS  # the crew's last worker
+ADMIN = "chx_admin"
+FIGURES: dict[str, dict[str, Any]] = {}
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """Fresh PostgreSQL databases for this session; skip if there is no server."""
+    try:
+        pg = servers.Postgres.connect()
+    except servers.Unavailable as err:
+        pytest.skip(str(err))
+    yield pg
+    pg.close()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def backend(request) -> str:
+    if request.param == "postgresql":
+        request.getfixturevalue("postgres")  # skips here when unreachable
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Local copies of arrays go to the test's directory, never the user's cache."""
+    monkeypatch.setenv("CHX_MASKS_CACHE_DIR", str(tmp_path / "mask-cache"))
+
+
+@dataclass
+class Deployment:
+    backend: str
+    server: servers.ServeProcess
+    uri: str
+    storage: Path
+    reader_key: str
+    writer_key: str
+    secrets: tuple[str, ...]  # everything that must never be shown or logged
+
+    def registry(self, key: str | None) -> MaskRegistry:
+        """A registry on the server with empty caches: every read is a request."""
+        return MaskRegistry.from_uri(self.uri, api_key=key, disk_cache=False)
+
+
+@pytest.fixture(scope="module")
+def deployed(backend, request, tmp_path_factory):
+    """`chx-masks serve --config deploy/tiled-config.yml` on this backend, with keys."""
+    directory = tmp_path_factory.mktemp(f"deployed-{backend}")
+    if backend == "postgresql":
+        pg = request.getfixturevalue("postgres")
+        catalog, auth = pg.create("deployed_catalog"), pg.create("deployed_auth")
+        tables = pg.create("deployed_tables", driver="postgresql")
+    else:
+        catalog, auth, tables = (f"sqlite:///{directory / name}"
+                                 for name in ("catalog.db", "auth.db", "tables.db"))
+    password, signing = secrets.token_hex(12), secrets.token_hex(32)
+    env = servers.clean_environment(
+        CHX_MASKS_CATALOG_URI=catalog, CHX_MASKS_AUTH_DB_URI=auth,
+        CHX_MASKS_STORAGE=str(directory), CHX_MASKS_TABLES_URI=tables,
+        CHX_MASKS_SECRET_KEY=signing, CHX_MASKS_ADMIN_PASSWORD=password,
+    )
+    server = servers.ServeProcess(["--config", str(servers.DEPLOY_CONFIG)],
+                                  directory=directory, env=env)
+    keys: list[str] = []
+    try:
+        for scopes, note in ((servers.READ_SCOPES, "chx-masks read-only"),
+                             (servers.WRITE_SCOPES, "chx-masks writer")):
+            keys.append(servers.create_service_key(server.uri, ADMIN, password, scopes, note))
+        yield Deployment(backend, server, server.uri, directory, *keys,
+                         secrets=(*keys, password, signing))
+    finally:
+        code = server.stop()
+    assert code == 0, server.log
+    for secret in (*keys, password, signing):
+        assert secret not in server.log and secret not in server.stdout
+
+
+@pytest.fixture(scope="module")
+def crew(deployed, tmp_path_factory):
+    """8 writer processes (writer key) and 1 reader process (read-only key)."""
+    started = time.monotonic()
+    crew = servers.Crew.start(deployed.uri, [deployed.writer_key] * WRITERS
+                              + [deployed.reader_key], tmp_path_factory.mktemp("crew-cache"))
+    figures = FIGURES.setdefault(deployed.backend, {})
+    figures["crew start (s)"] = round(time.monotonic() - started, 1)
+    # A first write in a new process imports and connects what writing needs
+    # (seconds, 9 processes on 2 cores): do it here, so the races time the race.
+    started = time.monotonic()
+    names = [unique(f"warm-up-{w}") for w in range(WRITERS)]
+    commands = {w: ("register", names[w], w) for w in range(WRITERS)}
+    commands[READER] = ("poll", names, list(range(WRITERS)))
+    warm = crew.round(commands, until_done=set(range(WRITERS)))
+    assert all(r.outcome == "ok" for r in warm), [(r.index, r.outcome, r.value) for r in warm]
+    figures["crew warm-up (s)"] = round(time.monotonic() - started, 1)
+    yield crew
+    assert crew.close() == [0] * (WRITERS + 1)
+
+
+class _FigureReport:
+    """Prints FIGURES in pytest's terminal summary (after capturing has ended)."""
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if FIGURES:
+            terminalreporter.write_sep("-", "chx-masks server figures")
+            for backend, figures in FIGURES.items():
+                for name, value in figures.items():
+                    terminalreporter.write_line(f"{backend:>10}  {name}: {value}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_figures(request):
+    manager = request.config.pluginmanager
+    if not manager.has_plugin("chx-masks-server-figures"):
+        manager.register(_FigureReport(), "chx-masks-server-figures")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def mask_uids(registry: MaskRegistry) -> set[str]:
+    """Every array under masks/ (registered or not), straight from tiled."""
+    root = registry._root
+    return set(root["masks"]) if "masks" in root else set()
+
+
+def full_text(err: BaseException) -> str:
+    """The error with its chain and traceback: all a user or a log could see."""
+    return "".join(traceback.format_exception(type(err), err, err.__traceback__))
+
+
+def assert_no_secret(deployed: Deployment, *texts: str) -> None:
+    for secret in deployed.secrets:
+        for text in texts:
+            assert secret not in text
+            assert secret[:12] not in text  # nor a recognisable part of it
+
+
+# ----------------------------------------------- authentication and scopes
+
+
+def _anonymous_registry(uri: str) -> dict[str, str]:
+    """MaskRegistry.from_uri(uri) with no key, as a script without a terminal runs it."""
+    code = (
+        "import json, sys\n"
+        "from chx_masks import MaskRegistry\n"
+        "try:\n"
+        "    MaskRegistry.from_uri(sys.argv[1]).get_masks()\n"
+        "except BaseException as err:\n"
+        "    print(json.dumps({'type': type(err).__name__, 'message': str(err)}))\n"
+        "else:\n"
+        "    print(json.dumps({'type': None, 'message': 'allowed'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, uri], capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=120,
+                         env=servers.clean_environment()).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_anonymous_access_is_refused(deployed):
+    writer = deployed.registry(deployed.writer_key)
+    uid = writer.register_mask(DET, unique("anon"), servers.numbered_mask(3))
+    writer.close()
+    with httpx.Client(base_url=deployed.uri, trust_env=False) as http:
+        for path in ("/metadata/", "/metadata/masks", f"/metadata/masks/{uid}",
+                     f"/array/full/masks/{uid}", "/search/masks"):
+            assert http.get(path).status_code == 401, path
+    refused = _anonymous_registry(deployed.uri)
+    assert refused["type"] is not None, "an anonymous client was let in"
+    assert "API key" in refused["message"], refused
+
+
+def test_anonymous_registry_raises_mask_permission_error(deployed):
+    assert _anonymous_registry(deployed.uri)["type"] == "MaskPermissionError"
+
+
+def _writes(registry: MaskRegistry, name: str) -> dict[str, Any]:
+    return {
+        "register_mask": lambda: registry.register_mask(DET, unique("new"),
+                                                        servers.numbered_mask(5)),
+        "update_mask": lambda: registry.update_mask(DET, name, servers.numbered_mask(6)),
+        "delete_mask": lambda: registry.delete_mask(DET, name),
+        "activate": lambda: registry.activate(DET, [name], note="reader tries"),
+        "register_detector": lambda: registry.register_detector(unique("pilatus"), (43, 31)),
+    }
+
+
+def _state(registry: MaskRegistry, name: str) -> Any:
+    root = registry._root
+    return (sorted(mask_uids(registry)), sorted(root["detectors"]),
+            [r.uid for r in registry.history(DET, name)], registry.active_set(DET))
+
+
+def test_read_only_key_reads_and_every_write_is_refused(deployed, caplog):
+    caplog.set_level(logging.DEBUG)
+    name = unique("readable")
+    writer = deployed.registry(deployed.writer_key)
+    uid0 = writer.register_mask(DET, name, servers.numbered_mask(1),
+                                metadata={"sample": "silica"})
+    uid1 = writer.update_mask(DET, name, servers.numbered_mask(2))
+
+    reader = MaskRegistry.from_uri(deployed.uri, api_key=deployed.reader_key)
+    assert (DET, name) in reader.get_masks()
+    assert reader.get_mask_uid(DET, name) == uid1
+    np.testing.assert_array_equal(reader.get_mask(DET, name).compute(),
+                                  servers.numbered_mask(2))
+    np.testing.assert_array_equal(reader.get_mask_by_uid(uid0).compute(),
+                                  servers.numbered_mask(1))
+    assert [r.version for r in reader.history(DET, name)] == [0, 1]
+    assert [r.uid for r in reader.search(metadata={"sample": "silica"})
+            if r.name == name] == [uid1]
+    assert reader.resolve_composite(DET, [name]).uids == (uid1,)
+
+    before = _state(writer, name)
+    refusals = {}
+    for call, attempt in _writes(reader, name).items():
+        with pytest.raises(MaskPermissionError) as info:
+            attempt()
+        message = str(info.value)
+        refusals[call] = message
+        assert "refused" in message and deployed.uri in message, (call, message)
+        assert "write:data" in message and "CHX_MASKS_API_KEY" in message, (call, message)
+        assert_no_secret(deployed, message, repr(info.value), full_text(info.value))
+    assert _state(writer, name) == before, "a refused write changed the registry"
+    assert_no_secret(deployed, repr(reader), reader.location, caplog.text,
+                     *(r.getMessage() for r in caplog.records))
+    reader.close()
+    writer.close()
+
+
+def test_refusal_names_the_missing_scopes(deployed):
+    reader = MaskRegistry.from_uri(deployed.uri, api_key=deployed.reader_key)
+    with pytest.raises(MaskPermissionError) as info:
+        reader.register_detector(unique("pilatus"), (43, 31))
+    reader.close()
+    assert "create:node" in str(info.value)
+
+
+def test_writer_key_registers_updates_activates_and_retires(deployed):
+    writer = MaskRegistry.from_uri(deployed.uri, api_key=deployed.writer_key)
+    name = unique("beamstop")
+    detector = unique("pilatus")
+    assert writer.register_detector(detector, (43, 31)).shape == (43, 31)
+    uid0 = writer.register_mask(DET, name, servers.numbered_mask(7))
+    uid1 = writer.update_mask(DET, name, servers.numbered_mask(8), metadata={"why": "moved"})
+    assert writer.activate(DET, [name], note="sample B").names == (name,)
+    with pytest.raises(MaskExistsError):
+        writer.register_mask(DET, name, servers.numbered_mask(7))
+    last = writer.delete_mask(DET, name)
+    assert (last.uid, last.version) == (uid1, 1)
+
+    reader = deployed.registry(deployed.reader_key)
+    assert (DET, name) not in reader.get_masks()
+    with pytest.raises(MaskNotFoundError):
+        reader.get_mask_uid(DET, name)
+    for uid, i in ((uid0, 7), (uid1, 8)):  # retired, and readable forever
+        np.testing.assert_array_equal(reader.get_mask_by_uid(uid).compute(),
+                                      servers.numbered_mask(i))
+    assert detector in {d.name for d in reader.detectors()}
+    assert writer.register_mask(DET, name, servers.numbered_mask(9)) != uid0
+    assert [r.version for r in reader.history(DET, name)] == [0, 1, 3]
+    writer.close()
+    reader.close()
+
+
+def _refused_connection(uri: str, key: str) -> str:
+    """The full text of the MaskPermissionError that connecting with ``key`` raises.
+
+    The refused connection must be closed, not left for the garbage collector
+    (it would surface later as a ResourceWarning).
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        try:
+            MaskRegistry.from_uri(uri, api_key=key).get_masks()
+        except MaskPermissionError as err:
+            text = full_text(err)
+        else:
+            text = ""
+        gc.collect()
+    assert text, "a wrong key was let in"
+    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not leaks, leaks
+    return text
+
+
+def test_keys_stay_out_of_reprs_messages_and_logs(deployed, caplog):
+    wrong = secrets.token_hex(32)  # before logs are captured: records would keep it alive
+    bad_key = _refused_connection(deployed.uri, wrong)
+    assert "HTTP 401" in bad_key and wrong not in bad_key
+
+    caplog.set_level(logging.DEBUG)
+    reader = MaskRegistry.from_uri(deployed.uri, api_key=deployed.reader_key)
+    reader.get_masks()
+    with pytest.raises(MaskNotFoundError) as missing:
+        reader.get_mask_by_uid(str(uuid.uuid4()))
+    with pytest.raises(MaskPermissionError) as refused:
+        reader.register_detector(unique("pilatus"), (4, 4))
+    assert_no_secret(deployed, repr(reader), reader.location, full_text(missing.value),
+                     full_text(refused.value), bad_key)
+    reader.close()
+
+    # A link with the key in it, as a browser sends it (urllib logs nothing here).
+    from urllib.request import urlopen
+
+    with urlopen(f"{deployed.uri}/metadata/?api_key={deployed.reader_key}") as response:
+        assert response.status == 200
+    time.sleep(0.5)  # the access log line of the last request
+    assert_no_secret(deployed, caplog.text, *(r.getMessage() for r in caplog.records),
+                     deployed.server.log, deployed.server.stdout)
+    assert "api_key=***" in deployed.server.log  # that request was logged, redacted
+
+
+def test_key_in_the_uri_stays_out_of_client_logs(deployed, caplog):
+    caplog.set_level(logging.DEBUG)
+    registry = MaskRegistry.from_uri(f"{deployed.uri}?api_key={deployed.reader_key}")
+    registry.get_masks()
+    assert_no_secret(deployed, repr(registry), registry.location)  # these hold already
+    registry.close()
+    assert_no_secret(deployed, caplog.text)
+
+
+# ------------------------------------------------------------- concurrency
+
+
+def _figures(backend: str) -> dict[str, Any]:
+    return FIGURES.setdefault(backend, {})
+
+
+def _spread_ms(reports: list[servers.Report]) -> float:
+    started = [r.started for r in reports if r.started is not None]
+    return round(1000 * (max(started) - min(started)), 1)
+
+
+def _writer_seconds(reports: list[servers.Report]) -> str:
+    seconds = sorted(r.seconds for r in reports if r.seconds is not None)
+    return f"{seconds[0]:.2f}..{seconds[-1]:.2f}"
+
+
+def _check_reader(poll: servers.Report, writer_of: dict[str, int]) -> dict[str, Any]:
+    """The reader saw no error and only whole masks, each the one its uid's writer wrote."""
+    assert (poll.op, poll.outcome) == ("poll", "ok"), poll
+    polled = poll.value
+    assert polled["problems"] == [], polled["problems"][:3]
+    assert polled["reads"] > 0, polled
+    for uid, mask_index in polled["seen"].items():
+        assert writer_of.get(uid) == mask_index, (uid, mask_index)
+    return polled
+
+
+def test_eight_processes_register_one_name_at_once(deployed, crew):
+    registry = deployed.registry(deployed.reader_key)
+    name = unique("race")
+    before = mask_uids(registry)
+    commands = {w: ("register", name, w) for w in range(WRITERS)}
+    commands[READER] = ("poll", [name], list(range(WRITERS)))
+    started = time.monotonic()
+    reports = crew.round(commands, until_done=set(range(WRITERS)))
+    seconds = time.monotonic() - started
+    writers, poll = reports[:WRITERS], reports[READER]
+
+    outcomes = Counter(r.outcome for r in writers)
+    assert outcomes == {"ok": 1, "MaskExistsError": WRITERS - 1}, [
+        (r.index, r.outcome, str(r.value)[:300]) for r in writers]
+    [winner] = [r for r in writers if r.outcome == "ok"]
+    history = registry.history(DET, name)
+    assert [(h.version, h.uid) for h in history] == [(0, winner.value)]
+    assert [m for m in registry.get_masks(DET) if m[1] == name] == [(DET, name)]
+    np.testing.assert_array_equal(registry.get_mask(DET, name).compute(),
+                                  servers.numbered_mask(winner.index))
+    # The 7 losers' arrays, written before their claims were refused, are gone.
+    orphans = mask_uids(registry) - before - {winner.value}
+    assert orphans == set()
+    polled = _check_reader(poll, {winner.value: winner.index})
+    registry.close()
+    _figures(deployed.backend).update({
+        "register race: writers released together": len(writers),
+        "register race: start spread (ms)": _spread_ms(reports),
+        "register race: lineages": len({h.uid for h in history if h.version == 0}),
+        "register race: MaskExistsError": outcomes["MaskExistsError"],
+        "register race: orphan arrays": len(orphans),
+        "register race: writer call (s)": _writer_seconds(writers),
+        "register race: reader look-ups during writes": polled["rounds"],
+        "register race: whole-array reads during writes": polled["reads"],
+        "register race: partial or bad reads": len(polled["problems"]),
+        "register race (s)": round(seconds, 2),
+    })
+
+
+def test_eight_processes_update_one_lineage_at_once(deployed, crew):
+    registry = deployed.registry(deployed.reader_key)
+    writer = deployed.registry(deployed.writer_key)
+    name = unique("lineage")
+    before = mask_uids(registry)
+    uid0 = writer.register_mask(DET, name, servers.numbered_mask(100))
+    commands = {w: ("update", name, w + 1) for w in range(WRITERS)}  # worker w writes mask w+1
+    commands[READER] = ("poll", [name], [100, *range(1, WRITERS + 1)])
+    started = time.monotonic()
+    reports = crew.round(commands, until_done=set(range(WRITERS)))
+    seconds = time.monotonic() - started
+    writers, poll = reports[:WRITERS], reports[READER]
+
+    assert all(r.outcome == "ok" for r in writers), [  # message and where it came from
+        (r.index, r.outcome, str(r.value)[:600], str(r.value)[-1500:])
+        for r in writers if r.outcome != "ok"]
+    writer_of = {uid0: 100, **{r.value: r.index + 1 for r in writers}}
+    assert len(writer_of) == WRITERS + 1, "two writers got the same uid"
+
+    history = registry.history(DET, name)
+    assert [h.version for h in history] == list(range(WRITERS + 1))  # consecutive, no gap
+    assert history[0].uid == uid0
+    assert {h.uid for h in history} == set(writer_of)  # no update lost
+    assert [h.active for h in history] == [False] * WRITERS + [True]
+    for earlier, later in zip(history, history[1:], strict=False):
+        assert earlier.superseded_at == later.registered_at
+        assert earlier.registered_at < later.registered_at
+    lost = 0
+    for uid, i in writer_of.items():  # each uid holds exactly what its writer wrote
+        if not np.array_equal(registry.get_mask_by_uid(uid).compute(), servers.numbered_mask(i)):
+            lost += 1
+    assert lost == 0
+    orphans = mask_uids(registry) - before - set(writer_of)
+    assert orphans == set()
+
+    polled = _check_reader(poll, writer_of)
+    version_of = {h.uid: h.version for h in history}
+    seen_versions = [version_of[uid] for uid in polled["order"]]
+    assert seen_versions == sorted(seen_versions), "the reader saw versions go backwards"
+    registry.close()
+    writer.close()
+    _figures(deployed.backend).update({
+        "update race: writers released together": len(writers),
+        "update race: start spread (ms)": _spread_ms(reports),
+        "update race: versions created": len(history) - 1,
+        "update race: versions": f"{history[0].version}..{history[-1].version}",
+        "update race: distinct uids": len(writer_of) - 1,
+        "update race: masks lost": lost,
+        "update race: orphan arrays": len(orphans),
+        "update race: writer call (s)": _writer_seconds(writers),
+        "update race: reader look-ups during writes": polled["rounds"],
+        "update race: whole-array reads during writes": polled["reads"],
+        "update race: partial or bad reads": len(polled["problems"]),
+        "update race: versions the reader saw": seen_versions,
+        "update race (s)": round(seconds, 2),
+    })
+
+
+# ---------------------------------------------------------------- integrity
+
+
+def test_array_changed_on_the_servers_disk_is_refused(deployed):
+    writer = deployed.registry(deployed.writer_key)
+    name_a, name_b = unique("damaged"), unique("intact")
+    uid_a = writer.register_mask(DET, name_a, servers.numbered_mask(200))
+    uid_b = writer.register_mask(DET, name_b, servers.numbered_mask(201))
+    writer.close()
+
+    def chunks(uid: str) -> dict[str, Path]:
+        node = deployed.storage / "data" / "masks" / uid
+        return {str(p.relative_to(node)): p for p in node.rglob("*")
+                if p.is_file() and p.name != "zarr.json"}
+
+    damaged, intact = chunks(uid_a), chunks(uid_b)
+    assert damaged and damaged.keys() == intact.keys()
+    # Valid chunks of another mask: the bytes decode, to the wrong pixels.
+    for key, path in damaged.items():
+        path.write_bytes(intact[key].read_bytes())
+
+    reader = deployed.registry(deployed.reader_key)
+    with pytest.raises(MaskIntegrityError) as info:
+        reader.get_mask_by_uid(uid_a).compute()
+    message = str(info.value)
+    assert uid_a in message and "integrity" in message and "sha256" in message, message
+    assert_no_secret(deployed, full_text(info.value))
+    with pytest.raises(MaskIntegrityError):
+        reader.resolve_composite(DET, [name_a, name_b])
+    assert reader.describe(uid_a).name == name_a  # its record is intact
+    np.testing.assert_array_equal(reader.get_mask(DET, name_b).compute(),
+                                  servers.numbered_mask(201))
+    reader.close()
+
+
+# ------------------------------------------------------------------ replay
+
+
+def test_deployed_server_stores_and_replays_bluesky_runs(deployed):
+    """The config's exporter: a run written with TiledWriter comes back as documents."""
+    pytest.importorskip("bluesky_tiled_plugins")
+    from bluesky_tiled_plugins import TiledWriter
+    from event_model import compose_run
+    from tiled.client import from_uri
+
+    with httpx.Client(trust_env=False) as http:
+        about = http.get(f"{deployed.uri}/").json()
+    assert "application/json-seq" in about["formats"]["BlueskyRun"]
+
+    client = from_uri(deployed.uri, api_key=deployed.writer_key)
+    writer = TiledWriter(client)
+    run = compose_run(metadata={"purpose": "replay through the deployed server"})
+    frames = {"x": {"dtype": "number", "shape": [], "source": "sim"},
+              "img": {"dtype": "array", "shape": [4, 5], "dtype_numpy": "<u4",
+                      "source": "sim"}}
+    descriptor = run.compose_descriptor(name="primary", data_keys=frames)
+    documents = [("start", run.start_doc), ("descriptor", descriptor.descriptor_doc)]
+    for i in range(3):
+        now = time.time()
+        documents.append(("event", descriptor.compose_event(
+            data={"x": float(i), "img": np.full((4, 5), i, dtype="uint32")},
+            timestamps={"x": now, "img": now})))
+    documents.append(("stop", run.compose_stop()))
+    for name, doc in documents:
+        writer(name, doc)
+    client.context.close()
+
+    reader = from_uri(deployed.uri, api_key=deployed.reader_key)
+    replayed = list(reader[run.start_doc["uid"]].documents())
+    reader.context.close()
+    assert [name for name, _ in replayed] == ["start", "descriptor", "event", "event",
+                                              "event", "stop"]
+    assert replayed[0][1]["uid"] == run.start_doc["uid"]
+
+
+# -------------------------------------------------------- chx-masks serve
+
+
+def test_serve_command_shares_a_registry_and_stops_cleanly(backend, request, tmp_path,
+                                                           monkeypatch):
+    """`chx-masks serve --dir DIR [--catalog postgresql+asyncpg://...]`, key and all.
+
+    SQLite: the key is generated and shown once; the served directory is an
+    embedded registry. PostgreSQL: the key comes from $TILED_SINGLE_USER_API_KEY
+    and is never shown.
+    """
+    directory = tmp_path / "registry"
+    args, env, key = ["--dir", str(directory)], servers.clean_environment(), None
+    if backend == "postgresql":
+        catalog = request.getfixturevalue("postgres").create("plain_catalog")
+        args += ["--catalog", catalog]
+        key = secrets.token_hex(16)
+        env["TILED_SINGLE_USER_API_KEY"] = key
+    server = servers.ServeProcess(args, directory=tmp_path, env=env)
+    try:
+        out = server.stdout
+        assert server.uri.startswith("http://127.0.0.1:") and server.uri.endswith("/api/v1")
+        assert f"export CHX_MASKS_URI={server.uri}" in out
+        if key is None:
+            key = server.generated_key
+            assert key and out.count(key) == 1
+            assert f"sqlite:///{directory.resolve()}/catalog.db" in out
+        else:
+            assert server.generated_key is None and key not in out
+            assert "postgresql+asyncpg://" in out
+
+        # A client set up the way the announcement says.
+        monkeypatch.setenv("CHX_MASKS_URI", server.uri)
+        monkeypatch.setenv("CHX_MASKS_API_KEY", key)
+        chx_masks.set_default_registry(None)
+        uid = chx_masks.register_mask(DET, "shared", servers.numbered_mask(11))
+        assert chx_masks.get_masks() == [(DET, "shared")]
+        assert key not in repr(chx_masks.default_registry())
+        chx_masks.set_default_registry(None)
+        with httpx.Client(trust_env=False) as http:
+            assert http.get(f"{server.uri}/metadata/").status_code == 401
+            assert http.get(f"{server.uri}/metadata/",
+                            headers={"Authorization": f"Apikey {key}"}).status_code == 200
+    finally:
+        code = server.stop(signal.SIGINT if backend == "sqlite" else signal.SIGTERM)
+    assert code == 0, server.log
+    assert "server stopped" in server.log
+    assert key not in server.log
+    if backend == "sqlite":  # what was served is the embedded registry of DIR
+        with MaskRegistry.embedded(directory) as embedded:
+            assert embedded.get_mask_uid(DET, "shared") == uid
+            np.testing.assert_array_equal(embedded.get_mask(DET, "shared").compute(),
+                                          servers.numbered_mask(11))
+
+
+def _serve(*args: str):
+    return CliRunner().invoke(main, ["serve", *args], catch_exceptions=False)
+
+
+def test_serve_refuses_bad_options_with_one_line(tmp_path, monkeypatch):
+    config = str(servers.DEPLOY_CONFIG)
+    for name in ("CHX_MASKS_CATALOG_URI", "CHX_MASKS_AUTH_DB_URI", "CHX_MASKS_STORAGE",
+                 "CHX_MASKS_TABLES_URI", "CHX_MASKS_SECRET_KEY", "CHX_MASKS_ADMIN_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("TILED_SINGLE_USER_API_KEY", raising=False)
+
+    usage = [
+        ["--config", config, "--catalog", "postgresql+asyncpg://x@h/db"],
+        ["--config", config, "--dir", str(tmp_path)],
+    ]
+    for args in usage:
+        result = _serve(*args)
+        assert result.exit_code == 2, (args, result.output)
+    result = CliRunner().invoke(main, ["--uri", "http://127.0.0.1:1", "serve"])
+    assert result.exit_code == 2 and "local registry" in result.output
+
+    unset = _serve("--config", config)
+    assert unset.exit_code == 1
+    assert "$CHX_MASKS_CATALOG_URI" in unset.output and "$CHX_MASKS_SECRET_KEY" in unset.output
+
+    bad_key = _serve("--dir", str(tmp_path / "r"), "--api-key", "not/a-key")
+    assert bad_key.exit_code == 1 and "letters and digits" in bad_key.output
+
+    password = "s3cretpassw0rd"
+    bad_catalog = _serve("--dir", str(tmp_path / "r"), "--catalog",
+                         f"mysql://chx:{password}@db/masks")
+    assert bad_catalog.exit_code == 1 and "postgresql+asyncpg://" in bad_catalog.output
+    assert password not in bad_catalog.output
+
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = _serve("--dir", str(tmp_path / "r"), "--port", str(port))
+    assert busy.exit_code == 1 and f"127.0.0.1:{port}" in busy.output
+    for result in (unset, bad_key, bad_catalog, busy):
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert lines[-1].startswith("chx-masks: ") and "Traceback" not in result.output
