@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 #: The key of a run's own metadata that chooses other mask names for that run.
 RUN_MASKS_KEY = "mask_names"
+#: The start-document key that says why a run's masks are unknown (the
+#: registry could not be read when it opened, under policy "record").
+MASK_ERROR_KEY = "mask_error"
 
 Policy = Literal["raise", "record"]
 
@@ -194,6 +197,7 @@ class MaskProvenance:
         """
         own = _check_masks(run_md.get(RUN_MASKS_KEY), f"the run's {RUN_MASKS_KEY}")
         devices = [*(run_md.get("detectors") or ()), *staged]
+        unknown: str | None = None
         try:
             wanted, used, resolved = call_with_deadline(
                 lambda: self._resolve(own, devices), self.timeout,
@@ -208,7 +212,11 @@ class MaskProvenance:
             }
             used = _used(wanted, own, devices)
             resolved = dict.fromkeys(used, err)
-        if not used:
+            if self.active and devices:
+                # The active sets, which may name masks for any of the run's
+                # detectors, could not be read either: say so in the run.
+                unknown = self._unknown_active(err, devices)
+        if not used and unknown is None:
             return dict(run_md)
         records: dict[str, dict[str, Any]] = {}
         uids: list[str] = []
@@ -234,7 +242,20 @@ class MaskProvenance:
                 continue
             records[key] = {**composite.provenance(), "chosen_by": chosen_by}
             uids.extend(uid for uid in composite.uids if uid not in uids)
-        return {**run_md, "masks": records, "mask_uids": uids}
+        start = {**run_md, "masks": records, "mask_uids": uids}
+        if unknown is not None:
+            start[MASK_ERROR_KEY] = unknown
+        return start
+
+    def _unknown_active(self, err: ChxMasksError, devices: list[str]) -> str:
+        """Refuse the run, or the reason its detectors' active masks are unknown."""
+        if self.on_unavailable == "raise":
+            raise type(err)(
+                f"The run was not opened: the active masks of its detectors "
+                f"({', '.join(dict.fromkeys(devices))}) could not be read: {err}"
+            ) from err
+        logger.warning("Run opens without its detectors' active masks: %s", err)
+        return f"active sets unreadable: {type(err).__name__}: {err}"
 
     def _resolve(
         self, own: Mapping[str, list[str]], devices: list[str]

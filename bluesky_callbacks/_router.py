@@ -22,7 +22,7 @@ from chx_masks import ChxMasksError, CompositeMask, MaskIntegrityError, MaskRegi
 
 from ._deadline import DEFAULT_TIMEOUT, call_with_deadline
 from ._kernel import FrameBuffers, Multiplier
-from ._provenance import _check_masks
+from ._provenance import MASK_ERROR_KEY, _check_masks
 
 __all__ = ["MaskingRouter"]
 
@@ -180,6 +180,7 @@ class _MaskedRun(DocumentRouter):
                 router.handler_registry, inplace=False, root_map=router.root_map
             )
         self._derived_start_uid: str | None = None
+        self._unknown: str | None = None
         self._raw_start = raw_start
 
     # ---------------------------------------------------------------- helpers
@@ -309,6 +310,14 @@ class _MaskedRun(DocumentRouter):
         for key in sorted(self._unresolved):
             records.setdefault(key, {**recorded.get(key, {}), "uids": []})
             self._errors.append(f"no masks for {key}: its frames are withheld")
+        # The run opened without knowing which masks its detectors needed:
+        # every frame it cannot mask is withheld, never passed on as masked.
+        self._unknown = doc.get(MASK_ERROR_KEY)
+        if self._unknown:
+            self._errors.append(
+                f"the run's masks are unknown ({self._unknown}): frames without "
+                "masks are withheld"
+            )
         uids = [u for c in self._composites.values() for u in c.uids]
         metadata = {
             key: doc[key]
@@ -323,6 +332,8 @@ class _MaskedRun(DocumentRouter):
         )
         if resolved_as_of:
             metadata["masks_resolved_as_of"] = resolved_as_of
+        if self._unknown:
+            metadata[MASK_ERROR_KEY] = self._unknown
         bundle = compose_run(metadata=metadata)
         self._bundle = bundle
         self._derived_start_uid = bundle.start_doc["uid"]
@@ -340,7 +351,10 @@ class _MaskedRun(DocumentRouter):
         passed = frozenset(
             k
             for k in data_keys
-            if k not in masked and k not in self._unresolved and not data_keys[k].get("external")
+            if k not in masked
+            and k not in self._unresolved
+            and not data_keys[k].get("external")
+            and not (self._unknown and len(data_keys[k].get("shape") or ()) >= 2)
         )
         stream = doc.get("name", "primary")
         if not masked and self._router.unmasked_streams == "drop":

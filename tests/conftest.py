@@ -138,3 +138,33 @@ def RE():
     engine.loop.call_soon_threadsafe(engine.loop.stop)
     engine._th.join(timeout=5)
     engine.loop.close()
+
+
+class Collector:
+    """A downstream that keeps what it gets and checks every document's schema."""
+
+    def __init__(self):
+        self.docs: list[tuple[str, dict]] = []
+
+    def __call__(self, name, doc):
+        from event_model import DocumentNames, schema_validators
+
+        schema_validators[DocumentNames(name)].validate(doc)
+        self.docs.append((name, doc))
+
+    def names(self):
+        return [name for name, _ in self.docs]
+
+    def start(self):
+        return next(doc for name, doc in self.docs if name == "start")
+
+    def stop(self):
+        return next(doc for name, doc in self.docs if name == "stop")
+
+    def frames(self, key):
+        return [
+            np.asarray(frame)
+            for name, doc in self.docs
+            if name == "event_page" and key in doc["data"]
+            for frame in doc["data"][key]
+        ]

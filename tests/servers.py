@@ -119,19 +119,23 @@ def clean_environment(**extra: str) -> dict[str, str]:
 
 
 class ServeProcess:
-    """``chx-masks serve ARGS --port 0`` in its own process, until :meth:`stop`.
+    """``chx-masks serve ARGS --port PORT`` in its own process, until :meth:`stop`.
 
     stdout (the announcement) and stderr (the server's log) go to files in
-    ``directory`` so a test can read everything the server ever wrote.
+    ``directory`` so a test can read everything the server ever wrote (a
+    server started again on the same directory appends to them). Port 0
+    lets the system choose a free port.
     """
 
-    def __init__(self, args: list[str], *, directory: Path, env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], *, directory: Path, env: dict[str, str],
+                 port: int = 0) -> None:
         self.directory = directory
         self.stdout_path = directory / "serve.stdout"
         self.stderr_path = directory / "serve.stderr"
         command = [sys.executable, "-m", "chx_masks", "serve", "--host", "127.0.0.1",
-                   "--port", "0", *args]
-        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
+                   "--port", str(port), *args]
+        self.stdout_path.write_text("")  # the announcement of this start only
+        with open(self.stdout_path, "a") as out, open(self.stderr_path, "a") as err:
             self.process = subprocess.Popen(command, stdout=out, stderr=err,
                                             stdin=subprocess.DEVNULL, env=env)
         self.returncode: int | None = None

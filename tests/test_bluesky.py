@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from bluesky.plans import count
 from bluesky_tiled_plugins import TiledWriter
-from event_model import DocumentNames, pack_event_page, schema_validators
+from event_model import pack_event_page
 from tiled.queries import Key
 
 from bluesky_callbacks import (
@@ -24,7 +24,7 @@ from bluesky_callbacks import (
 )
 from bluesky_callbacks.sim import SimAsyncEiger, handler_registry, sim_eiger4m, sim_eiger500k
 from chx_masks import MaskNotFoundError, MaskRegistry, RegistryUnavailableError
-from conftest import ServerProcess
+from conftest import Collector, ServerProcess
 
 K4M = "eiger4m_single_image"
 K500 = "eiger500K_single_image"
@@ -55,34 +55,6 @@ def store(tmp_path):
     client = open_run_store(tmp_path / "runs", readable_storage=[tmp_path / "frames"])
     yield client
     client.context.close()
-
-
-class Collector:
-    """A downstream that keeps what it gets and checks every document's schema."""
-
-    def __init__(self):
-        self.docs: list[tuple[str, dict]] = []
-
-    def __call__(self, name, doc):
-        schema_validators[DocumentNames(name)].validate(doc)
-        self.docs.append((name, doc))
-
-    def names(self):
-        return [name for name, _ in self.docs]
-
-    def start(self):
-        return next(doc for name, doc in self.docs if name == "start")
-
-    def stop(self):
-        return next(doc for name, doc in self.docs if name == "stop")
-
-    def frames(self, key):
-        return [
-            np.asarray(frame)
-            for name, doc in self.docs
-            if name == "event_page" and key in doc["data"]
-            for frame in doc["data"][key]
-        ]
 
 
 def _expected(det, composite, n):
@@ -359,6 +331,22 @@ def test_registry_down_policy_raise_opens_no_run(RE, doomed_server):
     RE.subscribe(seen)
     doomed_server.stop()
     with pytest.raises(RegistryUnavailableError, match="run was not opened"):
+        RE(count([sim_eiger500k()], num=1))
+    assert seen.docs == []
+
+
+def test_registry_down_active_sets_only_policy_raise_opens_no_run(RE, doomed_server):
+    # No masks configured: the choice lives only in the active sets, which
+    # cannot be read. The run must not open as if no masks were wanted.
+    registry = MaskRegistry.from_uri(doomed_server.uri, api_key=doomed_server.api_key, timeout=2)
+    registry.register_mask(K500, "gaps", np.ones((514, 1030), bool))
+    registry.activate(K500, ["gaps"])
+    RE.preprocessors.append(MaskProvenance(registry))
+    seen = Collector()
+    RE.subscribe(seen)
+    doomed_server.stop()
+    with pytest.raises(RegistryUnavailableError,
+                       match=r"not opened: the active masks of its detectors \(eiger500K_single\)"):
         RE(count([sim_eiger500k()], num=1))
     assert seen.docs == []
 

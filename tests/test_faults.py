@@ -1,0 +1,210 @@
+"""The registry's server goes away in the middle of a scan, and comes back.
+
+One `chx-masks serve --dir DIR` process on loopback holds the registry; the
+RunEngine runs in this process with `MaskProvenance` (policy "record") and a
+`MaskingRouter`, the way the IPython profile sets them up. The server is
+killed (SIGKILL: no clean shutdown) while a scan is taking frames, a second
+scan runs while it is down, and a third after it has been started again on
+the same directory and port. The figures are printed at the end.
+
+What must hold:
+
+- the RunEngine finishes every scan; every raw document reaches the other
+  subscribers;
+- the scan under way keeps being masked with the masks its start recorded
+  (they were resolved when the run opened; the registry is not needed again);
+- the scan opened while the server is down records why in its start
+  document, is not delayed past the configured timeouts, and its derived run
+  withholds the frames and says why (exit status "fail");
+- after the restart the next scan records the same uids and is masked again;
+  nothing registered before the crash is lost or changed.
+"""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import socket
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import servers
+from bluesky.plans import count
+
+from bluesky_callbacks import MaskingRouter, MaskProvenance
+from bluesky_callbacks.sim import sim_eiger500k
+from chx_masks import MaskRegistry, mask_sha256
+from conftest import Collector
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+DET = "eiger500K_single_image"
+FRAMES = 8
+KILL_AFTER = 3  # frames taken before the server is killed
+TIMEOUT = 5.0  # seconds: the preprocessor's and router's registry deadline
+FIGURES: dict[str, Any] = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_figures():
+    yield
+    if FIGURES:
+        print("\n".join(["", "registry server lost mid-scan:",
+                         *(f"  {k}: {v}" for k, v in FIGURES.items())]))
+
+
+class Lifeline:
+    """Start, kill and restart one `chx-masks serve --dir DIR` on a fixed port."""
+
+    def __init__(self, tmp_path) -> None:
+        self.directory = tmp_path
+        self.port = _free_port()
+        self.key = secrets.token_hex(16)
+        self.env = servers.clean_environment(TILED_SINGLE_USER_API_KEY=self.key)
+        self.server: servers.ServeProcess | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.server = servers.ServeProcess(
+            ["--dir", str(self.directory / "registry")], directory=self.directory,
+            env=self.env, port=self.port)
+
+    def kill(self) -> None:
+        assert self.server is not None
+        self.server.stop(signal.SIGKILL)
+
+    @property
+    def uri(self) -> str:
+        assert self.server is not None
+        return self.server.uri
+
+
+@pytest.fixture
+def lifeline(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHX_MASKS_CACHE_DIR", str(tmp_path / "mask-cache"))
+    line = Lifeline(tmp_path)
+    yield line
+    if line.server is not None:
+        line.server.stop()
+
+
+def _masks() -> dict[str, np.ndarray]:
+    gaps = np.ones(servers.SHAPE, bool)
+    gaps[250:260, :] = False
+    hot = np.random.default_rng(7).random(servers.SHAPE) >= 0.001
+    return {"gaps": gaps, "hot": hot}
+
+
+def _state(registry: MaskRegistry) -> dict[str, Any]:
+    """What must survive the crash: every lineage, uid and the bytes behind it."""
+    uids = {name: [r.uid for r in registry.history(DET, name)] for name in _masks()}
+    return {
+        "listing": registry.get_masks(include_retired=True),
+        "uids": uids,
+        "sha256": {uid: mask_sha256(registry.get_mask_by_uid(uid).compute())
+                   for lineage in uids.values() for uid in lineage},
+        "active": registry.active_set(DET).names,
+    }
+
+
+def _expected(det, mask: np.ndarray, seq_nums: list[int]) -> list[np.ndarray]:
+    return [det.expected_frame(i - 1) * mask.astype(det.expected_frame(0).dtype)
+            for i in seq_nums]
+
+
+def test_server_killed_mid_scan_then_back(RE, lifeline):
+    registry = MaskRegistry.from_uri(lifeline.uri, api_key=lifeline.key, timeout=TIMEOUT)
+    for name, mask in _masks().items():
+        registry.register_mask(DET, name, mask)
+    registry.activate(DET, list(_masks()), note="before the crash")
+    before = _state(registry)
+    registry.close()
+
+    # A fresh client, as a beamline session has: it knows nothing yet.
+    registry = MaskRegistry.from_uri(lifeline.uri, api_key=lifeline.key, timeout=TIMEOUT,
+                                     disk_cache=False)
+    RE.preprocessors.append(MaskProvenance(registry, on_unavailable="record",
+                                           timeout=TIMEOUT))
+    raw, derived = Collector(), Collector()
+    RE.subscribe(raw)
+
+    kills: list[str] = []
+
+    def kill_mid_scan(name: str, doc: dict) -> None:  # once, in the first scan
+        if name == "event" and doc["seq_num"] == KILL_AFTER and not kills:
+            kills.append(doc["descriptor"])
+            lifeline.kill()
+
+    RE.subscribe(kill_mid_scan)
+    RE.subscribe(MaskingRouter(registry, derived, timeout=TIMEOUT))
+    det = sim_eiger500k()
+
+    # 1. Killed while the scan takes frames.
+    (uid1,) = RE(count([det], num=FRAMES))
+    assert kills and lifeline.server.returncode == -signal.SIGKILL
+    start1, stop1 = raw.start(), raw.stop()
+    assert start1["uid"] == uid1 and stop1["exit_status"] == "success"
+    assert raw.names().count("event") == FRAMES
+    record = start1["masks"][DET]
+    assert record["uids"] == [before["uids"]["gaps"][0], before["uids"]["hot"][0]]
+    composite = _masks()["gaps"] & _masks()["hot"]
+    frames1 = derived.frames(DET)
+    assert len(frames1) == FRAMES
+    for got, want in zip(frames1, _expected(det, composite, list(range(1, FRAMES + 1))),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert derived.stop()["exit_status"] == "success"
+    FIGURES["frames taken / masked in the scan that lost the server"] = (
+        f"{raw.names().count('event')} / {len(frames1)} (killed after frame {KILL_AFTER})")
+
+    # 2. A scan opened while the server is down.
+    raw.docs.clear()
+    derived.docs.clear()
+    began = time.monotonic()
+    (uid2,) = RE(count([det], num=2))
+    down_seconds = time.monotonic() - began
+    start2 = raw.start()
+    assert start2["uid"] == uid2 and raw.stop()["exit_status"] == "success"
+    assert raw.names().count("event") == 2
+    # Its detectors' active sets could not be read: the start says so.
+    assert start2["masks"] == {} and start2["mask_uids"] == []
+    assert "RegistryUnavailableError" in start2["mask_error"], start2["mask_error"]
+    assert derived.frames(DET) == []  # never an unmasked frame passed on as masked
+    assert derived.start()["mask_error"] == start2["mask_error"]
+    assert derived.stop()["exit_status"] == "fail"
+    assert "masks are unknown" in derived.stop()["reason"]
+    # Bounded: the preprocessor and the router each wait at most TIMEOUT.
+    assert down_seconds < 2 * TIMEOUT + 10, down_seconds
+    FIGURES["scan while down: seconds (deadline 2 x 5 s)"] = round(down_seconds, 1)
+    FIGURES["scan while down: recorded error"] = start2["mask_error"][:100]
+
+    # 3. The server comes back on the same directory and port.
+    lifeline.start()
+    raw.docs.clear()
+    derived.docs.clear()
+    (uid3,) = RE(count([det], num=3))
+    start3 = raw.start()
+    assert start3["masks"][DET]["uids"] == record["uids"]
+    assert start3["masks"][DET]["sha256"] == record["sha256"]
+    for got, want in zip(derived.frames(DET), _expected(det, composite, [1, 2, 3]),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert len(derived.frames(DET)) == 3
+    assert derived.stop()["exit_status"] == "success"
+    registry.close()
+
+    with MaskRegistry.from_uri(lifeline.uri, api_key=lifeline.key,
+                               disk_cache=False) as after_restart:
+        after = _state(after_restart)
+    assert after == before, "the crash lost or changed a registered mask"
+    FIGURES["masks lost or changed"] = sum(
+        1 for uid, digest in before["sha256"].items() if after["sha256"].get(uid) != digest)
+    FIGURES["runs that finished / started"] = "3 / 3"
