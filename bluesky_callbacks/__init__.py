@@ -3,6 +3,14 @@
 Imports :mod:`chx_masks`; the registry library itself never imports bluesky.
 """
 
+from ._process import (
+    ProcessedRun,
+    ProcessingError,
+    RunStore,
+    plan_processing,
+    process_run,
+    write_product,
+)
 from ._provenance import MaskProvenance, mask_provenance_decorator, mask_provenance_wrapper
 from ._replay import masked_frames, open_run_store, replay_masked, run_composite
 from ._router import MaskingRouter
@@ -10,10 +18,16 @@ from ._router import MaskingRouter
 __all__ = [
     "MaskProvenance",
     "MaskingRouter",
+    "ProcessedRun",
+    "ProcessingError",
+    "RunStore",
     "mask_provenance_decorator",
     "mask_provenance_wrapper",
     "masked_frames",
     "open_run_store",
+    "plan_processing",
+    "process_run",
     "replay_masked",
     "run_composite",
+    "write_product",
 ]

@@ -49,9 +49,13 @@ def open_run_store(
     """
     from bluesky_tiled_plugins.exporters import json_seq_exporter
     from tiled.media_type_registration import default_serialization_registry
+    from tiled.serialization import register_builtin_serializers
 
     from chx_masks._embedded import open_embedded
 
+    # The copy must hold tiled's own formats too: in a fresh process (a Dask
+    # worker) they are registered only when tiled builds its first app.
+    register_builtin_serializers()
     registry = copy.deepcopy(default_serialization_registry)
     registry.register("BlueskyRun", "application/json-seq", json_seq_exporter)
     return open_embedded(

@@ -831,6 +831,100 @@ def serve(state: _State, host: str | None, port: int | None, serve_dir: Path | N
     click.echo("chx-masks: server stopped.", err=True)
 
 
+# ----------------------------------------------------------------- process
+
+
+def _masks_option(values: tuple[str, ...]) -> dict[str, list[str]]:
+    masks: dict[str, list[str]] = {}
+    for value in values:
+        detector, sep, names = value.partition("=")
+        if not sep or not detector or not names:
+            raise click.BadParameter(f"{value!r} is not DETECTOR=NAME[,NAME...]",
+                                     param_hint="--masks")
+        masks[detector] = [n for n in names.split(",") if n]
+    return masks
+
+
+@main.command()
+@click.argument("run_uids", metavar="RUN_UID...", nargs=-1, required=True)
+@click.option("--runs", metavar="URI|DIR", default=None,
+              help="Where the raw runs are (default: $CHX_MASKS_RUNS_URI, else DIR/runs "
+              "beside the registry).")
+@click.option("--processed", metavar="URI|DIR", default=None,
+              help="Where products go (default: $CHX_MASKS_PROCESSED_URI, else "
+              "DIR/processed beside the registry).")
+@click.option("--masks", "mask_specs", metavar="DET=NAME[,NAME...]", multiple=True,
+              help="Masks for runs that recorded none, resolved as of each run's start.")
+@click.option("--stream", default="primary", show_default=True)
+@click.option("--scheduler", metavar="ADDRESS", default=None,
+              help="A dask.distributed scheduler (default: threads in this process).")
+@click.option("--frames-per-chunk", type=click.IntRange(1), default=None,
+              help="Frames per chunk and per stored block (default: about 64 MiB).")
+@_json_option
+@pass_state
+def process(state: _State, run_uids: tuple[str, ...], runs: str | None,
+            processed: str | None, mask_specs: tuple[str, ...], stream: str,
+            scheduler: str | None, frames_per_chunk: int | None, as_json: bool) -> None:
+    """Mask stored runs with the masks they recorded; store the frames sparse.
+
+    The same processing as the end-of-run Prefect flow, without Prefect. A
+    run processed before is not processed again: its product is reported.
+    """
+    masks = _masks_option(mask_specs)
+    try:
+        from bluesky_callbacks._process import plan_processing, write_product
+        from bluesky_callbacks.workflows import processed_store, runs_store
+    except ImportError as err:
+        raise _Failure(f"process needs the workflows extra ({err.name} is missing): "
+                       'pip install "chx-masks[workflows]"') from err
+    if state.directory is not None:
+        base = state.directory.expanduser()
+        runs = runs or os.environ.get("CHX_MASKS_RUNS_URI") or str(base / "runs")
+        processed = (processed or os.environ.get("CHX_MASKS_PROCESSED_URI")
+                     or str(base / "processed"))
+    source, target = runs_store(runs), processed_store(processed)
+    if not source.remote and not Path(source.location, "catalog.db").is_file():
+        raise _Failure(f"No run store at {source.location}: give --runs URI|DIR (where "
+                       "TiledWriter writes the runs).")
+    client = None
+    if scheduler is not None:
+        from distributed import Client
+
+        client = Client(scheduler)
+    reports = []
+    try:
+        for run_uid in run_uids:
+            plan = plan_processing(run_uid, runs=source, registry=state.registry,
+                                   masks=masks or None, stream=stream,
+                                   frames_per_chunk=frames_per_chunk)
+            chunks = sum(len(d.chunks) for d in plan.detectors)
+            with click.progressbar(length=chunks, label=f"run {run_uid[:8]}",
+                                   file=sys.stderr) as bar:
+                def progress(done: int, total: int, bar: Any = bar) -> None:
+                    bar.update(done - bar.pos)
+
+                product = write_product(plan, runs=source, processed=target, client=client,
+                                        progress=progress)
+            reports.append({
+                "uid": product.uid, "parent_uid": product.parent_uid,
+                "created": product.created, "frames": product.frames,
+                "nonzero": product.nonzero, "masks": product.masks,
+                "processed": target.location, "seconds": round(product.seconds, 3),
+            })
+    finally:
+        if client is not None:
+            client.close()
+    if as_json:
+        _print_json(reports[0] if len(reports) == 1 else reports)
+        return
+    for r in reports:
+        state_word = "processed" if r["created"] else "already processed"
+        counts = ", ".join(f"{k}: {n} frames, {r['nonzero'].get(k, 0)} non-zero pixels"
+                           for k, n in r["frames"].items())
+        click.echo(f"run {r['parent_uid']} {state_word}: product {r['uid']} in "
+                   f"{r['processed']} ({counts}; {r['seconds']:.1f} s)")
+
+
 # -------------------------------------------------------------------- demo
 
 

@@ -1,0 +1,542 @@
+"""End-of-run pre-processing: the masked frames of a stored run, written back sparse.
+
+A run is read from tiled by its uid; the masks its start document recorded
+(or, for older runs, the names given resolved as of its start, and the
+product says so) multiply its detector frames lazily with Dask, chunk by
+chunk; each chunk is stored as one block of a sparse (COO) array in a
+``processed`` container, keyed by the run's uid, with the provenance in its
+metadata. Chunks are computed on a ``dask.distributed`` client when one is
+given, on local threads otherwise; a bounded number of chunks is in flight
+at any time, so memory stays bounded however long the run is.
+
+Processing a run twice gives the same product: a finished product is
+returned as it is; an unfinished one (a crash while writing) is replaced.
+
+This module does not need Prefect; :mod:`bluesky_callbacks.workflows` wraps
+it in a Prefect flow.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chx_masks import ChxMasksError, CompositeMask, MaskNotFoundError, MaskRegistry
+
+__all__ = ["ProcessedRun", "ProcessingError", "RunStore", "plan_processing", "process_run",
+           "write_product"]
+
+#: Raw bytes of one chunk of frames, before masking (bounds worker memory).
+CHUNK_BYTES = 64 << 20
+#: The processing name recorded in every product.
+PROCESSING = "chx_masks.process_run"
+_SPEC = "chx-masks-processed"
+_COMPLETE = "complete"
+_WRITING = "writing"
+
+
+class ProcessingError(ChxMasksError):
+    """A stored run cannot be processed as it is (unfinished, frames missing, ...)."""
+
+
+# ------------------------------------------------------------------ stores
+
+
+@dataclass(frozen=True)
+class RunStore:
+    """Where runs or products live: a tiled URI, or a local store directory.
+
+    Picklable, so that Dask workers in other processes open it themselves.
+
+    Parameters
+    ----------
+    location : str
+        ``http(s)://...`` (a tiled container) or a directory (a local store,
+        served in-process, as :func:`open_run_store` makes).
+    api_key : str, optional
+        For a tiled server; never shown.
+    readable_storage : tuple of str
+        Directories of detector files the runs refer to (local stores).
+
+    Examples
+    --------
+    >>> RunStore("/data/chx/runs")
+    RunStore(location='/data/chx/runs', readable_storage=())
+    >>> RunStore("http://127.0.0.1:8000/api/v1/runs", api_key="s3cret")
+    RunStore(location='http://127.0.0.1:8000/api/v1/runs', readable_storage=())
+    """
+
+    location: str
+    api_key: str | None = field(default=None, repr=False)
+    readable_storage: tuple[str, ...] = ()
+
+    @property
+    def remote(self) -> bool:
+        return self.location.startswith(("http://", "https://"))
+
+    def open(self, *, runs: bool = True) -> Any:
+        """The tiled client of this store (opened once per process)."""
+        return _open_store(self, runs)
+
+
+@functools.lru_cache(maxsize=16)
+def _open_store(store: RunStore, runs: bool) -> Any:
+    from tiled.client import from_uri
+
+    from chx_masks._embedded import open_embedded
+
+    from ._replay import open_run_store
+
+    if store.remote:
+        return from_uri(store.location, api_key=store.api_key)
+    if runs:
+        return open_run_store(store.location, readable_storage=store.readable_storage)
+    return open_embedded(Path(store.location))
+
+
+def _store(where: RunStore | str | Path | Any) -> RunStore | Any:
+    if isinstance(where, RunStore) or hasattr(where, "context"):
+        return where
+    return RunStore(str(where))
+
+
+def _client(where: RunStore | Any, *, runs: bool) -> Any:
+    return where.open(runs=runs) if isinstance(where, RunStore) else where
+
+
+# ------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class _Detector:
+    data_key: str
+    composite: CompositeMask
+    record: dict[str, Any]
+    frames: int
+    event_shape: tuple[int, ...]
+    dtype: str
+    frames_per_chunk: int
+    resolved_as_of: str | None = None
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        step = self.frames_per_chunk
+        return [(i, min(i + step, self.frames)) for i in range(0, self.frames, step)]
+
+
+@dataclass(frozen=True)
+class ProcessingPlan:
+    """What processing a run will do: its detectors, their masks, the chunking."""
+
+    run_uid: str
+    stream: str
+    detectors: tuple[_Detector, ...]
+    start_time: float
+
+    def provenance(self) -> dict[str, Any]:
+        """The product's metadata about the raw run and its masks."""
+        records = {d.data_key: d.record for d in self.detectors}
+        uids = [u for d in self.detectors for u in d.composite.uids]
+        md: dict[str, Any] = {
+            "parent_uid": self.run_uid,
+            "stream": self.stream,
+            "masks": records,
+            "mask_uids": list(dict.fromkeys(uids)),
+            "processing": PROCESSING,
+            "frames": {d.data_key: d.frames for d in self.detectors},
+        }
+        as_of = {d.data_key: d.resolved_as_of for d in self.detectors if d.resolved_as_of}
+        if as_of:
+            md["masks_resolved_as_of"] = as_of
+        return md
+
+
+def _frames_node(run: Any, stream: str, data_key: str) -> Any:
+    """The stored frames of ``data_key``, whichever layout the client hands out."""
+    for node in (run, getattr(run, "v3", None)):
+        if node is None:
+            continue
+        try:
+            return node[stream][data_key]
+        except KeyError:
+            continue
+    raise ProcessingError(
+        f"Run {run.metadata['start']['uid']} has no {data_key!r} in its {stream!r} stream."
+    )
+
+
+def plan_processing(
+    run_uid: str,
+    *,
+    runs: RunStore | str | Path | Any,
+    registry: MaskRegistry,
+    data_keys: Sequence[str] | None = None,
+    masks: Mapping[str, Sequence[str]] | None = None,
+    stream: str = "primary",
+    frames_per_chunk: int | None = None,
+) -> ProcessingPlan:
+    """Check a stored run and resolve its masks; nothing is read but metadata.
+
+    Parameters
+    ----------
+    run_uid : str
+        The raw run (the stop document's ``run_start``).
+    runs : RunStore, str, Path or tiled client
+        Where the raw run is stored.
+    registry : MaskRegistry
+    data_keys : list of str, optional
+        The detectors to process; by default those the run recorded masks
+        for, else the keys of ``masks``.
+    masks : dict, optional
+        ``{data_key: [names]}`` for runs recorded without masks: resolved as
+        of the run's start, and the product says so.
+    stream : str
+    frames_per_chunk : int, optional
+        Frames per chunk (and per block of the product); by default about
+        64 MiB of raw frames.
+
+    Raises
+    ------
+    ProcessingError
+        The run is not in ``runs``, has not finished, or lacks frames.
+    MaskNotFoundError
+        A detector has no recorded masks and none are given.
+    """
+    where = _store(runs)
+    client = _client(where, runs=True)
+    try:
+        run = client[run_uid]
+    except KeyError:
+        raise ProcessingError(
+            f"No run {run_uid} in {getattr(where, 'location', 'the run store')}: check "
+            "the uid (the stop document's run_start) and where runs are written."
+        ) from None
+    start = run.metadata["start"]
+    stop = run.metadata.get("stop")
+    if not stop:
+        raise ProcessingError(
+            f"Run {run_uid} has no stop document: it has not finished (or its stop was "
+            "lost). Process it after it ends."
+        )
+    recorded = {k: r for k, r in (start.get("masks") or {}).items() if r.get("uids")}
+    keys = list(data_keys) if data_keys else [*recorded, *(k for k in masks or {}
+                                                          if k not in recorded)]
+    if not keys:
+        why = (f" (the registry was unavailable when it opened: {start['mask_error']})"
+               if start.get("mask_error") else "")
+        raise MaskNotFoundError(
+            f"Run {run_uid} recorded no masks{why}; pass masks={{data_key: [names]}} "
+            "(or --masks DET=NAME,...) to resolve them as of its start."
+        )
+    expected = (stop.get("num_events") or {}).get(stream)
+    detectors = []
+    for key in keys:
+        from ._replay import run_composite
+
+        composite = run_composite(start, key, registry=registry, masks=masks)
+        node = _frames_node(run, stream, key)
+        shape = tuple(int(n) for n in node.shape)
+        if expected is not None and shape[0] != expected:
+            raise ProcessingError(
+                f"Run {run_uid} is missing frames: its stop document counts {expected} "
+                f"{stream!r} events but {shape[0]} {key} frames are stored."
+            )
+        if shape[-2:] != composite.mask.shape:
+            raise ProcessingError(
+                f"{key} frames are {shape[-2:]} but the run's mask is "
+                f"{composite.mask.shape}: the mask belongs to another detector shape."
+            )
+        dtype = np.dtype(node.dtype)
+        per_frame = dtype.itemsize * int(np.prod(shape[1:]))
+        step = frames_per_chunk or max(1, CHUNK_BYTES // max(1, per_frame))
+        resolved = None if key in recorded else datetime.fromtimestamp(
+            start["time"], timezone.utc).isoformat()
+        record = (recorded.get(key) or composite.provenance())
+        detectors.append(_Detector(key, composite, dict(record), shape[0], shape[1:],
+                                   dtype.str, step, resolved))
+    return ProcessingPlan(run_uid, stream, tuple(detectors), float(start["time"]))
+
+
+# ------------------------------------------------------------------ chunks
+
+
+def _masked_chunk(
+    source: RunStore | Any, run_uid: str, stream: str, data_key: str, start: int, stop: int,
+    mask: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """COO (coords, data) of frames [start, stop) times ``mask``, coords in the chunk."""
+    import dask
+
+    run = _client(source, runs=True)[run_uid]
+    # tiled reads through dask: here, inside a task, that must not go back
+    # to the cluster (on a distributed worker it would by default).
+    with dask.config.set(scheduler="sync"):
+        frames = np.asarray(_frames_node(run, stream, data_key)[start:stop])
+    masked = frames * mask.astype(frames.dtype, copy=False)
+    coords = np.nonzero(masked)
+    width = np.uint16 if max(masked.shape, default=0) <= np.iinfo(np.uint16).max else np.uint32
+    return np.stack([c.astype(width) for c in coords]), masked[coords]
+
+
+def _in_flight(
+    tasks: Sequence[Callable[[], Any]] | Sequence[Any], client: Any, window: int,
+) -> Iterator[tuple[int, Any]]:
+    """Run ``tasks`` with at most ``window`` at once; yield (index, result) as each ends."""
+    if client is None:
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        with ThreadPoolExecutor(max_workers=max(1, window // 2)) as pool:
+            pending: dict[Any, int] = {}
+            todo = iter(enumerate(tasks))
+            for index, task in todo:
+                pending[pool.submit(task)] = index
+                if len(pending) >= window:
+                    break
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield pending.pop(future), future.result()
+                    nxt = next(todo, None)
+                    if nxt is not None:
+                        pending[pool.submit(nxt[1])] = nxt[0]
+        return
+    from distributed import as_completed
+
+    todo = iter(enumerate(tasks))
+    futures: dict[Any, int] = {}
+    for index, (fn, args) in todo:
+        futures[client.submit(fn, *args, pure=False)] = index
+        if len(futures) >= window:
+            break
+    running = as_completed(list(futures))
+    for future in running:
+        index = futures.pop(future)
+        result = future.result()
+        future.release()
+        yield index, result
+        nxt = next(todo, None)
+        if nxt is not None:
+            fn, args = nxt[1]
+            new = client.submit(fn, *args, pure=False)
+            futures[new] = nxt[0]
+            running.add(new)
+
+
+# ----------------------------------------------------------------- product
+
+
+@dataclass(frozen=True)
+class ProcessedRun:
+    """A product: the masked frames of one run, stored sparse, with provenance.
+
+    Attributes
+    ----------
+    uid : str
+        The product's own uid.
+    parent_uid : str
+        The raw run.
+    created : bool
+        False when an earlier, finished product was returned as it was.
+    masks : dict
+        The ``masks`` record used, per data key.
+    frames, nonzero : dict
+        Frames and stored (non-zero) pixels per data key.
+    seconds : float
+    """
+
+    uid: str
+    parent_uid: str
+    created: bool
+    masks: dict[str, Any]
+    frames: dict[str, int]
+    nonzero: dict[str, int]
+    seconds: float
+
+    def dense(self, processed: RunStore | str | Path | Any, data_key: str) -> np.ndarray:
+        """The product of ``data_key`` as a dense array (may be large)."""
+        node = _client(_store(processed), runs=False)[self.parent_uid][data_key]
+        return node.read().todense()
+
+
+def _existing(container: Any, run_uid: str) -> Any | None:
+    try:
+        return container[run_uid]
+    except KeyError:
+        return None
+
+
+def _as_result(node: Any, created: bool, seconds: float) -> ProcessedRun:
+    md = node.metadata
+    return ProcessedRun(
+        uid=md["uid"], parent_uid=md["parent_uid"], created=created,
+        masks=dict(md["masks"]), frames=dict(md["frames"]),
+        nonzero=dict(md.get("nonzero") or {}), seconds=seconds,
+    )
+
+
+def write_product(
+    plan: ProcessingPlan,
+    *,
+    runs: RunStore | str | Path | Any,
+    processed: RunStore | str | Path | Any,
+    client: Any = None,
+    flow_run_id: str | None = None,
+    window: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ProcessedRun:
+    """Mask every chunk of the planned run and store it as a sparse product.
+
+    Idempotent: a finished product of the run is returned unchanged
+    (``created=False``); an unfinished one is replaced.
+
+    Parameters
+    ----------
+    plan : ProcessingPlan
+        From :func:`plan_processing`.
+    runs, processed : RunStore, str, Path or tiled client
+        Where the raw run is, and the container products are written to. A
+        ``dask.distributed`` client needs ``runs`` as a RunStore or a path
+        (its workers open it themselves).
+    client : distributed.Client, optional
+        Compute chunks on this cluster; local threads otherwise.
+    flow_run_id : str, optional
+        Recorded in the product (the Prefect flow run that made it).
+    window : int, optional
+        Chunks in flight at once (bounds memory); by default twice the
+        cluster's threads, or 4 locally.
+    progress : callable, optional
+        Called with (chunks written, chunks in all).
+    """
+    from tiled.structures.core import Spec
+
+    began = time.perf_counter()
+    runs = _store(runs)
+    if client is not None and not isinstance(runs, RunStore):
+        raise ProcessingError(
+            "A dask.distributed client needs the run store as a RunStore or path (its "
+            "workers open it themselves), not an open tiled client."
+        )
+    container = _client(_store(processed), runs=False)
+    old = _existing(container, plan.run_uid)
+    if old is not None:
+        if old.metadata.get("status") == _COMPLETE:
+            return _as_result(old, False, time.perf_counter() - began)
+        # An earlier attempt stopped while writing: nobody can rely on it.
+        container.delete_contents(plan.run_uid, recursive=True, external_only=False)
+    metadata = {
+        **plan.provenance(),
+        "uid": str(uuid.uuid4()),
+        "flow_run_id": flow_run_id,
+        "status": _WRITING,
+        "started": datetime.now(timezone.utc).isoformat(),
+    }
+    try:
+        product = container.create_container(key=plan.run_uid, metadata=metadata,
+                                             specs=[Spec(_SPEC)])
+    except Exception as err:
+        if getattr(getattr(err, "response", None), "status_code", None) == 409:
+            raise ProcessingError(
+                f"Another process is writing the product of run {plan.run_uid} right now; "
+                "run again once it has finished to get its product."
+            ) from err
+        raise
+    if window is None:
+        threads = sum(client.nthreads().values()) if client is not None else 2
+        window = max(2, 2 * threads)
+    total = sum(len(d.chunks) for d in plan.detectors)
+    written = [0]
+
+    def on_block() -> None:
+        written[0] += 1
+        if progress is not None:
+            progress(written[0], total)
+
+    nonzero = {
+        detector.data_key: _write_detector(plan, detector, runs, product, client, window,
+                                           on_block)
+        for detector in plan.detectors
+    }
+    product.update_metadata({
+        **metadata, "status": _COMPLETE, "nonzero": nonzero,
+        "finished": datetime.now(timezone.utc).isoformat(),
+    })
+    return _as_result(container[plan.run_uid], True, time.perf_counter() - began)
+
+
+def _write_detector(plan: ProcessingPlan, detector: _Detector, runs: Any, product: Any,
+                    client: Any, window: int, on_block: Callable[[], None]) -> int:
+    from tiled.structures.array import BuiltinDtype
+    from tiled.structures.core import StructureFamily
+    from tiled.structures.data_source import DataSource
+    from tiled.structures.sparse import COOStructure
+
+    shape = (detector.frames, *detector.event_shape)
+    chunks = detector.chunks
+    width = np.uint16 if max(detector.frames_per_chunk, *detector.event_shape) <= 65535 \
+        else np.uint32
+    structure = COOStructure(
+        shape=shape,
+        chunks=(tuple(b - a for a, b in chunks), *((n,) for n in detector.event_shape)),
+        data_type=BuiltinDtype.from_numpy_dtype(np.dtype(detector.dtype)),
+        coord_data_type=BuiltinDtype.from_numpy_dtype(np.dtype(width)),
+    )
+    node = product.new(
+        StructureFamily.sparse,
+        [DataSource(structure=structure, structure_family=StructureFamily.sparse)],
+        key=detector.data_key,
+        metadata={"parent_uid": plan.run_uid, "masks": detector.record,
+                  "sha256": detector.composite.sha256},
+    )
+    mask = detector.composite.mask
+    if client is not None:
+        [mask] = client.scatter([mask], broadcast=True)
+    args = [(_masked_chunk, (runs, plan.run_uid, plan.stream, detector.data_key, a, b, mask))
+            for a, b in chunks]
+    tasks: Sequence[Any] = args if client is not None else [
+        functools.partial(fn, *a) for fn, a in args]
+    nonzero = 0
+    tail = (0,) * len(detector.event_shape)
+    for index, (coords, data) in _in_flight(tasks, client, window):
+        node.write_block(coords.astype(width, copy=False), data, (index, *tail))
+        nonzero += int(data.size)
+        on_block()
+    return nonzero
+
+
+def process_run(
+    run_uid: str,
+    *,
+    runs: RunStore | str | Path | Any,
+    processed: RunStore | str | Path | Any,
+    registry: MaskRegistry,
+    data_keys: Sequence[str] | None = None,
+    masks: Mapping[str, Sequence[str]] | None = None,
+    stream: str = "primary",
+    client: Any = None,
+    frames_per_chunk: int | None = None,
+    flow_run_id: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ProcessedRun:
+    """Mask a stored run's frames with its recorded masks and store them sparse.
+
+    :func:`plan_processing` then :func:`write_product`; see those for the
+    parameters. Running it again for the same run returns the same product.
+
+    Examples
+    --------
+    >>> product = process_run(uid, runs="/data/runs", processed="/data/processed",
+    ...                       registry=reg)  # doctest: +SKIP
+    >>> product.masks["eiger4m_single_image"]["uids"]  # doctest: +SKIP
+    """
+    plan = plan_processing(run_uid, runs=runs, registry=registry, data_keys=data_keys,
+                           masks=masks, stream=stream, frames_per_chunk=frames_per_chunk)
+    return write_product(plan, runs=runs, processed=processed, client=client,
+                         flow_run_id=flow_run_id, progress=progress)

@@ -1,0 +1,161 @@
+"""The end-of-run Prefect flow: mask a finished run and store the product sparse.
+
+``end_of_run_workflow(stop_doc)`` is what a beamline triggers with each
+run's stop document (see ``deploy/prefect.yaml`` and the README). Its tasks:
+
+1. ``plan_run``: find the raw run in tiled by ``stop_doc["run_start"]``,
+   check that it finished with all its frames, resolve the masks its start
+   recorded (or the names given, as of its start);
+2. ``write_masked_product``: mask its frames chunk by chunk with Dask (on a
+   ``dask.distributed`` cluster when an address is given) and write them as a
+   sparse array in the processed container, with ``parent_uid``, the
+   ``masks`` record and this flow run's id.
+
+Only failures that may pass on their own (the registry or tiled unreachable)
+are retried; a run without masks or with missing frames fails at once with
+the reason. Writing is idempotent, so a retried or repeated flow gives the
+run's one product.
+
+Where things are, unless given as parameters: runs at ``CHX_MASKS_RUNS_URI``
+(key ``CHX_MASKS_RUNS_API_KEY``) or ``<registry directory>/runs``; products
+at ``CHX_MASKS_PROCESSED_URI`` (key ``CHX_MASKS_PROCESSED_API_KEY``) or
+``<registry directory>/processed``; the mask registry as everywhere else
+(``CHX_MASKS_URI``/``CHX_MASKS_API_KEY``, ``CHX_MASKS_PROFILE``, or the
+embedded default).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from chx_masks import RegistryUnavailableError, default_registry
+
+from ._process import ProcessedRun, ProcessingPlan, RunStore, plan_processing, write_product
+
+__all__ = ["end_of_run_workflow", "plan_run", "runs_store", "processed_store",
+           "write_masked_product"]
+
+
+def _default_directory() -> Path:
+    from chx_masks._embedded import default_directory
+
+    return default_directory()
+
+
+def runs_store(location: str | None = None) -> RunStore:
+    """Where raw runs are read: ``location``, ``$CHX_MASKS_RUNS_URI`` or ``<dir>/runs``.
+
+    Examples
+    --------
+    >>> runs_store("/data/runs")
+    RunStore(location='/data/runs', readable_storage=())
+    """
+    where = location or os.environ.get("CHX_MASKS_RUNS_URI")
+    if where:
+        return RunStore(where, api_key=os.environ.get("CHX_MASKS_RUNS_API_KEY"))
+    return RunStore(str(_default_directory() / "runs"))
+
+
+def processed_store(location: str | None = None) -> RunStore:
+    """Where products go: ``location``, ``$CHX_MASKS_PROCESSED_URI`` or ``<dir>/processed``.
+
+    Examples
+    --------
+    >>> processed_store("/data/processed")
+    RunStore(location='/data/processed', readable_storage=())
+    """
+    where = location or os.environ.get("CHX_MASKS_PROCESSED_URI")
+    if where:
+        return RunStore(where, api_key=os.environ.get("CHX_MASKS_PROCESSED_API_KEY"))
+    return RunStore(str(_default_directory() / "processed"))
+
+
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only what may pass on its own: a server that did not answer."""
+    import httpx
+
+    try:
+        state.result()
+    except (RegistryUnavailableError, httpx.TransportError, ConnectionError, TimeoutError):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=_transient,
+      cache_policy=NO_CACHE, persist_result=False)
+def plan_run(run_uid: str, runs: RunStore, data_keys: Sequence[str] | None = None,
+             masks: Mapping[str, Sequence[str]] | None = None,
+             stream: str = "primary") -> ProcessingPlan:
+    """Check the finished run and resolve its masks (metadata only)."""
+    plan = plan_processing(run_uid, runs=runs, registry=default_registry(),
+                           data_keys=data_keys, masks=masks, stream=stream)
+    logger = get_run_logger()
+    for detector in plan.detectors:
+        logger.info("%s: %d frames, masks %s (uids %s)%s", detector.data_key,
+                    detector.frames, detector.record.get("names"), list(detector.composite.uids),
+                    f", resolved as of {detector.resolved_as_of}"
+                    if detector.resolved_as_of else "")
+    return plan
+
+
+@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=_transient,
+      cache_policy=NO_CACHE, persist_result=False)
+def write_masked_product(plan: ProcessingPlan, runs: RunStore, processed: RunStore,
+                         dask_address: str | None = None) -> ProcessedRun:
+    """Mask the frames chunk by chunk and store the sparse product (idempotent)."""
+    logger = get_run_logger()
+    client = None
+    if dask_address:
+        from distributed import Client
+
+        client = Client(dask_address)
+    try:
+        shown = [0]
+
+        def progress(done: int, total: int) -> None:
+            if done == total or done - shown[0] >= max(1, total // 10):
+                shown[0] = done
+                logger.info("%d/%d chunks written", done, total)
+
+        product = write_product(plan, runs=runs, processed=processed, client=client,
+                                flow_run_id=flow_run.get_id(), progress=progress)
+    finally:
+        if client is not None:
+            client.close()
+    logger.info("product %s of run %s (%s)", product.uid, product.parent_uid,
+                "written" if product.created else "already there: returned unchanged")
+    return product
+
+
+@flow(name="chx-masks-end-of-run", persist_result=False)
+def end_of_run_workflow(stop_doc: dict, runs: str | None = None,
+                        processed: str | None = None,
+                        masks: dict[str, list[str]] | None = None,
+                        dask_address: str | None = None) -> str:
+    """Mask the run that ``stop_doc`` ends and store it sparse; the product's uid.
+
+    Parameters
+    ----------
+    stop_doc : dict
+        The run's stop document (only ``run_start`` is needed).
+    runs, processed : str, optional
+        Tiled URIs or directories (defaults: see the module).
+    masks : dict, optional
+        ``{data_key: [names]}`` for runs that recorded no masks.
+    dask_address : str, optional
+        A ``dask.distributed`` scheduler; local threads otherwise.
+    """
+    run_uid = stop_doc["run_start"]
+    source, target = runs_store(runs), processed_store(processed)
+    plan = plan_run(run_uid, source, masks=masks)
+    product = write_masked_product(plan, source, target, dask_address)
+    return product.uid

@@ -1,0 +1,248 @@
+"""End-of-run pre-processing: stored runs masked with their recorded masks, stored sparse.
+
+A real RunEngine records simulated Eiger scans into a local run store
+(TiledWriter, as at the beamline); a real embedded registry holds the masks.
+Each product is densified and compared with raw x composite bit for bit.
+Paths: local threads, a ``dask.distributed.LocalCluster`` of worker
+processes, the Prefect flow under Prefect's test harness (a temporary local
+Prefect server), and the ``chx-masks process`` command.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bluesky.plans import count
+from bluesky_tiled_plugins import TiledWriter
+from click.testing import CliRunner
+from event_model import compose_run
+
+from bluesky_callbacks import MaskProvenance, open_run_store
+from bluesky_callbacks._process import (
+    ProcessingError,
+    RunStore,
+    plan_processing,
+    process_run,
+)
+from bluesky_callbacks.sim import sim_eiger500k
+from chx_masks import MaskNotFoundError, MaskRegistry
+from chx_masks._cli import main
+
+pytestmark = pytest.mark.slow
+
+DET = "eiger500K_single_image"
+SHAPE = (514, 1030)
+FRAMES = 5
+
+
+def _mask(rows: slice) -> np.ndarray:
+    mask = np.ones(SHAPE, bool)
+    mask[rows] = False
+    mask[:, 7] = False
+    return mask
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A registry, a run store with a masked scan and an unmasked one."""
+    from bluesky import RunEngine
+
+    root = tmp_path_factory.mktemp("site")
+    registry = MaskRegistry.embedded(root / "registry")
+    registry.register_mask(DET, "gaps", _mask(slice(100, 140)))
+    registry.register_mask(DET, "beamstop", _mask(slice(250, 300)))
+    runs_dir = root / "runs"
+    store = open_run_store(runs_dir)
+    engine = RunEngine({})
+    writer = engine.subscribe(TiledWriter(store))
+    det = sim_eiger500k()
+    (unmasked,) = engine(count([det], num=3))
+    engine.preprocessors.append(MaskProvenance(registry, masks={DET: ["gaps", "beamstop"]}))
+    (masked,) = engine(count([det], num=FRAMES))
+    engine.unsubscribe(writer)
+    engine.loop.call_soon_threadsafe(engine.loop.stop)
+    engine._th.join(timeout=5)
+    engine.loop.close()
+    yield {"root": root, "registry": registry, "runs": runs_dir, "store": store,
+           "masked": masked, "unmasked": unmasked}
+    store.context.close()
+    registry.close()
+
+
+def _expected(site: dict, uid: str) -> np.ndarray:
+    start = site["store"][uid].metadata["start"]
+    uids = start["masks"][DET]["uids"]
+    composite = site["registry"].composite_from_uids(uids)
+    raw = site["store"][uid]["primary"][DET].read()
+    return raw * composite.mask.astype(raw.dtype)
+
+
+def _product(processed: Path, run_uid: str):
+    client = RunStore(str(processed)).open(runs=False)
+    return client[run_uid]
+
+
+def test_threads_product_equals_raw_times_composite_with_provenance(site, tmp_path):
+    processed = tmp_path / "processed"
+    uid = site["masked"]
+    done = []
+    product = process_run(uid, runs=site["runs"], processed=processed,
+                          registry=site["registry"], frames_per_chunk=2,
+                          progress=lambda d, t: done.append((d, t)))
+    assert product.created and product.parent_uid == uid
+    assert done[-1] == (3, 3)  # 5 frames in chunks of 2
+    node = _product(processed, uid)
+    start = site["store"][uid].metadata["start"]
+    md = node.metadata
+    assert md["parent_uid"] == uid and md["uid"] == product.uid
+    assert md["masks"] == start["masks"] and md["mask_uids"] == start["mask_uids"]
+    assert md["status"] == "complete" and md["flow_run_id"] is None
+    assert md["frames"] == {DET: FRAMES} and "masks_resolved_as_of" not in md
+    sparse = node[DET]
+    assert sparse.structure().chunks[0] == (2, 2, 1)
+    dense = sparse.read().todense()
+    expected = _expected(site, uid)
+    assert dense.dtype == expected.dtype == np.uint32
+    np.testing.assert_array_equal(dense, expected)
+    assert product.nonzero[DET] == int(np.count_nonzero(expected))
+
+    # Again: the same product, nothing new written.
+    again = process_run(uid, runs=site["runs"], processed=processed, registry=site["registry"])
+    assert not again.created and again.uid == product.uid
+    assert list(RunStore(str(processed)).open(runs=False)) == [uid]
+
+
+def test_an_unfinished_product_is_replaced(site, tmp_path):
+    processed = tmp_path / "processed"
+    uid = site["masked"]
+    container = RunStore(str(processed)).open(runs=False)
+    container.create_container(key=uid, metadata={"status": "writing", "uid": "half"})
+    product = process_run(uid, runs=site["runs"], processed=processed,
+                          registry=site["registry"])
+    assert product.created and product.uid != "half"
+    np.testing.assert_array_equal(product.dense(processed, DET), _expected(site, uid))
+
+
+def test_run_without_masks_fails_clearly_or_resolves_as_of_its_start(site, tmp_path):
+    uid = site["unmasked"]
+    with pytest.raises(MaskNotFoundError, match=f"Run {uid} recorded no masks"):
+        plan_processing(uid, runs=site["runs"], registry=site["registry"])
+    product = process_run(uid, runs=site["runs"], processed=tmp_path / "p",
+                          registry=site["registry"], masks={DET: ["gaps"]})
+    md = _product(tmp_path / "p", uid).metadata
+    assert DET in md["masks_resolved_as_of"]
+    assert md["masks"][DET]["names"] == ["gaps"]
+    raw = site["store"][uid]["primary"][DET].read()
+    gaps = site["registry"].get_mask(DET, "gaps").compute()
+    np.testing.assert_array_equal(product.dense(tmp_path / "p", DET),
+                                  raw * gaps.astype(raw.dtype))
+
+
+def test_unknown_run_and_unfinished_run_and_missing_frames(site, tmp_path):
+    with pytest.raises(ProcessingError, match="No run no-such-run in"):
+        plan_processing("no-such-run", runs=site["runs"], registry=site["registry"])
+
+    # A run written without its stop, and one whose stop counts more events.
+    store = open_run_store(tmp_path / "runs")
+    writer = TiledWriter(store)
+    uids = []
+    for stop_events in (None, 4):
+        bundle = compose_run(metadata={"masks": site["store"][site["masked"]]
+                                       .metadata["start"]["masks"]})
+        writer("start", bundle.start_doc)
+        desc = bundle.compose_descriptor(
+            name="primary",
+            data_keys={DET: {"source": "sim", "dtype": "array", "shape": list(SHAPE),
+                             "dtype_numpy": "<u4"}})
+        writer("descriptor", desc.descriptor_doc)
+        for i in range(2):
+            writer("event", desc.compose_event(data={DET: np.full(SHAPE, i + 1, np.uint32)},
+                                               timestamps={DET: 0.0}))
+        if stop_events is not None:
+            stop = bundle.compose_stop()
+            writer("stop", {**stop, "num_events": {"primary": stop_events}})
+        uids.append(bundle.start_doc["uid"])
+    with pytest.raises(ProcessingError, match="has no stop document"):
+        plan_processing(uids[0], runs=store, registry=site["registry"])
+    with pytest.raises(ProcessingError, match="missing frames: its stop document counts 4"):
+        plan_processing(uids[1], runs=store, registry=site["registry"])
+    assert list(RunStore(str(tmp_path / "nothing")).open(runs=False)) == []
+    store.context.close()
+
+
+def test_distributed_local_cluster_gives_the_same_product(site, tmp_path):
+    from distributed import Client, LocalCluster
+
+    uid = site["masked"]
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None, host="127.0.0.1") as cluster, \
+            Client(cluster) as client:
+        product = process_run(uid, runs=RunStore(str(site["runs"])),
+                              processed=tmp_path / "processed", registry=site["registry"],
+                              client=client, frames_per_chunk=1)
+        workers = len(client.nthreads())
+    assert product.created and workers == 2
+    np.testing.assert_array_equal(product.dense(tmp_path / "processed", DET),
+                                  _expected(site, uid))
+
+
+def test_prefect_flow_processes_the_run_its_stop_document_ends(site, tmp_path, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from bluesky_callbacks.workflows import end_of_run_workflow
+
+    monkeypatch.setenv("CHX_MASKS_DIR", str(site["root"] / "registry"))
+    monkeypatch.delenv("CHX_MASKS_URI", raising=False)
+    monkeypatch.delenv("CHX_MASKS_PROFILE", raising=False)
+    import chx_masks
+
+    chx_masks.set_default_registry(site["registry"])
+    uid = site["masked"]
+    stop_doc = site["store"][uid].metadata["stop"]
+    processed = tmp_path / "processed"
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            state = end_of_run_workflow(stop_doc, runs=str(site["runs"]),
+                                        processed=str(processed), return_state=True)
+            assert state.is_completed(), state
+            product_uid = state.result()
+            again = end_of_run_workflow(stop_doc, runs=str(site["runs"]),
+                                        processed=str(processed))
+            failed = end_of_run_workflow({"run_start": site["unmasked"]},
+                                         runs=str(site["runs"]), processed=str(processed),
+                                         return_state=True)
+    finally:
+        chx_masks.set_default_registry(None)
+    node = _product(processed, uid)
+    assert node.metadata["uid"] == product_uid == again
+    assert node.metadata["flow_run_id"]  # the Prefect flow run that wrote it
+    assert node.metadata["masks"] == site["store"][uid].metadata["start"]["masks"]
+    np.testing.assert_array_equal(node[DET].read().todense(), _expected(site, uid))
+    assert failed.is_failed()
+    with pytest.raises(MaskNotFoundError, match="recorded no masks"):
+        failed.result()
+
+
+def test_process_command(site, tmp_path):
+    processed = tmp_path / "processed"
+    uid = site["masked"]
+    args = ["--dir", str(site["root"] / "registry"), "process", uid,
+            "--runs", str(site["runs"]), "--processed", str(processed)]
+    result = CliRunner().invoke(main, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["parent_uid"] == uid and report["created"] is True
+    np.testing.assert_array_equal(_product(processed, uid)[DET].read().todense(),
+                                  _expected(site, uid))
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "already processed" in again.output
+
+    refused = CliRunner().invoke(main, ["--dir", str(site["root"] / "registry"), "process",
+                                        site["unmasked"], "--runs", str(site["runs"]),
+                                        "--processed", str(processed)])
+    assert refused.exit_code == 1
+    assert refused.output.startswith("chx-masks: ") and "recorded no masks" in refused.output
+    assert site["unmasked"] not in list(RunStore(str(processed)).open(runs=False))
