@@ -26,8 +26,10 @@ embedded default).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +41,13 @@ from chx_masks import RegistryUnavailableError, default_registry
 
 from ._process import ProcessedRun, ProcessingPlan, RunStore, plan_processing, write_product
 
-__all__ = ["end_of_run_workflow", "plan_run", "runs_store", "processed_store",
-           "write_masked_product"]
+__all__ = ["DEPLOYMENT", "EndOfRunTrigger", "end_of_run_workflow", "plan_run",
+           "processed_store", "runs_store", "write_masked_product"]
+
+#: The deployment ``deploy/prefect.yaml`` creates: "<flow name>/<deployment name>".
+DEPLOYMENT = "chx-masks-end-of-run/chx-masks-end-of-run"
+
+logger = logging.getLogger(__name__)
 
 
 def _default_directory() -> Path:
@@ -159,3 +166,64 @@ def end_of_run_workflow(stop_doc: dict, runs: str | None = None,
     plan = plan_run(run_uid, source, masks=masks)
     product = write_masked_product(plan, source, target, dask_address)
     return product.uid
+
+
+class EndOfRunTrigger:
+    """A RunEngine callback that starts the end-of-run flow when a run ends.
+
+    On each stop document it asks the Prefect server (``PREFECT_API_URL``)
+    for a run of ``deployment`` with the stop document as its parameter, and
+    returns at once: the flow runs on the work pool's workers, never in the
+    scan. The request is made on a thread of its own; a failure (Prefect
+    down, deployment missing) is logged and never reaches the RunEngine.
+
+    Parameters
+    ----------
+    deployment : str
+        ``"<flow name>/<deployment name>"``.
+    parameters : dict, optional
+        Further flow parameters (``runs``, ``processed``, ``masks``,
+        ``dask_address``).
+    only_successful : bool
+        Skip runs whose exit status is not "success".
+
+    Examples
+    --------
+    >>> RE.subscribe(EndOfRunTrigger())  # doctest: +SKIP
+    """
+
+    def __init__(self, deployment: str = DEPLOYMENT, *,
+                 parameters: Mapping[str, Any] | None = None,
+                 only_successful: bool = False) -> None:
+        self.deployment = deployment
+        self.parameters = dict(parameters or {})
+        self.only_successful = only_successful
+        self.requests: list[Future] = []  # one per stop document: the flow run's id
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chx-masks-trigger")
+
+    def __call__(self, name: str, doc: dict) -> None:
+        if name != "stop":
+            return
+        if self.only_successful and doc.get("exit_status") != "success":
+            return
+        future = self._pool.submit(self._request, dict(doc))
+        future.add_done_callback(self._report)
+        self.requests.append(future)
+
+    def _request(self, stop_doc: dict) -> str:
+        from prefect.deployments import run_deployment
+
+        flow_run = run_deployment(self.deployment,
+                                  parameters={"stop_doc": stop_doc, **self.parameters},
+                                  timeout=0)
+        return str(flow_run.id)
+
+    def _report(self, future: Future) -> None:
+        err = future.exception()
+        if err is not None:
+            logger.error("End-of-run flow %s not started: %s: %s", self.deployment,
+                         type(err).__name__, err)
+
+    def close(self) -> None:
+        """Wait for the requests already made, then stop the thread."""
+        self._pool.shutdown(wait=True)

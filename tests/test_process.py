@@ -189,41 +189,87 @@ def test_distributed_local_cluster_gives_the_same_product(site, tmp_path):
                                   _expected(site, uid))
 
 
-def test_prefect_flow_processes_the_run_its_stop_document_ends(site, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def prefect_server():
+    """Prefect's test harness: a temporary local Prefect server and database."""
     from prefect.testing.utilities import prefect_test_harness
 
-    from bluesky_callbacks.workflows import end_of_run_workflow
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
 
-    monkeypatch.setenv("CHX_MASKS_DIR", str(site["root"] / "registry"))
-    monkeypatch.delenv("CHX_MASKS_URI", raising=False)
-    monkeypatch.delenv("CHX_MASKS_PROFILE", raising=False)
+
+@pytest.fixture
+def default_is_site_registry(site):
     import chx_masks
 
     chx_masks.set_default_registry(site["registry"])
+    yield
+    chx_masks.set_default_registry(None)
+
+
+def test_prefect_flow_processes_the_run_its_stop_document_ends(
+        site, tmp_path, prefect_server, default_is_site_registry):
+    from bluesky_callbacks.workflows import end_of_run_workflow
+
     uid = site["masked"]
     stop_doc = site["store"][uid].metadata["stop"]
     processed = tmp_path / "processed"
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            state = end_of_run_workflow(stop_doc, runs=str(site["runs"]),
-                                        processed=str(processed), return_state=True)
-            assert state.is_completed(), state
-            product_uid = state.result()
-            again = end_of_run_workflow(stop_doc, runs=str(site["runs"]),
-                                        processed=str(processed))
-            failed = end_of_run_workflow({"run_start": site["unmasked"]},
-                                         runs=str(site["runs"]), processed=str(processed),
-                                         return_state=True)
-    finally:
-        chx_masks.set_default_registry(None)
+    where = {"runs": str(site["runs"]), "processed": str(processed)}
+    state = end_of_run_workflow(stop_doc, **where, return_state=True)
+    assert state.is_completed(), state
+    product_uid = state.result()
+    again = end_of_run_workflow(stop_doc, **where)
+    failed = end_of_run_workflow({"run_start": site["unmasked"]}, **where, return_state=True)
+
     node = _product(processed, uid)
-    assert node.metadata["uid"] == product_uid == again
-    assert node.metadata["flow_run_id"]  # the Prefect flow run that wrote it
+    assert node.metadata["uid"] == product_uid == again  # one product, however often run
+    assert node.metadata["flow_run_id"] == str(state.state_details.flow_run_id)
     assert node.metadata["masks"] == site["store"][uid].metadata["start"]["masks"]
     np.testing.assert_array_equal(node[DET].read().todense(), _expected(site, uid))
     assert failed.is_failed()
     with pytest.raises(MaskNotFoundError, match="recorded no masks"):
         failed.result()
+    assert site["unmasked"] not in list(RunStore(str(processed)).open(runs=False))
+
+
+def test_deployment_file_and_the_trigger_on_stop_documents(site, prefect_server):
+    """deploy/prefect.yaml names the flow; EndOfRunTrigger asks for one run per stop."""
+    import yaml
+    from bluesky import RunEngine
+    from prefect.client.orchestration import get_client
+    from prefect.flows import load_flow_from_entrypoint
+
+    from bluesky_callbacks.workflows import DEPLOYMENT, EndOfRunTrigger, end_of_run_workflow
+
+    repo = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((repo / "deploy" / "prefect.yaml").read_text())
+    [deployment] = config["deployments"]
+    loaded = load_flow_from_entrypoint(str(repo / deployment["entrypoint"]))
+    assert loaded.name == end_of_run_workflow.name
+    assert f"{loaded.name}/{deployment['name']}" == DEPLOYMENT
+    assert deployment["work_pool"]["name"] == "chx-masks-process"
+
+    end_of_run_workflow.to_deployment(name=deployment["name"]).apply()
+    trigger = EndOfRunTrigger(parameters={"runs": str(site["runs"])})
+    missing = EndOfRunTrigger("no-such-flow/nowhere")
+    engine = RunEngine({})
+    engine.subscribe(trigger)
+    engine.subscribe(missing)
+    try:
+        (uid,) = engine(count([sim_eiger500k()], num=1))  # the scan is not held up
+    finally:
+        engine.loop.call_soon_threadsafe(engine.loop.stop)
+        engine._th.join(timeout=5)
+        engine.loop.close()
+    trigger.close()
+    missing.close()
+    [request] = trigger.requests
+    with get_client(sync_client=True) as prefect:
+        flow_run = prefect.read_flow_run(request.result())
+    assert flow_run.parameters["stop_doc"]["run_start"] == uid
+    assert flow_run.parameters["runs"] == str(site["runs"])
+    assert flow_run.state.is_scheduled()
+    assert missing.requests[0].exception() is not None  # logged, never raised into the scan
 
 
 def test_process_command(site, tmp_path):
