@@ -31,8 +31,8 @@ import numpy as np
 
 from chx_masks import ChxMasksError, CompositeMask, MaskNotFoundError, MaskRegistry
 
-__all__ = ["ProcessedRun", "ProcessingError", "RunStore", "plan_processing", "process_run",
-           "write_product"]
+__all__ = ["ProcessedRun", "ProcessingError", "RunStore", "StoreUnavailableError",
+           "plan_processing", "process_run", "write_product"]
 
 #: Raw bytes of one chunk of frames, before masking (bounds worker memory).
 CHUNK_BYTES = 64 << 20
@@ -45,6 +45,10 @@ _WRITING = "writing"
 
 class ProcessingError(ChxMasksError):
     """A stored run cannot be processed as it is (unfinished, frames missing, ...)."""
+
+
+class StoreUnavailableError(ProcessingError):
+    """The tiled server holding runs or products did not answer (worth retrying)."""
 
 
 # ------------------------------------------------------------------ stores
@@ -96,7 +100,21 @@ def _open_store(store: RunStore, runs: bool) -> Any:
     from ._replay import open_run_store
 
     if store.remote:
-        return from_uri(store.location, api_key=store.api_key)
+        import httpx
+
+        try:
+            return from_uri(store.location, api_key=store.api_key)
+        except (httpx.TransportError, OSError) as err:
+            raise StoreUnavailableError(
+                f"Cannot reach the tiled server at {store.location} "
+                f"({type(err).__name__}): check that it runs and the URI is right."
+            ) from err
+        except httpx.HTTPStatusError as err:
+            raise ProcessingError(
+                f"The tiled server at {store.location} refused the connection "
+                f"(HTTP {err.response.status_code}): give an API key that may read "
+                "(runs) or write (products) there."
+            ) from None
     if runs:
         return open_run_store(store.location, readable_storage=store.readable_storage)
     return open_embedded(Path(store.location))

@@ -39,7 +39,14 @@ from prefect.runtime import flow_run
 
 from chx_masks import RegistryUnavailableError, default_registry
 
-from ._process import ProcessedRun, ProcessingPlan, RunStore, plan_processing, write_product
+from ._process import (
+    ProcessedRun,
+    ProcessingPlan,
+    RunStore,
+    StoreUnavailableError,
+    plan_processing,
+    write_product,
+)
 
 __all__ = ["DEPLOYMENT", "EndOfRunTrigger", "end_of_run_workflow", "plan_run",
            "processed_store", "runs_store", "write_masked_product"]
@@ -90,7 +97,8 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
 
     try:
         state.result()
-    except (RegistryUnavailableError, httpx.TransportError, ConnectionError, TimeoutError):
+    except (RegistryUnavailableError, StoreUnavailableError, httpx.TransportError,
+            ConnectionError, TimeoutError):
         return True
     except Exception:
         return False

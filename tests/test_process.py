@@ -24,6 +24,7 @@ from bluesky_callbacks import MaskProvenance, open_run_store
 from bluesky_callbacks._process import (
     ProcessingError,
     RunStore,
+    StoreUnavailableError,
     plan_processing,
     process_run,
 )
@@ -144,6 +145,9 @@ def test_run_without_masks_fails_clearly_or_resolves_as_of_its_start(site, tmp_p
 def test_unknown_run_and_unfinished_run_and_missing_frames(site, tmp_path):
     with pytest.raises(ProcessingError, match="No run no-such-run in"):
         plan_processing("no-such-run", runs=site["runs"], registry=site["registry"])
+    nobody = "http://127.0.0.1:9/api/v1"  # nothing listens on the discard port
+    with pytest.raises(StoreUnavailableError, match=f"Cannot reach the tiled server at {nobody}"):
+        plan_processing(site["masked"], runs=nobody, registry=site["registry"])
 
     # A run written without its stop, and one whose stop counts more events.
     store = open_run_store(tmp_path / "runs")
