@@ -334,7 +334,7 @@ def _in_flight(
         futures[client.submit(fn, *args, pure=False)] = index
         if len(futures) >= window:
             break
-    running = as_completed(list(futures))
+    running = as_completed(list(futures), loop=client.loop)
     for future in running:
         index = futures.pop(future)
         result = future.result()

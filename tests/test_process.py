@@ -11,6 +11,7 @@ Prefect server), and the ``chx-masks process`` command.
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from bluesky_callbacks._process import (
 from bluesky_callbacks.sim import sim_eiger500k
 from chx_masks import MaskNotFoundError, MaskRegistry
 from chx_masks._cli import main
+from conftest import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -177,20 +179,71 @@ def test_unknown_run_and_unfinished_run_and_missing_frames(site, tmp_path):
     store.context.close()
 
 
-def test_distributed_local_cluster_gives_the_same_product(site, tmp_path):
+@pytest.fixture(scope="module")
+def cluster_client():
+    """A dask.distributed LocalCluster of two worker processes on loopback."""
     from distributed import Client, LocalCluster
 
-    uid = site["masked"]
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=None, host="127.0.0.1") as cluster, \
-            Client(cluster) as client:
-        product = process_run(uid, runs=RunStore(str(site["runs"])),
-                              processed=tmp_path / "processed", registry=site["registry"],
-                              client=client, frames_per_chunk=1)
-        workers = len(client.nthreads())
-    assert product.created and workers == 2
+            Client(cluster, set_as_default=False) as client:
+        # Not the default scheduler: tiled's own reads in this process stay local.
+        yield client
+
+
+def test_distributed_local_cluster_gives_the_same_product(site, tmp_path, cluster_client):
+    uid = site["masked"]
+    product = process_run(uid, runs=RunStore(str(site["runs"])),
+                          processed=tmp_path / "processed", registry=site["registry"],
+                          client=cluster_client, frames_per_chunk=1)
+    assert product.created and len(cluster_client.nthreads()) == 2
     np.testing.assert_array_equal(product.dense(tmp_path / "processed", DET),
                                   _expected(site, uid))
+    with pytest.raises(ProcessingError, match="needs the run store as a RunStore or path"):
+        process_run(uid, runs=site["store"], processed=tmp_path / "other",
+                    registry=site["registry"], client=cluster_client)
+
+
+@pytest.fixture
+def tiled_process(tmp_path):
+    """A tiled server in its own process (one server's key per process: see conftest)."""
+    server = ServerProcess(tmp_path / "server")
+    yield server
+    server.stop()
+
+
+def test_runs_and_products_on_a_tiled_server_processed_on_a_cluster(
+        site, tiled_process, cluster_client):
+    """The facility layout: runs and products on a tiled server, workers reading it."""
+    from bluesky import RunEngine
+    from tiled.client import from_uri
+
+    tiled_server = tiled_process
+    suffix = uuid.uuid4().hex[:8]
+    root = from_uri(tiled_server.uri, api_key=tiled_server.api_key)
+    runs_node = root.create_container(key=f"runs-{suffix}")
+    root.create_container(key=f"processed-{suffix}")
+    engine = RunEngine({})
+    engine.preprocessors.append(MaskProvenance(site["registry"], masks={DET: ["gaps"]}))
+    engine.subscribe(TiledWriter(runs_node))
+    try:
+        (uid,) = engine(count([sim_eiger500k()], num=4))
+    finally:
+        engine.loop.call_soon_threadsafe(engine.loop.stop)
+        engine._th.join(timeout=5)
+        engine.loop.close()
+    base = f"http://127.0.0.1:{tiled_server.port}/api/v1/metadata"
+    runs = RunStore(f"{base}/runs-{suffix}", api_key=tiled_server.api_key)
+    processed = RunStore(f"{base}/processed-{suffix}", api_key=tiled_server.api_key)
+    product = process_run(uid, runs=runs, processed=processed, registry=site["registry"],
+                          client=cluster_client, frames_per_chunk=3)
+    node = root[f"processed-{suffix}"][uid]
+    assert node.metadata["uid"] == product.uid and node.metadata["parent_uid"] == uid
+    assert node[DET].structure().chunks[0] == (3, 1)
+    raw = runs_node[uid]["primary"][DET].read()
+    gaps = site["registry"].get_mask(DET, "gaps").compute()
+    np.testing.assert_array_equal(node[DET].read().todense(), raw * gaps.astype(raw.dtype))
+    root.context.close()
 
 
 @pytest.fixture(scope="module")
