@@ -50,7 +50,7 @@ NAMES_4M = ["module_gaps", "chip_lines", "beamstop", "hot_pixels"]
 NAMES_1M = ["module_gaps", "beamstop", "hot_pixels"]
 MiB = 1 << 20
 
-MEASUREMENTS = ("live", "peer", "run_start", "scale", "replay", "memory")
+MEASUREMENTS = ("live", "peer", "run_start", "scale", "replay", "memory", "process")
 
 
 # --------------------------------------------------------------------------- results
@@ -1018,6 +1018,108 @@ def bench_memory(fx: Fixtures, quick: bool) -> list[Ratio]:
     return results
 
 
+# --------------------------------------------------------------------------- 7. process
+
+
+def child_process(kind: str, registry_dir: str, runs_dir: str, processed_dir: str,
+                  uid: str, frames_per_chunk: str) -> None:
+    """In a fresh process: end-of-run processing of one stored run; time and peak RSS.
+
+    ``ours`` is ``process_run`` (chunks in flight, bounded); ``naive`` reads the
+    whole run, multiplies, finds the non-zero pixels and writes one sparse block.
+    """
+    from bluesky_callbacks import RunStore, process_run
+    from chx_masks import MaskRegistry
+
+    reg = MaskRegistry.embedded(registry_dir)
+    runs = RunStore(runs_dir).open()
+    processed = RunStore(processed_dir).open(runs=False)
+    start = runs[uid].metadata["start"]
+    mask = reg.composite_from_uids(start["masks"][K1M]["uids"]).mask
+    gc.collect()
+    baseline = proc_status("VmRSS")
+    reset = True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        reset = False
+    begin = time.perf_counter()
+    if kind == "ours":
+        product = process_run(uid, runs=runs, processed=processed, registry=reg,
+                              frames_per_chunk=int(frames_per_chunk))
+        nonzero = product.nonzero[K1M]
+    else:
+        frames = runs[uid]["primary"][K1M].read()
+        masked = frames * mask.astype(frames.dtype)
+        coords = np.nonzero(masked)
+        data = masked[coords]
+        processed.write_sparse(coords=np.stack(coords).astype(np.uint16), data=data,
+                               shape=masked.shape, key=uid)
+        nonzero = int(data.size)
+    seconds = time.perf_counter() - begin
+    peak = proc_status("VmHWM")
+    reg.close()
+    print(json.dumps({"seconds": seconds, "extra": peak - baseline, "nonzero": nonzero,
+                      "hwm_reset": reset}))
+
+
+def bench_process(fx: Fixtures, quick: bool) -> list[Ratio]:
+    from bluesky.plans import count
+    from bluesky_tiled_plugins import TiledWriter
+
+    from bluesky_callbacks import MaskProvenance, open_run_store
+    from bluesky_callbacks.sim import sim_eiger1m
+
+    short, long_ = (8, 32) if quick else (20, 80)
+    per_chunk = 2
+    reg = fx.registry()
+    RE = fx.run_engine()
+    runs_dir = fx.root / "runs-process"
+    store = open_run_store(runs_dir)
+    uids = {}
+    token = RE.subscribe(TiledWriter(store))
+    RE.preprocessors[:] = [MaskProvenance(reg, masks={K1M: NAMES_1M})]
+    try:
+        for n in (short, long_):
+            begin = time.perf_counter()
+            (uids[n],) = RE(count([sim_eiger1m()], num=n))
+            line(f"stored {n} inline eiger1m frames in {time.perf_counter() - begin:.1f} s")
+    finally:
+        RE.unsubscribe(token)
+        RE.preprocessors[:] = []
+        store.context.close()
+    frame_bytes = int(np.prod(SHAPE_1M)) * 4
+    got: dict[tuple[str, int], dict] = {}
+    for n in (short, long_):
+        for kind in ("ours", "naive"):  # interleaved, each in a fresh process
+            out = fx.root / f"processed-{kind}-{n}"
+            got[(kind, n)] = run_child("process", kind, str(fx.registry_dir()), str(runs_dir),
+                                       str(out), uids[n], str(per_chunk))
+            r = got[(kind, n)]
+            line(f"{kind:5s} {n:3d} frames ({n * frame_bytes / MiB:.0f} MiB raw): "
+                 f"{r['seconds']:.2f} s, peak +{r['extra'] / MiB:.0f} MiB, "
+                 f"{r['nonzero']} non-zero pixels stored")
+    if got[("ours", long_)]["nonzero"] != got[("naive", long_)]["nonzero"]:
+        raise AssertionError("the two contenders stored different pixels")
+    results = [
+        judged("process", f"extra peak RSS, {long_} / {short} frames, process_run",
+               got[("ours", long_)]["extra"] / got[("ours", short)]["extra"], "<= 1.5",
+               numbers={f"extra_{n}": got[("ours", n)]["extra"] for n in (short, long_)}),
+        judged("process", f"extra peak RSS, {long_} / {short} frames, read-it-all",
+               got[("naive", long_)]["extra"] / got[("naive", short)]["extra"], None,
+               numbers={f"extra_{n}": got[("naive", n)]["extra"] for n in (short, long_)}),
+        judged("process", f"extra peak RSS at {long_} frames, process_run / read-it-all",
+               got[("ours", long_)]["extra"] / got[("naive", long_)]["extra"], None),
+        judged("process", f"seconds at {long_} frames, process_run / read-it-all",
+               got[("ours", long_)]["seconds"] / got[("naive", long_)]["seconds"], None,
+               numbers={"ours_s": got[("ours", long_)]["seconds"],
+                        "naive_s": got[("naive", long_)]["seconds"]}),
+    ]
+    for result in results:
+        show(result)
+    return results
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1092,7 +1194,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         with quiet():
             kind, *rest = args.child
-            {"cold": child_cold, "memory": child_memory}[kind](*rest)
+            {"cold": child_cold, "memory": child_memory,
+             "process": child_process}[kind](*rest)
         return 0
 
     info = machine_info()
@@ -1116,13 +1219,15 @@ def main(argv: list[str] | None = None) -> int:
         "scale": "scale: get_mask_uid / resolve_composite with 10 vs 10,000 masks",
         "replay": "replay: masked_frames of a stored eiger1m run vs the same frames unmasked",
         "memory": "memory: peak RSS of the live router over a 4M scan",
+        "process": "process: end-of-run sparse product, bounded chunks vs read-it-all",
     }
     runners = {"live": lambda fx: bench_live(fx, args.quick, args.profile),
                "peer": lambda fx: bench_peer(fx, args.quick),
                "run_start": lambda fx: bench_run_start(fx, args.quick),
                "scale": lambda fx: bench_scale(fx, args.quick),
                "replay": lambda fx: bench_replay(fx, args.quick),
-               "memory": lambda fx: bench_memory(fx, args.quick)}
+               "memory": lambda fx: bench_memory(fx, args.quick),
+               "process": lambda fx: bench_process(fx, args.quick)}
     results: list[Ratio] = []
     errors: dict[str, str] = {}
     timings: dict[str, float] = {}
