@@ -349,3 +349,20 @@ def test_process_command(site, tmp_path):
     assert refused.exit_code == 1
     assert refused.output.startswith("chx-masks: ") and "recorded no masks" in refused.output
     assert site["unmasked"] not in list(RunStore(str(processed)).open(runs=False))
+
+
+def test_the_flow_retries_only_failures_that_may_pass():
+    from prefect.states import Completed, Failed
+
+    from bluesky_callbacks.workflows import _transient
+    from chx_masks import RegistryUnavailableError
+
+    transient = [StoreUnavailableError("tiled did not answer"),
+                 RegistryUnavailableError("registry did not answer"), TimeoutError("slow")]
+    final = [MaskNotFoundError("no masks"), ProcessingError("missing frames"),
+             ValueError("a bug")]
+    for err in transient:
+        assert _transient(None, None, Failed(data=err)), err
+    for err in final:
+        assert not _transient(None, None, Failed(data=err)), err
+    assert not _transient(None, None, Completed(data=1))
