@@ -7,6 +7,7 @@ once per run (one query per detector) and never reads an array twice.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -49,8 +50,31 @@ def _check_masks(masks: Mapping[str, Sequence[str]] | None, what: str) -> dict[s
             raise MaskValidationError(
                 f"{what}[{key!r}] must be a list of mask names, not {names!r}."
             )
-        checked[str(key)] = [str(n) for n in names]
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad:
+            raise MaskValidationError(
+                f"{what}[{key!r}] must hold mask names (strings); {bad[0]!r} is a "
+                f"{type(bad[0]).__name__}."
+            )
+        checked[str(key)] = list(names)
     return checked
+
+
+def _check_options(registry: Any, timeout: float | None) -> None:
+    """Refuse a registry or timeout that would only fail later, at every run start."""
+    if not (isinstance(registry, MaskRegistry) or callable(registry)):
+        hint = (f" For a tiled server use MaskRegistry.from_uri({registry!r})."
+                if isinstance(registry, str) else "")
+        raise MaskValidationError(
+            f"registry must be a MaskRegistry or a function that returns one, not "
+            f"{type(registry).__name__} {registry!r}.{hint}"
+        )
+    if timeout is not None and not (isinstance(timeout, (int, float))
+                                    and math.isfinite(timeout) and timeout > 0):
+        raise MaskValidationError(
+            f"timeout must be a positive number of seconds (or None to wait for ever), "
+            f"not {timeout!r}."
+        )
 
 
 def _used(
@@ -158,6 +182,7 @@ class MaskProvenance:
             raise MaskValidationError(
                 f"on_unavailable must be 'raise' or 'record', not {on_unavailable!r}."
             )
+        _check_options(registry, timeout)
         self._registry = registry
         self.masks = _check_masks(masks, "masks")
         self.active = active

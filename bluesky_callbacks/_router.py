@@ -22,7 +22,7 @@ from chx_masks import ChxMasksError, CompositeMask, MaskIntegrityError, MaskRegi
 
 from ._deadline import DEFAULT_TIMEOUT, call_with_deadline
 from ._kernel import FrameBuffers, Multiplier
-from ._provenance import MASK_ERROR_KEY, _check_masks
+from ._provenance import MASK_ERROR_KEY, _check_masks, _check_options
 
 __all__ = ["MaskingRouter"]
 
@@ -122,6 +122,7 @@ class MaskingRouter:
             raise ValueError(
                 f"unmasked_streams must be 'pass' or 'drop', not {unmasked_streams!r}."
             )
+        _check_options(registry, timeout)
         self._registry = registry
         self.downstream = _as_callables(downstream)
         self.masks = _check_masks(masks, "masks")

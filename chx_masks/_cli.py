@@ -413,9 +413,14 @@ _file_command("update", True, "Add the next version of DETECTOR/NAME from FILE (
 def import_(state: _State, detector: str, files: tuple[Path, ...], fmt: str | None,
             convention: str | None, dataset: str | None, update_existing: bool,
             as_json: bool) -> None:
-    """Register many mask FILES for DETECTOR, each named after its file stem."""
+    """Register many mask FILES for DETECTOR, each named after its file stem.
+
+    Every file is read and checked first: one bad file refuses the whole
+    import, and nothing is registered.
+    """
+    from ._content import check_name
     from ._errors import MaskExistsError
-    from .io import register_from_file
+    from .io import _read_for, register_with_source
 
     reg = state.registry
     reg.get_detector(detector)
@@ -423,19 +428,23 @@ def import_(state: _State, detector: str, files: tuple[Path, ...], fmt: str | No
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise MaskValidationError(f"Several files would be named {repeated}; rename them.")
+    for name in names:  # a bad name refuses the import before anything is written
+        check_name(name, "mask name (the file's stem)")
+    loaded = [(path, *_read_for(reg, detector, path, _read_kw(fmt, convention, dataset))[:2])
+              for path in files]
     done: list[dict[str, Any]] = []
-    with click.progressbar(files, label="importing", file=sys.stderr) as bar:
-        for path in bar:
-            kw = _read_kw(fmt, convention, dataset)
+    with click.progressbar(loaded, label="importing", file=sys.stderr) as bar:
+        for path, array, source in bar:
             try:
-                uid = register_from_file(reg, detector, path.stem, path, **kw)
+                uid = register_with_source(reg, detector, path.stem, array, source)
                 outcome = "registered"
             except MaskExistsError:
                 if not update_existing:
                     done.append({"file": str(path), "name": path.stem, "outcome": "skipped",
                                  "uid": None, "version": None})
                     continue
-                uid = register_from_file(reg, detector, path.stem, path, update=True, **kw)
+                uid = register_with_source(reg, detector, path.stem, array, source,
+                                           update=True)
                 outcome = "updated"
             done.append({"file": str(path), "name": path.stem, "outcome": outcome, "uid": uid,
                          "version": reg.describe(uid).version})

@@ -115,6 +115,10 @@ def check_name(value: Any, what: str = "mask name") -> str:
     return value
 
 
+#: The largest metadata (as JSON) stored with one mask version.
+MAX_METADATA_BYTES = 256 * 1024
+
+
 def check_metadata(metadata: Any) -> dict[str, Any]:
     """Return a JSON-clean copy of user metadata, or raise.
 
@@ -148,12 +152,30 @@ def check_metadata(metadata: Any) -> dict[str, Any]:
     try:
         text = json.dumps(dict(metadata), allow_nan=False)
     except (TypeError, ValueError) as err:
+        where = next((k for k, v in metadata.items() if not _json_ok(v)), None)
+        at = f" (key {where!r})" if where is not None else ""
         raise MaskValidationError(
             f"metadata must be JSON-serializable (str, numbers, bool, None, lists "
-            f"and dicts; no NaN/inf): {err}. Convert the offending value, e.g. "
+            f"and dicts; no NaN/inf): {err}{at}. Convert the offending value, e.g. "
             "a numpy scalar with .item() or a datetime with .isoformat()."
         ) from err
+    if len(text) > MAX_METADATA_BYTES:
+        biggest = max(metadata, key=lambda k: len(json.dumps(metadata[k])))
+        raise MaskValidationError(
+            f"metadata is {len(text) / 1024:.0f} KiB as JSON; at most "
+            f"{MAX_METADATA_BYTES // 1024} KiB is stored with a mask (it is sent with "
+            f"every listing). The largest entry is {biggest!r}: register large data "
+            "as a mask or file of its own and put its uid or path in the metadata."
+        )
     return json.loads(text)
+
+
+def _json_ok(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def coerce_mask(
@@ -180,6 +202,11 @@ def coerce_mask(
         raise MaskValidationError(
             f"Cannot read {type(mask).__name__} as an array of bool: {err}."
         ) from err
+    if arr.size == 0:
+        raise MaskValidationError(
+            f"The mask is empty: shape {'x'.join(map(str, arr.shape))}; a mask of "
+            f"{detector} is {'x'.join(map(str, shape))} pixels."
+        )
     if arr.dtype == object:
         raise MaskValidationError(
             "A mask must be a 2-D array of bool; this one has dtype object "

@@ -309,13 +309,18 @@ def crew_worker(uri, api_key, cache_dir, index, barrier, commands, results, stop
     except BaseException as err:
         results.put((index, "crashed", *_failure(err), None, None))
     finally:
-        if registry is not None:
-            registry.close()
-        results.close()
-        results.join_thread()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        close_worker(registry, results)
     os._exit(0)  # everything is reported and closed; skip the slow teardown
+
+
+def close_worker(registry: Any, results: Any) -> None:
+    """A worker process's last act: close its registry, deliver every report, flush."""
+    if registry is not None:
+        registry.close()
+    results.close()
+    results.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
 
 
 def _since(started: float | None) -> float | None:

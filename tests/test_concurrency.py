@@ -18,7 +18,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue as queue_module
-import sys
 import time
 import traceback
 import uuid
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import servers
 
 import chx_masks
 from chx_masks import BUILTIN_DETECTORS, MaskRegistry
@@ -129,12 +129,7 @@ def _crew_worker(kind, target, api_key, index, barriers, commands, results, stop
     except BaseException as err:
         results.put((index, "crashed", *_failure(err)))
     finally:
-        if registry is not None:
-            registry.close()
-        results.close()
-        results.join_thread()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        servers.close_worker(registry, results)
     # Everything is reported and closed; skip the interpreter's slow teardown.
     os._exit(0)
 
