@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,6 +29,18 @@ def _isolated_environment(tmp_path, monkeypatch):
     chx_masks.set_default_registry(None)
     yield
     chx_masks.set_default_registry(None)
+
+
+#: Figures a test module reports at the end of the run: {section title: {name: value}}.
+SUMMARY: dict[str, dict[str, Any]] = {}
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print SUMMARY after the tests (pytest no longer captures output then)."""
+    for title, figures in SUMMARY.items():
+        terminalreporter.write_sep("-", title)
+        for name, value in figures.items():
+            terminalreporter.write_line(f"  {name}: {value}")
 
 
 @pytest.fixture
@@ -83,6 +96,27 @@ class ServerProcess:
             self.process.kill()
             self.process.wait(timeout=30)
         self.process.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """Fresh PostgreSQL databases for this session; skip if there is no server."""
+    import servers
+
+    try:
+        pg = servers.Postgres.connect()
+    except servers.Unavailable as err:
+        pytest.skip(str(err))
+    yield pg
+    pg.close()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def backend(request) -> str:
+    """The catalog of a real server under test: SQLite, or PostgreSQL where it answers."""
+    if request.param == "postgresql":
+        request.getfixturevalue("postgres")  # skips here when unreachable
+    return request.param
 
 
 def server_node_uri(server, key: str) -> str:

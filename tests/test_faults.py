@@ -1,6 +1,7 @@
 """The registry's server goes away in the middle of a scan, and comes back.
 
-One `chx-masks serve --dir DIR` process on loopback holds the registry; the
+One `chx-masks serve --dir DIR` process on loopback holds the registry (its
+catalog in SQLite, and again in PostgreSQL where a server answers); the
 RunEngine runs in this process with `MaskProvenance` (policy "record") and a
 `MaskingRouter`, the way the IPython profile sets them up. The server is
 killed (SIGKILL: no clean shutdown) while a scan is taking frames, a second
@@ -36,7 +37,7 @@ from bluesky.plans import count
 from bluesky_callbacks import MaskingRouter, MaskProvenance
 from bluesky_callbacks.sim import sim_eiger500k
 from chx_masks import MaskRegistry, mask_sha256
-from conftest import Collector
+from conftest import SUMMARY, Collector
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -44,7 +45,6 @@ DET = "eiger500K_single_image"
 FRAMES = 8
 KILL_AFTER = 3  # frames taken before the server is killed
 TIMEOUT = 5.0  # seconds: the preprocessor's and router's registry deadline
-FIGURES: dict[str, Any] = {}
 
 
 def _free_port() -> int:
@@ -53,29 +53,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _print_figures():
-    yield
-    if FIGURES:
-        print("\n".join(["", "registry server lost mid-scan:",
-                         *(f"  {k}: {v}" for k, v in FIGURES.items())]))
-
-
 class Lifeline:
     """Start, kill and restart one `chx-masks serve --dir DIR` on a fixed port."""
 
-    def __init__(self, tmp_path) -> None:
+    def __init__(self, tmp_path, catalog: str | None) -> None:
         self.directory = tmp_path
         self.port = _free_port()
         self.key = secrets.token_hex(16)
         self.env = servers.clean_environment(TILED_SINGLE_USER_API_KEY=self.key)
+        self.args = ["--dir", str(self.directory / "registry")]
+        self.backend = "sqlite" if catalog is None else "postgresql"
+        if catalog is not None:
+            self.args += ["--catalog", catalog]
         self.server: servers.ServeProcess | None = None
         self.start()
 
     def start(self) -> None:
-        self.server = servers.ServeProcess(
-            ["--dir", str(self.directory / "registry")], directory=self.directory,
-            env=self.env, port=self.port)
+        self.server = servers.ServeProcess(self.args, directory=self.directory,
+                                           env=self.env, port=self.port)
 
     def kill(self) -> None:
         assert self.server is not None
@@ -88,9 +83,13 @@ class Lifeline:
 
 
 @pytest.fixture
-def lifeline(tmp_path, monkeypatch):
+def lifeline(backend, request, tmp_path, monkeypatch):
+    """The server on this backend's catalog (PostgreSQL: a fresh database)."""
     monkeypatch.setenv("CHX_MASKS_CACHE_DIR", str(tmp_path / "mask-cache"))
-    line = Lifeline(tmp_path)
+    catalog = None
+    if backend == "postgresql":
+        catalog = request.getfixturevalue("postgres").create("faults_catalog")
+    line = Lifeline(tmp_path, catalog)
     yield line
     if line.server is not None:
         line.server.stop()
@@ -121,6 +120,8 @@ def _expected(det, mask: np.ndarray, seq_nums: list[int]) -> list[np.ndarray]:
 
 
 def test_server_killed_mid_scan_then_back(RE, lifeline):
+    figures = SUMMARY.setdefault(
+        f"registry server lost mid-scan ({lifeline.backend} catalog)", {})
     registry = MaskRegistry.from_uri(lifeline.uri, api_key=lifeline.key, timeout=TIMEOUT)
     for name, mask in _masks().items():
         registry.register_mask(DET, name, mask)
@@ -162,7 +163,7 @@ def test_server_killed_mid_scan_then_back(RE, lifeline):
                          strict=True):
         np.testing.assert_array_equal(got, want)
     assert derived.stop()["exit_status"] == "success"
-    FIGURES["frames taken / masked in the scan that lost the server"] = (
+    figures["frames taken / masked in the scan that lost the server"] = (
         f"{raw.names().count('event')} / {len(frames1)} (killed after frame {KILL_AFTER})")
 
     # 2. A scan opened while the server is down.
@@ -183,8 +184,8 @@ def test_server_killed_mid_scan_then_back(RE, lifeline):
     assert "masks are unknown" in derived.stop()["reason"]
     # Bounded: the preprocessor and the router each wait at most TIMEOUT.
     assert down_seconds < 2 * TIMEOUT + 10, down_seconds
-    FIGURES["scan while down: seconds (deadline 2 x 5 s)"] = round(down_seconds, 1)
-    FIGURES["scan while down: recorded error"] = start2["mask_error"][:100]
+    figures["scan while down: seconds (deadline 2 x 5 s)"] = round(down_seconds, 1)
+    figures["scan while down: recorded error"] = start2["mask_error"][:100]
 
     # 3. The server comes back on the same directory and port.
     lifeline.start()
@@ -205,6 +206,6 @@ def test_server_killed_mid_scan_then_back(RE, lifeline):
                                disk_cache=False) as after_restart:
         after = _state(after_restart)
     assert after == before, "the crash lost or changed a registered mask"
-    FIGURES["masks lost or changed"] = sum(
+    figures["masks lost or changed"] = sum(
         1 for uid, digest in before["sha256"].items() if after["sha256"].get(uid) != digest)
-    FIGURES["runs that finished / started"] = "3 / 3"
+    figures["runs that finished / started"] = "3 / 3"

@@ -40,11 +40,14 @@ from click.testing import CliRunner
 
 import chx_masks
 from chx_masks import (
+    DetectorNotFoundError,
     MaskExistsError,
     MaskIntegrityError,
     MaskNotFoundError,
     MaskPermissionError,
     MaskRegistry,
+    MaskValidationError,
+    mask_sha256,
 )
 from chx_masks._cli import main
 
@@ -58,24 +61,6 @@ FIGURES: dict[str, dict[str, Any]] = {}
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def postgres():
-    """Fresh PostgreSQL databases for this session; skip if there is no server."""
-    try:
-        pg = servers.Postgres.connect()
-    except servers.Unavailable as err:
-        pytest.skip(str(err))
-    yield pg
-    pg.close()
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def backend(request) -> str:
-    if request.param == "postgresql":
-        request.getfixturevalue("postgres")  # skips here when unreachable
-    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -291,6 +276,75 @@ def test_refusal_names_the_missing_scopes(deployed):
         reader.register_detector(unique("pilatus"), (43, 31))
     reader.close()
     assert "create:node" in str(info.value)
+
+
+def _nan_mask() -> np.ndarray:
+    values = np.ones(servers.SHAPE)
+    values[3, 3] = np.nan
+    return values
+
+
+# (label, error, call(registry, name of an existing lineage), text the message must hold)
+BAD_INPUTS = [
+    ("wrong shape", MaskValidationError,
+     lambda r, n: r.register_mask(DET, unique("m"), np.ones((3, 4), bool)), "3x4"),
+    ("transposed", MaskValidationError,
+     lambda r, n: r.update_mask(DET, n, np.ones(servers.SHAPE[::-1], bool)), "1030x514"),
+    ("NaN", MaskValidationError,
+     lambda r, n: r.register_mask(DET, unique("m"), _nan_mask(), allow_binary=True), "NaN"),
+    ("path separator in a name", MaskValidationError,
+     lambda r, n: r.register_mask(DET, "a/b", servers.numbered_mask(1)), "'a/b'"),
+    ("newline in a name", MaskValidationError,
+     lambda r, n: r.register_mask(DET, "a\nb", servers.numbered_mask(1)), repr("a\nb")),
+    ("reserved metadata key", MaskValidationError,
+     lambda r, n: r.update_mask(DET, n, servers.numbered_mask(1), metadata={"uid": "x"}),
+     "'uid'"),
+    ("oversized metadata", MaskValidationError,
+     lambda r, n: r.update_mask(DET, n, servers.numbered_mask(1),
+                                metadata={"blob": "x" * 300_000}), "'blob'"),
+    ("unknown detector", DetectorNotFoundError,
+     lambda r, n: r.register_mask("pilatus_nowhere_image", "m", servers.numbered_mask(1)),
+     "pilatus_nowhere_image"),
+    ("unknown uid", MaskNotFoundError,
+     lambda r, n: r.get_mask_by_uid("00000000-0000-4000-8000-000000000000"),
+     "00000000-0000-4000-8000-000000000000"),
+    ("missing version", MaskNotFoundError, lambda r, n: r.get_mask(DET, n, version=9),
+     "no version 9"),
+    ("bad as_of", MaskValidationError, lambda r, n: r.get_mask_uid(DET, n, as_of="yesterday"),
+     "'yesterday'"),
+    ("register an existing name", MaskExistsError,
+     lambda r, n: r.register_mask(DET, n, servers.numbered_mask(1)), "<name>"),
+]
+
+
+def test_bad_input_on_the_shared_server_is_refused_and_writes_nothing(deployed):
+    """Bad inputs against the deployed server (SQLite and PostgreSQL catalogs)."""
+    writer = deployed.registry(deployed.writer_key)
+    name = unique("kept")
+    uid = writer.register_mask(DET, name, servers.numbered_mask(40), metadata={"sample": "a"})
+    digest = mask_sha256(servers.numbered_mask(40))
+    failures = []
+    for label, error, call, fragment in BAD_INPUTS:
+        fragment = name if fragment == "<name>" else fragment
+        before = _state(writer, name)
+        try:
+            call(writer, name)
+        except error as err:
+            if fragment not in str(err):
+                failures.append(f"{label}: message lacks {fragment!r}: {err}")
+        except Exception as err:
+            failures.append(f"{label}: {type(err).__name__} instead of {error.__name__}: {err}")
+        else:
+            failures.append(f"{label}: not refused")
+        if _state(writer, name) != before:
+            failures.append(f"{label}: the registry changed")
+    fresh = deployed.registry(deployed.reader_key)
+    assert mask_sha256(fresh.get_mask_by_uid(uid).compute()) == digest
+    assert fresh.describe(uid).metadata == {"sample": "a"}
+    fresh.close()
+    writer.close()
+    assert not failures, "\n".join(failures)
+    _figures(deployed.backend)["bad inputs refused, registry unchanged"] = len(BAD_INPUTS)
 
 
 def test_writer_key_registers_updates_activates_and_retires(deployed):
