@@ -63,6 +63,14 @@ def _default_directory() -> Path:
     return default_directory()
 
 
+def _located(location: str | None, kind: str) -> RunStore:
+    """``location``, else ``$CHX_MASKS_<KIND>_URI`` (+ its key), else ``<dir>/<kind>``."""
+    where = location or os.environ.get(f"CHX_MASKS_{kind.upper()}_URI")
+    if where:
+        return RunStore(where, api_key=os.environ.get(f"CHX_MASKS_{kind.upper()}_API_KEY"))
+    return RunStore(str(_default_directory() / kind))
+
+
 def runs_store(location: str | None = None) -> RunStore:
     """Where raw runs are read: ``location``, ``$CHX_MASKS_RUNS_URI`` or ``<dir>/runs``.
 
@@ -71,10 +79,7 @@ def runs_store(location: str | None = None) -> RunStore:
     >>> runs_store("/data/runs")
     RunStore(location='/data/runs', readable_storage=())
     """
-    where = location or os.environ.get("CHX_MASKS_RUNS_URI")
-    if where:
-        return RunStore(where, api_key=os.environ.get("CHX_MASKS_RUNS_API_KEY"))
-    return RunStore(str(_default_directory() / "runs"))
+    return _located(location, "runs")
 
 
 def processed_store(location: str | None = None) -> RunStore:
@@ -85,10 +90,7 @@ def processed_store(location: str | None = None) -> RunStore:
     >>> processed_store("/data/processed")
     RunStore(location='/data/processed', readable_storage=())
     """
-    where = location or os.environ.get("CHX_MASKS_PROCESSED_URI")
-    if where:
-        return RunStore(where, api_key=os.environ.get("CHX_MASKS_PROCESSED_API_KEY"))
-    return RunStore(str(_default_directory() / "processed"))
+    return _located(location, "processed")
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
