@@ -31,6 +31,8 @@ import numpy as np
 
 from chx_masks import ChxMasksError, CompositeMask, MaskNotFoundError, MaskRegistry
 
+from ._replay import run_composite
+
 __all__ = ["ProcessedRun", "ProcessingError", "RunStore", "StoreUnavailableError",
            "plan_processing", "process_run", "write_product"]
 
@@ -257,8 +259,6 @@ def plan_processing(
     expected = (stop.get("num_events") or {}).get(stream)
     detectors = []
     for key in keys:
-        from ._replay import run_composite
-
         composite = run_composite(start, key, registry=registry, masks=masks)
         node = _frames_node(run, stream, key)
         shape = tuple(int(n) for n in node.shape)
@@ -298,7 +298,7 @@ def _masked_chunk(
     # to the cluster (on a distributed worker it would by default).
     with dask.config.set(scheduler="sync"):
         frames = np.asarray(_frames_node(run, stream, data_key)[start:stop])
-    masked = frames * mask.astype(frames.dtype, copy=False)
+    masked = frames * mask  # mask: 0/1 in the frames' dtype, prepared once per detector
     coords = np.nonzero(masked)
     width = np.uint16 if max(masked.shape, default=0) <= np.iinfo(np.uint16).max else np.uint32
     return np.stack([c.astype(width) for c in coords]), masked[coords]
@@ -513,7 +513,8 @@ def _write_detector(plan: ProcessingPlan, detector: _Detector, runs: Any, produc
         metadata={"parent_uid": plan.run_uid, "masks": detector.record,
                   "sha256": detector.composite.sha256},
     )
-    mask = detector.composite.mask
+    # Prepared once in the frames' dtype: frame * bool would cast it in every chunk.
+    mask = detector.composite.mask.astype(detector.dtype)
     if client is not None:
         [mask] = client.scatter([mask], broadcast=True)
     args = [(_masked_chunk, (runs, plan.run_uid, plan.stream, detector.data_key, a, b, mask))
