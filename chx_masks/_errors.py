@@ -8,12 +8,18 @@ working in code that predates this package::
     ├── MaskNotFoundError(ChxMasksError, KeyError)
     │   └── DetectorNotFoundError(MaskNotFoundError)
     ├── MaskExistsError(ChxMasksError, ValueError)
+    ├── MaskInUseError(ChxMasksError, ValueError)
     ├── MaskValidationError(ChxMasksError, ValueError)
     ├── MaskIntegrityError(ChxMasksError, RuntimeError)
     ├── RegistryUnavailableError(ChxMasksError, ConnectionError)
     └── MaskPermissionError(ChxMasksError, PermissionError)
 
 A call that raises any of these has written nothing to the registry.
+
+Messages speak Python (``update_mask(...)``). Where the fix reads
+differently on the command line, the error also carries it as ``cli``
+(``chx-masks update DET NAME FILE``); the ``chx-masks`` command prints
+:attr:`ChxMasksError.cli_message`.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ __all__ = [
     "ChxMasksError",
     "DetectorNotFoundError",
     "MaskExistsError",
+    "MaskInUseError",
     "MaskIntegrityError",
     "MaskNotFoundError",
     "MaskPermissionError",
@@ -31,7 +38,34 @@ __all__ = [
 
 
 class ChxMasksError(Exception):
-    """Root of every error raised by chx-masks."""
+    """Root of every error raised by chx-masks.
+
+    Parameters
+    ----------
+    *args
+        The message (a sentence: what was wrong, the value, the fix).
+    cli : str, optional
+        The same message in the command line's words (its commands and
+        flags), where they differ from Python's.
+
+    Examples
+    --------
+    >>> err = ChxMasksError("Use update_mask('d', 'n', mask).",
+    ...                     cli="Use `chx-masks update d n FILE`.")
+    >>> str(err), err.cli_message
+    ("Use update_mask('d', 'n', mask).", 'Use `chx-masks update d n FILE`.')
+    >>> ChxMasksError("No such mask.").cli_message
+    'No such mask.'
+    """
+
+    def __init__(self, *args: object, cli: str | None = None) -> None:
+        super().__init__(*args)
+        self.cli = cli
+
+    @property
+    def cli_message(self) -> str:
+        """The message as the ``chx-masks`` command shows it."""
+        return self.cli if self.cli is not None else str(self)
 
 
 class MaskNotFoundError(ChxMasksError, KeyError):
@@ -49,6 +83,10 @@ class DetectorNotFoundError(MaskNotFoundError):
 
 class MaskExistsError(ChxMasksError, ValueError):
     """A mask lineage (or detector) of that name is already registered."""
+
+
+class MaskInUseError(ChxMasksError, ValueError):
+    """The mask is named by an active set, so retiring it would break the next runs."""
 
 
 class MaskValidationError(ChxMasksError, ValueError):

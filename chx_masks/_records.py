@@ -76,6 +76,10 @@ class MaskRecord:
     masked_pixels: int
     metadata: Mapping[str, Any] = field(compare=False, hash=False)
     legacy: bool = False
+    #: Who registered this version: the API key's principal on a tiled
+    #: server, else the operating-system user (``user@host``); None for
+    #: versions registered before this was recorded.
+    created_by: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
@@ -244,6 +248,8 @@ class ActiveSet:
     version: int
     at: datetime
     note: str | None = None
+    #: Who made this choice (as ``MaskRecord.created_by``); None if unrecorded.
+    created_by: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "names", tuple(self.names))

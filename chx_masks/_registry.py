@@ -28,6 +28,7 @@ import json
 import logging
 import operator
 import os
+import re
 import threading
 import uuid
 from collections import OrderedDict
@@ -56,6 +57,7 @@ from ._errors import (
     DetectorNotFoundError,
     MaskExistsError,
     MaskIntegrityError,
+    MaskInUseError,
     MaskNotFoundError,
     MaskPermissionError,
     MaskValidationError,
@@ -90,6 +92,7 @@ class _Slot:
     kind: Literal["mask", "retired"]
     uid: str | None
     at: datetime
+    created_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,7 @@ class MaskRegistry:
         self._composites: OrderedDict[tuple[str, ...], tuple] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._disk = _disk_cache_directory(disk_cache)
+        self._identity: str | None = None
 
     # ------------------------------------------------------------ construction
 
@@ -217,7 +221,9 @@ class MaskRegistry:
         api_key : str, optional
             A tiled API key; never shown in messages, reprs or logs.
         timeout : float
-            Seconds to wait for any one request before giving up.
+            Seconds to wait for any one request, and for the connection as a
+            whole (tiled's retries of a server that does not answer
+            included), before giving up.
         disk_cache : path, None or False
             Local copies of arrays read before (see `MaskRegistry`).
 
@@ -226,34 +232,75 @@ class MaskRegistry:
         MaskPermissionError
             The server requires a key and none was given, or it refused the key.
         RegistryUnavailableError
-            The server cannot be reached.
+            The server cannot be reached, or did not answer within ``timeout``.
 
         Examples
         --------
         >>> reg = MaskRegistry.from_uri("http://127.0.0.1:8000", api_key="secret")  # doctest: +SKIP
         """
+        from concurrent.futures import Future
+
         import httpx
         from tiled.client.constructors import from_context
         from tiled.client.context import Context
 
         uri, api_key = _split_api_key(uri, api_key)
         location = _redact(uri)
-        context = None
-        try:
-            with _translate(f"connecting to {location}", location):
-                context, path = Context.from_any_uri(
-                    uri, api_key=api_key, timeout=httpx.Timeout(timeout)
-                )
-                if not context.authenticated and context.server_info.authentication.required:
-                    raise MaskPermissionError(
-                        f"The registry at {location} requires an API key and none was "
-                        "given: set CHX_MASKS_API_KEY (or pass api_key=, or "
-                        "--api-key on the command line) to a key from the facility."
+        outcome: Future = Future()
+        handover = threading.Lock()
+        abandoned: list[bool] = []
+
+        def connect() -> None:
+            context = None
+            try:
+                with _translate("connecting", location):
+                    context, path = Context.from_any_uri(
+                        uri, api_key=api_key, timeout=httpx.Timeout(timeout)
                     )
-                client = from_context(context, node_path_parts=path, remember_me=False)
+                    if not context.authenticated and context.server_info.authentication.required:
+                        raise MaskPermissionError(
+                            f"The registry at {location} requires an API key and none was "
+                            "given: set CHX_MASKS_API_KEY (or pass api_key=, or "
+                            "--api-key on the command line) to a key from the facility."
+                        )
+                    client = from_context(context, node_path_parts=path, remember_me=False)
+            except BaseException as err:
+                if isinstance(context, Context):
+                    context.close()
+                outcome.set_exception(err)
+                return
+            with handover:
+                if not abandoned:
+                    outcome.set_result(client)
+                    return
+            context.close()  # the caller gave up waiting: nobody will close it
+
+        # tiled retries a server that does not answer for up to
+        # TILED_RETRY_TIMEOUT (45 s), and on the main thread it prints a bare
+        # "Retrying..." line while it does. Connecting in a daemon thread bounds
+        # the wait at `timeout` and keeps tiled quiet: the error below says it.
+        threading.Thread(target=connect, name="chx-masks-connect", daemon=True).start()
+        try:
+            client = outcome.result(timeout=timeout)
+        except TimeoutError:
+            with handover:
+                late = outcome.done()
+                if not late:
+                    abandoned.append(True)
+            if not late:
+                raise RegistryUnavailableError(
+                    f"Cannot reach the mask registry at {location} while connecting (no "
+                    f"answer within {timeout:g} s). Check that the tiled server at "
+                    f"{location} is running and reachable."
+                ) from None
+            client = outcome.result()  # it finished just now: its client or its error
         except BaseException:
-            if isinstance(context, Context):
-                context.close()
+            # The connection's own error, or an interrupt while waiting for it.
+            with handover:
+                if not outcome.done():
+                    abandoned.append(True)  # the thread closes what it opens
+            if outcome.done() and outcome.exception() is None:
+                outcome.result().context.close()
             raise
         registry = cls(client, location=location, disk_cache=disk_cache)
         registry._owned.append(client.context)
@@ -344,6 +391,26 @@ class MaskRegistry:
     def __repr__(self) -> str:
         return f"<MaskRegistry at {self.location}>"
 
+    @property
+    def identity(self) -> str:
+        """Who this registry's writes are recorded as (``created_by``).
+
+        On a tiled server, the principal the API key belongs to (as the
+        server reports it); where the server names no principal (a
+        single-user key, an embedded registry), the operating-system user
+        as ``user@host``.
+
+        Examples
+        --------
+        >>> import getpass, tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     reg.identity.startswith(getpass.getuser() + "@")
+        True
+        """
+        if self._identity is None:
+            self._identity = _identity_of(self._root)
+        return self._identity
+
     # -------------------------------------------------------------- detectors
 
     def detectors(self) -> list[DetectorRecord]:
@@ -380,11 +447,16 @@ class MaskRegistry:
             return self._detector_from_node(detector, node)
         if detector in BUILTIN_DETECTORS:
             return BUILTIN_DETECTORS[detector]
-        known = ", ".join(d.name for d in self.detectors())
+        known = [d.name for d in self.detectors()]
+        close = _close_names(detector, known)
+        guess = f"Did you mean {' or '.join(map(repr, close))}? " if close else ""
+        start = (f"Unknown detector {detector!r} in the registry at {self.location}. "
+                 f"{guess}Known: {', '.join(known)}. ")
         raise DetectorNotFoundError(
-            f"Unknown detector {detector!r} in the registry at {self.location}. "
-            f"Known: {known}. Register it first with "
-            f"register_detector({detector!r}, shape=(rows, cols))."
+            f"{start}A new detector is registered with its frame shape: "
+            f"register_detector({detector!r}, shape=(rows, cols)).",
+            cli=f"{start}A new detector is registered with its frame shape: "
+            f"`chx-masks detector add {detector} ROWS COLS`.",
         )
 
     def register_detector(
@@ -498,11 +570,15 @@ class MaskRegistry:
         *,
         metadata: Mapping[str, Any] | None = None,
         allow_binary: bool = False,
+        force: bool = False,
     ) -> str:
         """Add the next version to the active lineage ``(detector, name)``.
 
         ``metadata=None`` keeps the previous version's metadata; pass ``{}``
         to store none. Concurrent updates each get their own version number.
+        A mask identical to the current version is refused
+        (:class:`MaskExistsError`, nothing written) unless ``force=True``:
+        a new version that changes nothing only hides which one a run used.
 
         Examples
         --------
@@ -520,19 +596,32 @@ class MaskRegistry:
         array = coerce_mask(mask, record.shape, detector, allow_binary=allow_binary)
         slots = self._slots(detector, [name]).get(name, [])
         self._refuse_inactive(detector, name, slots)
+        current = self._stored_for(slots[-1].uid)
         if metadata is None:
-            user_md = dict(self._stored_for(slots[-1].uid).metadata)
+            user_md = dict(current.metadata)
         else:
             user_md = check_metadata(metadata)
+        if not force and mask_sha256(array) == current.sha256:
+            said = (f"{detector}/{name} v{slots[-1].version} (uid {current.uid}) already "
+                    "holds exactly this mask; nothing was registered.")
+            raise MaskExistsError(
+                f"{said} Pass force=True to add an identical version anyway.",
+                cli=f"{said} Add --force to register an identical version anyway.",
+            )
         return self._write_version(record, name, array, user_md, slots, "update")
 
-    def delete_mask(self, detector: str, name: str) -> MaskRecord:
+    def delete_mask(self, detector: str, name: str, *, force: bool = False) -> MaskRecord:
         """Retire the lineage ``(detector, name)``; return its last version.
 
         The name disappears from listings and current look-ups, and may be
         registered again. Every uid stays readable forever (runs recorded
         them): ``get_mask_by_uid``, ``describe``, ``history`` and ``as_of``
         look-ups still answer.
+
+        A name the detector's active set uses is refused
+        (:class:`MaskInUseError`, nothing written): every later run would
+        fail to resolve it. ``force=True`` first records a new active set
+        without the name, then retires it.
 
         Examples
         --------
@@ -547,6 +636,26 @@ class MaskRegistry:
         check_name(name)
         slots = self._slots(detector, [name]).get(name, [])
         self._refuse_inactive(detector, name, slots)
+        active = self.active_set(detector)
+        if active is not None and name in active.names:
+            if not force:
+                rest = [n for n in active.names if n != name]
+                said = (f"{detector}/{name} is in the active set of {detector} "
+                        f"(v{active.version}: {', '.join(active.names)}): every later run "
+                        "would fail to resolve it, so it was not retired.")
+                raise MaskInUseError(
+                    f"{said} Activate a set without it first "
+                    f"(activate({detector!r}, {rest!r})), or pass force=True to remove "
+                    "it from the active set and retire it.",
+                    cli=f"{said} Activate a set without it first (`chx-masks activate "
+                    f"{detector} {' '.join(rest) if rest else '--none'}`), or add --force "
+                    "to remove it from the active set and retire it.",
+                )
+            node = self._active_node(detector)
+            self._claim_active(
+                node, detector, tuple(n for n in active.names if n != name),
+                f"{name} removed: its lineage was retired (deleted with force)",
+            )
         node = self._detector_node(detector)
         slots = self._claim(
             node, detector, name, slots, kind="retired", uid=None,
@@ -576,6 +685,7 @@ class MaskRegistry:
             "shape": list(array.shape),
             "masked_pixels": int(array.size - np.count_nonzero(array)),
             "created_at": utcnow().isoformat(),
+            "created_by": self.identity,
             "chx_masks": SCHEMA_VERSION,
         }
         from tiled.structures.core import Spec
@@ -629,6 +739,7 @@ class MaskRegistry:
                 "kind": kind,
                 "uid": uid,
                 "at": at.isoformat(),
+                "created_by": self.identity,
             }
             try:
                 with self._translate(f"recording {detector}/{name} v{version}"):
@@ -646,7 +757,7 @@ class MaskRegistry:
                     ) from err
                 slots = self._slots(detector, [name]).get(name, [])
                 continue
-            return [*slots, _Slot(name, version, kind, uid, at)]
+            return [*slots, _Slot(name, version, kind, uid, at, slot_md["created_by"])]
         raise ChxMasksError(
             f"Gave up claiming a version of {detector}/{name} after "
             f"{_MAX_CLAIM_ATTEMPTS} attempts: other writers kept taking it. Try again."
@@ -665,10 +776,13 @@ class MaskRegistry:
     def _refuse_active(detector: str, name: str, slots: list[_Slot]) -> None:
         if slots and slots[-1].kind == "mask":
             last = slots[-1]
+            said = (f"{detector}/{name} is already registered (version {last.version}, "
+                    f"uid {last.uid}).")
             raise MaskExistsError(
-                f"{detector}/{name} is already registered (version {last.version}, "
-                f"uid {last.uid}). Use update_mask({detector!r}, {name!r}, mask) to "
-                "add a version, or delete_mask first to retire it."
+                f"{said} Use update_mask({detector!r}, {name!r}, mask) to add a version, "
+                "or delete_mask first to retire it.",
+                cli=f"{said} Use `chx-masks update {detector} {name} FILE` to add a "
+                f"version, or `chx-masks delete {detector} {name}` first to retire it.",
             )
 
     @staticmethod
@@ -676,12 +790,16 @@ class MaskRegistry:
         if not slots:
             raise MaskNotFoundError(
                 f"No mask {detector}/{name} is registered; use register_mask to "
-                "start it."
+                "start it.",
+                cli=f"No mask {detector}/{name} is registered; `chx-masks register "
+                f"{detector} {name} FILE` starts it.",
             )
         if slots[-1].kind == "retired":
+            said = f"{detector}/{name} was retired at {slots[-1].at:%Y-%m-%d %H:%M:%S} UTC;"
             raise MaskNotFoundError(
-                f"{detector}/{name} was retired at {slots[-1].at:%Y-%m-%d %H:%M:%S} "
-                "UTC; register_mask starts a new lineage of that name."
+                f"{said} register_mask starts a new lineage of that name.",
+                cli=f"{said} `chx-masks register {detector} {name} FILE` starts a new "
+                "lineage of that name.",
             )
 
     # ------------------------------------------------------------------- reads
@@ -764,6 +882,9 @@ class MaskRegistry:
     def get_mask_by_uid(self, uid: str) -> dask.array.Array:
         """Any mask ever registered, retired or not, as a lazy dask array.
 
+        ``uid`` may also be its first 8 or more characters (as ``chx-masks
+        list`` shows), if no other uid starts with them.
+
         Examples
         --------
         >>> import numpy as np, tempfile
@@ -774,8 +895,7 @@ class MaskRegistry:
         ...     bool(reg.get_mask_by_uid(uid).compute().all())
         True
         """
-        self._stored_for(uid)
-        return self._lazy(uid)
+        return self._lazy(self._stored_for(uid).uid)
 
     def get_composite_mask(
         self,
@@ -867,7 +987,7 @@ class MaskRegistry:
                 "composite is built for one detector."
             )
         versions = self._versions_of(detectors[0], stored)
-        key = tuple(uids)
+        key = tuple(s.uid for s in stored)
         composite, digest, components = self._and(key)
         return CompositeMask(
             detector=detectors[0],
@@ -902,6 +1022,8 @@ class MaskRegistry:
     def describe(self, uid: str) -> MaskRecord:
         """Everything known about one uid: who, which version, when, content.
 
+        ``uid`` may also be a unique prefix of 8 or more characters.
+
         Examples
         --------
         >>> import numpy as np, tempfile
@@ -918,7 +1040,7 @@ class MaskRegistry:
             return self._legacy_record(stored)
         slots = self._slots(stored.detector, [stored.name]).get(stored.name, [])
         for i, slot in enumerate(slots):
-            if slot.uid == uid:
+            if slot.uid == stored.uid:
                 return self._record_at(slots, i)
         raise MaskNotFoundError(
             f"uid {uid} holds a mask array but was never registered under "
@@ -935,6 +1057,7 @@ class MaskRegistry:
         >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
         ...     m = np.ones((514, 1030), bool)
         ...     _ = reg.register_mask("eiger500K_single_image", "m", m)
+        ...     m[0] = False
         ...     _ = reg.update_mask("eiger500K_single_image", "m", m)
         ...     [(r.version, r.active) for r in reg.history("eiger500K_single_image", "m")]
         [(0, False), (1, True)]
@@ -992,7 +1115,12 @@ class MaskRegistry:
         for key, value in check_query(metadata).items():
             results = results.search(Eq(key, value))
         with self._translate("searching masks"):
-            found = [self._stored_from_node(key, node) for key, node in results.items()]
+            found = [self._stored_from_node(key, node)
+                     for key, node in _metadata_view(results).items()]
+        with self._lock:
+            # What a mask's node says of itself never changes: the records
+            # below need not ask for each one again.
+            self._stored.update((s.uid, s) for s in found if s.legacy_key is None)
         by_detector: dict[str, set[str]] = {}
         for stored in found:
             by_detector.setdefault(stored.detector, set()).add(stored.name)
@@ -1152,6 +1280,28 @@ class MaskRegistry:
                 found[detector] = current
         return found
 
+    def missing_names(self, detector: str, names: Sequence[str]) -> tuple[str, ...]:
+        """The ``names`` that are not a current mask of ``detector`` (one query).
+
+        A name is missing when it was never registered or its lineage was
+        retired; an active set or a fallback that names it cannot be resolved.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     _ = reg.register_mask("eiger500K_single_image", "gaps",
+        ...                           np.ones((514, 1030), bool))
+        ...     reg.missing_names("eiger500K_single_image", ["gaps", "beamstop"])
+        ('beamstop',)
+        """
+        self.get_detector(detector)
+        names = [check_name(n) for n in names]
+        if not names:
+            return ()
+        slots = self._slots(detector, names)
+        return tuple(n for n in names if not slots.get(n) or slots[n][-1].kind != "mask")
+
     def _active_node(self, detector: str) -> Any | None:
         """The container of a detector's active sets (cached: it is never removed)."""
         cache_key = f"{ACTIVE}/{detector}"
@@ -1179,6 +1329,7 @@ class MaskRegistry:
                 "names": list(names),
                 "note": note,
                 "at": at.isoformat(),
+                "created_by": self.identity,
             }
             try:
                 with self._translate(f"recording the active set of {detector}"):
@@ -1369,8 +1520,8 @@ class MaskRegistry:
         with self._lock:
             if cache_key in self._nodes:
                 return self._nodes[cache_key]
-        if self._container(DETECTORS) is None:
-            return None
+        # One request for the path (None if either part is missing), not one
+        # for ``detectors`` and another for the detector.
         node = self._node(DETECTORS, detector)
         if node is not None:
             with self._lock:
@@ -1443,6 +1594,7 @@ class MaskRegistry:
                     md["kind"],
                     md.get("uid"),
                     datetime.fromisoformat(md["at"]),
+                    md.get("created_by"),
                 )
                 found.setdefault(slot.name, []).append(slot)
         for slots in found.values():
@@ -1517,6 +1669,7 @@ class MaskRegistry:
             shape=stored.shape,
             masked_pixels=stored.masked_pixels,
             metadata=stored.metadata,
+            created_by=slot.created_by,
         )
 
     def _stored_for(self, uid: str) -> _Stored:
@@ -1528,11 +1681,21 @@ class MaskRegistry:
         try:
             uuid.UUID(uid)
         except ValueError as err:
-            raise MaskNotFoundError(
-                f"{uid!r} is not a mask uid (a UUID such as "
-                "'73f07be0-d535-41db-9258-2dd01e1ac37b')."
-            ) from err
-        node = self._node(MASKS, uid) if self._container(MASKS) is not None else None
+            if _UID_PREFIX.fullmatch(uid) is None:
+                raise MaskNotFoundError(
+                    f"{uid!r} is not a mask uid (a UUID such as "
+                    "'73f07be0-d535-41db-9258-2dd01e1ac37b', or its first 8 or more "
+                    "characters)."
+                ) from err
+            return self._stored_for(self._uid_from_prefix(uid))
+        masks = self._container(MASKS)
+        node = None
+        if masks is not None:
+            try:
+                with self._translate(f"reading {MASKS}/{uid}"):
+                    node = _metadata_view(masks)[uid]
+            except KeyError:
+                pass
         if node is None:
             node = self._node(uid)
             if node is None or node.metadata.get("spec") != LEGACY_SPEC:
@@ -1545,8 +1708,30 @@ class MaskRegistry:
             # any process adopts it.
             with self._lock:
                 self._stored[uid] = stored
-                self._nodes[f"uid:{uid}"] = node
         return stored
+
+    def _uid_from_prefix(self, prefix: str) -> str:
+        """The one registered uid that starts with ``prefix`` (one query)."""
+        from tiled.queries import Like
+
+        masks = self._container(MASKS)
+        found: list[str] = []
+        if masks is not None:
+            # Hex digits and dashes only, so nothing in the pattern is a wildcard.
+            query = Like("uid", prefix.lower() + "%")
+            with self._translate(f"looking up uid {prefix}"):
+                found = list(masks.search(query).keys().head(5))
+        if not found:
+            raise MaskNotFoundError(
+                f"No mask uid starts with {prefix!r} in the registry at {self.location}."
+            )
+        if len(found) > 1:
+            shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+            raise MaskNotFoundError(
+                f"The uid prefix {prefix!r} is ambiguous: {shown} start with it. Give "
+                "more characters."
+            )
+        return found[0]
 
     def _stored_from_node(self, key: str, node: Any) -> _Stored:
         md = dict(node.metadata)
@@ -1732,9 +1917,44 @@ class MaskRegistry:
         return da.from_delayed(task, shape=stored.shape, dtype=bool, name=f"chx-mask-{uid}")
 
 
+class _ArraysAsMetadata(Mapping[str, Any]):
+    """tiled's structure clients, but ``array`` nodes as metadata-only clients."""
+
+    def __init__(self, clients: Mapping[str, Any], metadata_client: type) -> None:
+        self._clients, self._metadata_client = clients, metadata_client
+
+    def __getitem__(self, key: str) -> Any:
+        return self._metadata_client if key == "array" else self._clients[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._clients)
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+
+def _metadata_view(container: Any) -> Any:
+    """``container`` with its array children as metadata-only tiled clients.
+
+    Finding and describing masks reads only metadata, but tiled's array client
+    (``tiled.client.array``) imports dask, and dask.array imports pandas,
+    xarray and scipy where they are installed: about a second of start-up for
+    ``list``, ``show`` or ``history``. Arrays are read through the full client.
+    """
+    from tiled.client.base import BaseClient
+
+    clients = container.structure_clients
+    if isinstance(clients, _ArraysAsMetadata):
+        return container
+    return container.new_variation(structure_clients=_ArraysAsMetadata(clients, BaseClient))
+
+
+# The start of a uid as ``list`` shows it (8 characters) or longer.
+_UID_PREFIX = re.compile(r"[0-9a-fA-F][0-9a-fA-F-]{7,34}")
 _LEGACY_KEYS = frozenset({"spec", "name", "detector", "version", "uid"})
 _STORED_KEYS = frozenset(
-    {"uid", "detector", "name", "sha256", "shape", "masked_pixels", "created_at", "chx_masks"}
+    {"uid", "detector", "name", "sha256", "shape", "masked_pixels", "created_at", "created_by",
+     "chx_masks"}
 )
 
 
@@ -1791,6 +2011,45 @@ def _disk_cache_directory(choice: str | Path | None | Literal[False]) -> Path | 
     return Path(platformdirs.user_cache_dir("chx-masks", appauthor=False)) / "masks"
 
 
+def _local_user() -> str:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name (some containers): still say which machine
+        user = f"uid {os.getuid()}" if hasattr(os, "getuid") else "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _identity_of(client: Any) -> str:
+    """The server's name for the caller's principal, else the local user."""
+    local = _local_user()
+    context = getattr(client, "context", None)
+    if context is None or not getattr(context, "api_key", None):
+        return local
+    try:
+        if not context.server_info.authentication.links:
+            # A single-user server: the key has no principal to report.
+            return f"{local} (single-user API key)"
+        info = context.whoami()
+    except Exception:
+        return f"{local} (API key; the server did not say whose)"
+    info = info if isinstance(info, Mapping) else {}
+    identities = [i for i in info.get("identities") or [] if isinstance(i, Mapping)]
+    names = [f"{i['id']} ({i.get('provider', '?')})" for i in identities if i.get("id")]
+    if names:
+        return names[0]
+    if not info.get("uuid"):
+        return f"{local} (API key; the server did not say whose)"
+    # A service principal has no identity; its key's note says what it is for.
+    key = str(context.api_key)
+    notes = [k.get("note") for k in info.get("api_keys") or []
+             if isinstance(k, Mapping) and k.get("first_eight") and k.get("note")
+             and key.startswith(str(k["first_eight"]))]
+    return f"service principal {info['uuid']}" + (f" (key {notes[0]!r})" if notes else "")
+
+
 def _active_from_metadata(md: Mapping[str, Any]) -> ActiveSet:
     return ActiveSet(
         detector=md["detector"],
@@ -1798,7 +2057,23 @@ def _active_from_metadata(md: Mapping[str, Any]) -> ActiveSet:
         version=int(md["version"]),
         at=datetime.fromisoformat(md["at"]),
         note=md.get("note"),
+        created_by=md.get("created_by"),
     )
+
+
+def _close_names(name: str, known: Sequence[str]) -> list[str]:
+    """Known names a mistyped one is probably meant as (prefixes first).
+
+    Examples
+    --------
+    >>> _close_names("eiger4m", ["eiger1m_single_image", "eiger4m_single_image"])
+    ['eiger4m_single_image']
+    """
+    import difflib
+
+    lowered = name.lower()
+    prefixed = [k for k in known if k.lower().startswith(lowered) or lowered.startswith(k.lower())]
+    return prefixed or difflib.get_close_matches(name, known, n=2, cutoff=0.6)
 
 
 def _lineage_start(slots: list[_Slot]) -> int:
@@ -1846,9 +2121,12 @@ def _select(
         return slot
     last = slots[-1]
     if last.kind == "retired":
+        said = f"{detector}/{name} was retired at {last.at:%Y-%m-%d %H:%M:%S} UTC."
         raise MaskNotFoundError(
-            f"{detector}/{name} was retired at {last.at:%Y-%m-%d %H:%M:%S} UTC. Its "
-            "uids stay readable with get_mask_by_uid; register_mask starts it again."
+            f"{said} Its uids stay readable with get_mask_by_uid; register_mask starts "
+            "it again.",
+            cli=f"{said} Its uids stay readable with `chx-masks show --uid UID`; "
+            f"`chx-masks register {detector} {name} FILE` starts it again.",
         )
     return last
 
@@ -1886,6 +2164,6 @@ def _translate(action: str, location: str) -> Iterator[None]:
     except (httpx.TransportError, OSError) as err:
         raise RegistryUnavailableError(
             f"Cannot reach the mask registry at {location} while {action} "
-            f"({type(err).__name__}). Check that the tiled server is running, or "
-            "unset CHX_MASKS_URI to use the embedded registry."
+            f"({type(err).__name__}). Check that the tiled server at {location} is "
+            "running and reachable."
         ) from err

@@ -24,12 +24,14 @@ def register_with_source(
     *,
     update: bool = False,
     metadata: Mapping[str, Any] | None = None,
+    force: bool = False,
 ) -> str:
     """Register (or, with ``update``, add a version of) a mask with ``metadata["source"]``.
 
     With ``update`` and no ``metadata``, the previous version's metadata is
     kept and only its ``source`` replaced, as :meth:`MaskRegistry.update_mask`
-    keeps metadata.
+    keeps metadata. ``force`` is :meth:`MaskRegistry.update_mask`'s: add a
+    version identical to the current one.
 
     Examples
     --------
@@ -51,5 +53,5 @@ def register_with_source(
         metadata = {k: v for k, v in previous.items() if k != "source"}
     full = {**(metadata or {}), "source": dict(source)}
     if update:
-        return registry.update_mask(detector, name, mask, metadata=full)
+        return registry.update_mask(detector, name, mask, metadata=full, force=force)
     return registry.register_mask(detector, name, mask, metadata=full)

@@ -128,6 +128,7 @@ class GeneratedMask:
         *,
         update: bool = False,
         metadata: Mapping[str, Any] | None = None,
+        force: bool = False,
     ) -> str:
         """Store the mask with ``{"source": source, **metadata}``; return its uid.
 
@@ -142,6 +143,9 @@ class GeneratedMask:
         metadata : dict, optional
             Further metadata; may not contain the key ``"source"``. With
             ``update`` and no metadata, the previous version's metadata is kept.
+        force : bool
+            With ``update``, add the version even if it is identical to the
+            current one (see :meth:`MaskRegistry.update_mask`).
 
         Examples
         --------
@@ -155,7 +159,7 @@ class GeneratedMask:
         """
         return register_with_source(
             registry, detector, name, self.mask, copy.deepcopy(self.source),
-            update=update, metadata=metadata,
+            update=update, metadata=metadata, force=force,
         )
 
 
@@ -499,11 +503,14 @@ def hot_dead_pixels(
     masked = int(mask.size - np.count_nonzero(mask))
     if not allow_extreme and (masked == 0 or masked == mask.size):
         which = "no pixel" if masked == 0 else f"every pixel ({masked})"
+        counts = f"mask {which}: hot {int(hot.sum())}, dead {int(dead.sum())}."
         raise MaskValidationError(
-            f"hot_threshold={hot_threshold}, dead_threshold={dead_threshold} mask "
-            f"{which}: hot {int(hot.sum())}, dead {int(dead.sum())}. Check the "
-            "thresholds' units (counts per frame; fraction of the median flat), or "
-            "pass allow_extreme=True if this is really meant."
+            f"hot_threshold={hot_threshold}, dead_threshold={dead_threshold} {counts} "
+            "Check the thresholds' units (counts per frame; fraction of the median "
+            "flat), or pass allow_extreme=True if this is really meant.",
+            cli=f"--threshold {hot_threshold} would {counts} --threshold is the mean "
+            "dark counts per frame above which a pixel is hot; choose one between the "
+            "dark level and the hot pixels' counts.",
         )
     parameters.update(
         hot_pixels=int(hot.sum()),

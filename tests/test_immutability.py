@@ -160,7 +160,7 @@ def api_update(w: World) -> None:
 
 
 def api_update_same_bytes_keeps_metadata(w: World) -> None:
-    uid = w.registry.update_mask(DET, NAME, w.original.copy())
+    uid = w.registry.update_mask(DET, NAME, w.original.copy(), force=True)
     _new_version(w, uid)
     record = w.registry.describe(uid)
     assert record.sha256 == mask_sha256(w.original) and record.metadata == {"sample": "new"}

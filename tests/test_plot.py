@@ -179,7 +179,7 @@ def test_composite_title_and_legend_labels(plot_registry):
     b = rect(SHAPE_500K, slice(None), slice(0, 103))
     plot_registry.register_mask(EIGER500K, "title_a", a)
     plot_registry.register_mask(EIGER500K, "title_b", b)
-    plot_registry.update_mask(EIGER500K, "title_b", b)
+    plot_registry.update_mask(EIGER500K, "title_b", b, force=True)
     c = plot_registry.resolve_composite(EIGER500K, ["title_a", "title_b"])
     title = _composite_title(c)
     masked = 1 - c.mask.mean()

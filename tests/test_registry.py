@@ -131,7 +131,7 @@ def test_get_masks_lists_in_registration_order_across_detectors(registry):
     registry.register_mask(EIGER500K, "b", ones())
     registry.register_mask(EIGER500K, "a", ones())
     registry.register_mask(EIGER4M, "chip_mask", np.ones((2167, 2070), bool))
-    registry.update_mask(EIGER500K, "b", ones())  # an update does not reorder
+    registry.update_mask(EIGER500K, "b", random_mask(seed=9))  # an update does not reorder
     assert registry.get_masks() == [(EIGER500K, "b"), (EIGER500K, "a"), (EIGER4M, "chip_mask")]
     assert registry.get_masks(EIGER4M) == [(EIGER4M, "chip_mask")]
 
@@ -144,7 +144,7 @@ def test_resolve_composite_and_explain(registry):
     c = ones()
     c[0, 0] = False  # entirely inside a and b
     uids = [registry.register_mask(EIGER500K, n, m) for n, m in zip("abc", (a, b, c), strict=True)]
-    registry.update_mask(EIGER500K, "c", c)
+    registry.update_mask(EIGER500K, "c", c, force=True)
     comp = registry.resolve_composite(EIGER500K, ["a", "b", "c"])
     assert comp.names == ("a", "b", "c")
     assert comp.uids[:2] == tuple(uids[:2]) and comp.uids[2] != uids[2]
@@ -215,7 +215,7 @@ def test_search_by_detector_name_and_metadata(registry):
     assert {r.uid for r in registry.search(name="m1")} == {u1, u3}
     assert [r.uid for r in registry.search(detector="small_image")] == [u3]
     assert registry.search(metadata={"beamtime": "1999-1"}) == []
-    u2b = registry.update_mask(EIGER500K, "m2", ones())
+    u2b = registry.update_mask(EIGER500K, "m2", random_mask(seed=8))
     assert [r.uid for r in registry.search(name="m2")] == [u2b]
     assert [r.uid for r in registry.search(name="m2", all_versions=True)] == [u2, u2b]
 
@@ -349,3 +349,109 @@ def test_local_copies_spare_a_new_process_the_read_and_are_verified(embedded_dir
             MaskRegistry(opened._root, disk_cache=cache).get_mask_by_uid(uid).compute()
     finally:
         opened.close()
+
+
+# ------------------------------------------ safe deletes, repeats, identities
+
+
+def test_deleting_an_active_name_is_refused_and_writes_nothing(registry):
+    registry.register_mask(EIGER500K, "gaps", random_mask(seed=1))
+    uid = registry.register_mask(EIGER500K, "bs", random_mask(seed=2))
+    registry.activate(EIGER500K, ["gaps", "bs"], note="sample B")
+    before = registry.active_history(EIGER500K), registry.history(EIGER500K, "bs")
+    with pytest.raises(chx_masks.MaskInUseError) as caught:
+        registry.delete_mask(EIGER500K, "bs")
+    message = str(caught.value)
+    assert "active set of eiger500K_single_image (v0: gaps, bs)" in message
+    assert "activate('eiger500K_single_image', ['gaps'])" in message and "force=True" in message
+    assert "chx-masks activate eiger500K_single_image gaps" in caught.value.cli_message
+    assert "--force" in caught.value.cli_message
+    assert (registry.active_history(EIGER500K), registry.history(EIGER500K, "bs")) == before
+    assert registry.get_mask_uid(EIGER500K, "bs") == uid
+
+
+def test_forced_delete_takes_the_name_out_of_the_active_set_first(registry):
+    registry.register_mask(EIGER500K, "gaps", random_mask(seed=1))
+    uid = registry.register_mask(EIGER500K, "bs", random_mask(seed=2))
+    registry.activate(EIGER500K, ["gaps", "bs"])
+    last = registry.delete_mask(EIGER500K, "bs", force=True)
+    assert last.uid == uid and last.retired_at is not None
+    active = registry.active_set(EIGER500K)
+    assert (active.names, active.version) == (("gaps",), 1)
+    assert "bs removed" in active.note
+    # The next run start resolves the active set; the old uid still reads.
+    assert registry.resolve_composite(EIGER500K, list(active.names)).names == ("gaps",)
+    assert registry.describe(uid).retired_at == last.retired_at
+    # A name no active set uses is retired without force.
+    registry.register_mask(EIGER500K, "spare", random_mask(seed=3))
+    assert registry.delete_mask(EIGER500K, "spare").retired_at is not None
+    assert registry.active_set(EIGER500K).version == 1
+
+
+def test_missing_names_are_the_unregistered_and_the_retired(registry):
+    registry.register_mask(EIGER500K, "gaps", ones())
+    registry.register_mask(EIGER500K, "old", random_mask(seed=4))
+    registry.delete_mask(EIGER500K, "old")
+    assert registry.missing_names(EIGER500K, ["gaps", "old", "never"]) == ("old", "never")
+    assert registry.missing_names(EIGER500K, []) == ()
+
+
+def test_an_identical_next_version_is_refused_unless_forced(registry):
+    mask = random_mask(seed=5)
+    uid0 = registry.register_mask(EIGER500K, "bs", mask)
+    before = sorted(registry._root["masks"])
+    with pytest.raises(MaskExistsError, match="already holds exactly this mask") as caught:
+        registry.update_mask(EIGER500K, "bs", mask.copy(), metadata={"note": "same"})
+    assert "force=True" in str(caught.value) and "--force" in caught.value.cli_message
+    assert sorted(registry._root["masks"]) == before
+    assert [r.uid for r in registry.history(EIGER500K, "bs")] == [uid0]
+    uid1 = registry.update_mask(EIGER500K, "bs", mask, force=True)
+    assert [r.version for r in registry.history(EIGER500K, "bs")] == [0, 1]
+    assert registry.describe(uid1).sha256 == registry.describe(uid0).sha256
+
+
+def test_a_unique_uid_prefix_resolves_wherever_a_uid_does(registry):
+    mask = random_mask(seed=6)
+    uid = registry.register_mask(EIGER500K, "bs", mask)
+    for prefix in (uid[:8], uid[:13], uid[:8].upper()):
+        assert registry.describe(prefix).uid == uid
+    np.testing.assert_array_equal(registry.get_mask_by_uid(uid[:8]).compute(), mask)
+    assert registry.composite_from_uids([uid[:8]]).uids == (uid,)
+    with pytest.raises(MaskNotFoundError, match="No mask uid starts with"):
+        registry.describe("00000000" if not uid.startswith("00000000") else "ffffffff")
+    with pytest.raises(MaskNotFoundError, match="is not a mask uid"):
+        registry.describe(uid[:7])
+
+
+def test_an_ambiguous_uid_prefix_lists_the_candidates(registry):
+    # 17 uids: two share their first hex digit (pigeonhole), so that digit is
+    # an ambiguous prefix; the registry's prefix query must list both.
+    uids = [registry.register_mask(EIGER500K, f"m{i}", random_mask(seed=10 + i))
+            for i in range(17)]
+    by_first: dict[str, list[str]] = {}
+    for uid in uids:
+        by_first.setdefault(uid[:1], []).append(uid)
+    shared = next(group for group in by_first.values() if len(group) > 1)
+    with pytest.raises(MaskNotFoundError, match="is ambiguous") as caught:
+        registry._uid_from_prefix(shared[0][:1])
+    assert all(u in str(caught.value) for u in shared[:4])
+
+
+def test_each_version_and_active_set_records_who_made_it(registry):
+    import getpass
+
+    uid = registry.register_mask(EIGER500K, "bs", random_mask(seed=7))
+    registry.activate(EIGER500K, ["bs"])
+    who = registry.identity
+    assert getpass.getuser() in who
+    assert registry.describe(uid).created_by == who
+    assert [r.created_by for r in registry.history(EIGER500K, "bs")] == [who]
+    assert registry.active_set(EIGER500K).created_by == who
+
+
+def test_an_unknown_detector_suggests_the_close_name_and_the_command(registry):
+    with pytest.raises(chx_masks.DetectorNotFoundError) as caught:
+        registry.get_mask_uid("eiger4m", "bs")
+    assert "Did you mean 'eiger4m_single_image'?" in str(caught.value)
+    assert "register_detector('eiger4m', shape=(rows, cols))" in str(caught.value)
+    assert "`chx-masks detector add eiger4m ROWS COLS`" in caught.value.cli_message

@@ -43,6 +43,7 @@ from chx_masks import (
     DetectorNotFoundError,
     MaskExistsError,
     MaskIntegrityError,
+    MaskInUseError,
     MaskNotFoundError,
     MaskPermissionError,
     MaskRegistry,
@@ -357,8 +358,15 @@ def test_writer_key_registers_updates_activates_and_retires(deployed):
     assert writer.activate(DET, [name], note="sample B").names == (name,)
     with pytest.raises(MaskExistsError):
         writer.register_mask(DET, name, servers.numbered_mask(7))
-    last = writer.delete_mask(DET, name)
+    with pytest.raises(MaskInUseError):
+        writer.delete_mask(DET, name)
+    last = writer.delete_mask(DET, name, force=True)
     assert (last.uid, last.version) == (uid1, 1)
+    assert name not in writer.active_set(DET).names
+    # Every change records whose key made it: a service principal, with its key's note.
+    assert writer.identity.startswith("service principal ") and "(key '" in writer.identity
+    assert writer.describe(uid0).created_by == writer.identity
+    assert writer.active_set(DET).created_by == writer.identity
 
     reader = deployed.registry(deployed.reader_key)
     assert (DET, name) not in reader.get_masks()
