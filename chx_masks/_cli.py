@@ -1,9 +1,10 @@
 """The ``chx-masks`` command line; imports heavy libraries only inside commands.
 
 Used from a terminal at the beamline. Expected failures print one line
-(``chx-masks: <what was wrong and what to do>``) and exit with status 1; no
-traceback. ``--json`` gives output a script can read. The registry is chosen
-as everywhere in chx-masks (``--uri``/``--profile``/``--dir``, else
+(``chx-masks: <what was wrong and what to do>``, in the command line's words:
+:attr:`ChxMasksError.cli_message`) and exit with status 1; no traceback.
+``--json`` gives output a script can read. The registry is chosen as
+everywhere in chx-masks (``--uri``/``--profile``/``--dir``, else
 ``CHX_MASKS_URI``/``CHX_MASKS_PROFILE``, else the embedded default).
 """
 
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ._errors import ChxMasksError, MaskValidationError
+from ._errors import ChxMasksError, MaskValidationError, RegistryUnavailableError
 
 if TYPE_CHECKING:
     from ._records import ActiveSet, CompositeMask, MaskRecord
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 
 FORMATS = ("npy", "npz", "tiff", "edf", "msk", "nexus", "indices")
 CONVENTIONS = ("keep", "masked-nonzero")
+#: What applies to a detector whose active set names nothing (said wherever that shows).
+FALLBACK = ("runs use the preprocessor's configured fallback masks (the profile's "
+            "CHX_MASKS_FALLBACK)")
 
 
 class _Failure(click.ClickException):
@@ -37,11 +41,18 @@ class _Failure(click.ClickException):
 
 
 class _Group(click.Group):
+    """Turns every :class:`ChxMasksError` into one line in the command line's words."""
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except ChxMasksError as err:
-            raise _Failure(str(err)) from err
+            message = err.cli_message
+            state = ctx.find_object(_State)
+            # The registry says what is down; only we know how the user chose it.
+            if isinstance(err, RegistryUnavailableError) and state is not None and state.origin:
+                message = f"{message} ({state.origin})"
+            raise _Failure(message) from err
 
 
 class _State:
@@ -73,6 +84,20 @@ class _State:
             else:
                 self._registry = default_registry()
         return self._registry
+
+    @property
+    def origin(self) -> str | None:
+        """How the registry was chosen, as the user would change it; None if local."""
+        if self.uri is not None:
+            return "given with --uri"
+        if self.profile is not None:
+            return f"--profile {self.profile}"
+        if self.directory is not None:
+            return None
+        for variable in ("CHX_MASKS_URI", "CHX_MASKS_PROFILE"):
+            if os.environ.get(variable):
+                return f"from ${variable}; unset it to use the embedded registry"
+        return None
 
     def close(self) -> None:
         if self._registry is not None and self._owned:
@@ -123,7 +148,24 @@ def _when(value: datetime | None) -> str:
 
 
 def _percent(fraction: float) -> str:
-    return f"{fraction:.3%}"
+    """A percentage that never reads 0% or 100% unless it is exactly that.
+
+    >>> _percent(0.05), _percent(2 / 529_420), _percent(1 - 2 / 529_420), _percent(0)
+    ('5.000%', '0.00038%', '>99.999%', '0%')
+    """
+    if fraction <= 0 or fraction >= 1:
+        return f"{fraction:.0%}"
+    shown = f"{fraction:.3%}"
+    if shown == "0.000%":
+        return f"{fraction * 100:.2g}%"
+    if shown == "100.000%":
+        return ">99.999%"
+    return shown
+
+
+def _masked(pixels: int, total: int) -> str:
+    """``'2 pixels (0.00038%)'``: the count, then a percentage that is not misleading."""
+    return f"{pixels:,} pixel{'' if pixels == 1 else 's'} ({_percent(pixels / total)})"
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
@@ -145,15 +187,18 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
 
 
 def _record_json(record: MaskRecord) -> dict[str, Any]:
+    # "state", not "active": an *active set* is another thing (``chx-masks active``).
     return {
         "uid": record.uid,
         "detector": record.detector,
         "name": record.name,
         "version": record.version,
+        "state": _state_of(record),
+        "current": record.active,
         "registered_at": record.registered_at,
+        "created_by": record.created_by,
         "superseded_at": record.superseded_at,
         "retired_at": record.retired_at,
-        "active": record.active,
         "sha256": record.sha256,
         "shape": list(record.shape),
         "masked_pixels": record.masked_pixels,
@@ -168,9 +213,45 @@ def _state_of(record: MaskRecord) -> str:
     return "current" if record.superseded_at is None else "superseded"
 
 
-def _active_json(active: ActiveSet) -> dict[str, Any]:
+def _active_json(active: ActiveSet, missing: Sequence[str] = ()) -> dict[str, Any]:
     return {"detector": active.detector, "names": list(active.names),
-            "version": active.version, "at": active.at, "note": active.note}
+            "version": active.version, "at": active.at, "note": active.note,
+            "created_by": active.created_by, "missing": list(missing)}
+
+
+def _missing(reg: MaskRegistry, sets: Iterable[ActiveSet]) -> dict[str, dict[str, str]]:
+    """``{detector: {name: why}}`` for active names that are not a current mask.
+
+    Runs cannot resolve such a name, so every listing of active sets flags it.
+    One query per detector; a second per missing name says why (rare).
+    """
+    from ._errors import MaskNotFoundError
+
+    found: dict[str, dict[str, str]] = {}
+    for active in sets:
+        for name in reg.missing_names(active.detector, active.names) if active.names else ():
+            try:
+                reg.history(active.detector, name)
+                why = "retired"
+            except MaskNotFoundError:
+                why = "never registered"
+            found.setdefault(active.detector, {})[name] = why
+    return found
+
+
+def _names_flagged(names: Sequence[str], missing: dict[str, str]) -> str:
+    """``'gaps, beamstop (not registered: retired), ghost (not registered)'``."""
+    why = {n: " (not registered: retired)" if w == "retired" else " (not registered)"
+           for n, w in missing.items()}
+    return ", ".join(n + why.get(n, "") for n in names)
+
+
+def _missing_advice(missing: dict[str, dict[str, str]]) -> None:
+    for detector, names in missing.items():
+        them = "it" if len(names) == 1 else "them"
+        click.echo(f"Runs on {detector} cannot resolve {', '.join(names)}: register {them}, "
+                   f"or choose masks without {them} with `chx-masks activate {detector} "
+                   "NAME...`.")
 
 
 def _composite_json(composite: CompositeMask) -> dict[str, Any]:
@@ -185,8 +266,8 @@ def _composite_json(composite: CompositeMask) -> dict[str, Any]:
     }
 
 
-def _wrote(kind: str, path: Path) -> None:
-    click.echo(f"wrote {kind} {path}")
+def _wrote(kind: str, path: Path, how: str | None = None) -> None:
+    click.echo(f"wrote {kind} {path}" + (f" ({how})" if how else ""))
 
 
 def _parse_meta(pairs: Sequence[str]) -> dict[str, Any] | None:
@@ -207,7 +288,8 @@ def _parse_meta(pairs: Sequence[str]) -> dict[str, Any] | None:
 
 _meta_option = click.option(
     "-m", "--meta", "meta", multiple=True, metavar="KEY=VALUE",
-    help="Metadata stored with the version (repeatable; JSON values allowed).")
+    help="Metadata stored with the version (repeatable; JSON values allowed). With an "
+    "update, -m replaces all of the previous version's metadata; without -m it is kept.")
 _png_option = click.option(
     "--png", type=click.Path(dir_okay=False, path_type=Path), default=None,
     help="Also write a picture of the mask to this PNG file.")
@@ -216,19 +298,17 @@ _png_option = click.option(
 # ---------------------------------------------------------------- listings
 
 
-@main.command()
-@_json_option
-@pass_state
-def detectors(state: _State, as_json: bool) -> None:
-    """The detectors the registry knows, their shapes and active masks."""
+def _list_detectors(state: _State, as_json: bool) -> None:
     reg = state.registry
     found = reg.detectors()
     active = reg.active_sets()
+    missing = _missing(reg, active.values())
     if as_json:
         _print_json([
             {"detector": d.name, "shape": list(d.shape), "builtin": d.builtin,
              "metadata": dict(d.metadata),
-             "active": list(active[d.name].names) if d.name in active else None}
+             "active": list(active[d.name].names) if d.name in active else None,
+             "missing": list(missing.get(d.name, {}))}
             for d in found
         ])
         return
@@ -236,9 +316,64 @@ def detectors(state: _State, as_json: bool) -> None:
         ["detector", "shape", "pixels", "built in", "active masks"],
         [[d.name, f"{d.shape[0]} x {d.shape[1]}", f"{d.pixels:,}",
           "yes" if d.builtin else "no",
-          ", ".join(active[d.name].names) if d.name in active else ""] for d in found],
+          _names_flagged(active[d.name].names, missing.get(d.name, {}))
+          if d.name in active else ""] for d in found],
         right=[2],
     )
+    _missing_advice(missing)
+
+
+@main.command()
+@_json_option
+@pass_state
+def detectors(state: _State, as_json: bool) -> None:
+    """The detectors the registry knows, their shapes and active masks."""
+    _list_detectors(state, as_json)
+
+
+@main.group(cls=_Group)
+def detector() -> None:
+    """Add a detector (`chx-masks detectors` lists them)."""
+
+
+@detector.command("add")
+@click.argument("name")
+@click.argument("rows", type=click.IntRange(min=1))
+@click.argument("cols", type=click.IntRange(min=1))
+@_meta_option
+@_json_option
+@pass_state
+def detector_add(state: _State, name: str, rows: int, cols: int, meta: tuple[str, ...],
+                 as_json: bool) -> None:
+    """Make detector NAME known, with its frame shape ROWS x COLS.
+
+    NAME is the image data key its runs record (e.g. pilatus800k_image).
+    Adding a known detector again with the same shape changes nothing.
+    """
+    from ._errors import DetectorNotFoundError
+
+    reg = state.registry
+    try:
+        known = reg.get_detector(name)
+    except DetectorNotFoundError:
+        known = None
+    record = reg.register_detector(name, (rows, cols), metadata=_parse_meta(meta))
+    if as_json:
+        _print_json({"detector": record.name, "shape": list(record.shape),
+                     "builtin": record.builtin, "metadata": dict(record.metadata),
+                     "created": known is None})
+        return
+    verb = "added detector" if known is None else "already known:"
+    click.echo(f"{verb} {record.name} {record.shape[0]} x {record.shape[1]} "
+               f"({record.pixels:,} pixels)")
+
+
+@detector.command("list")
+@_json_option
+@pass_state
+def detector_list(state: _State, as_json: bool) -> None:
+    """The detectors the registry knows (the same as `chx-masks detectors`)."""
+    _list_detectors(state, as_json)
 
 
 @main.command("list")
@@ -258,10 +393,15 @@ def list_(state: _State, detector: str | None, show_all: bool, as_json: bool) ->
         click.echo("No masks registered" + (f" for {detector}." if detector else "."))
         return
     headers = ["detector", "name", "version", "uid", "masked", "registered at"]
-    rows = [[r.detector, r.name, r.version, r.uid[:8], _percent(r.masked_fraction),
+    rows = [[r.detector, r.name, r.version, r.uid[:8], _masked_short(r),
              _when(r.registered_at)] + ([_state_of(r)] if show_all else [])
             for r in records]
     _table(headers + (["state"] if show_all else []), rows, right=[2, 4])
+
+
+def _masked_short(record: MaskRecord) -> str:
+    """``'2 (0.00038%)'``: masked pixels and their share, for a table column."""
+    return f"{record.masked_pixels:,} ({_percent(record.masked_fraction)})"
 
 
 @main.command()
@@ -276,8 +416,8 @@ def history(state: _State, detector: str, name: str, as_json: bool) -> None:
         _print_json([_record_json(r) for r in records])
         return
     _table(
-        ["version", "uid", "masked", "registered at", "until", "state"],
-        [[r.version, r.uid, _percent(r.masked_fraction), _when(r.registered_at),
+        ["version", "uid", "masked", "registered at", "by", "until", "state"],
+        [[r.version, r.uid, _masked_short(r), _when(r.registered_at), r.created_by or "",
           _when(r.valid_until), _state_of(r)] for r in records],
         right=[0, 2],
     )
@@ -325,9 +465,10 @@ def show(state: _State, detector: str | None, name: str | None, version: int | N
         ("uid", record.uid),
         ("state", _state_of(record)),
         ("registered at", _when(record.registered_at)),
+        ("registered by", record.created_by or ""),
         ("valid until", _when(record.valid_until) or "(current)"),
         ("shape", f"{record.shape[0]} x {record.shape[1]}"),
-        ("masked", f"{record.masked_pixels:,} pixels ({_percent(record.masked_fraction)})"),
+        ("masked", _masked(record.masked_pixels, record.shape[0] * record.shape[1])),
         ("sha256", record.sha256),
     ]
     for label, value in fields:
@@ -354,16 +495,34 @@ def _file_options(func: Callable) -> Callable:
 
 
 def _report_version(reg: MaskRegistry, uid: str, verb: str, as_json: bool,
-                    png: Path | None = None) -> None:
+                    png: Path | None = None,
+                    replaced: dict[str, Any] | None = None) -> None:
+    """One line for a new version; ``replaced``: the metadata it no longer carries."""
     record = reg.describe(uid)
     picture = _picture_of(reg, record, png)
     if as_json:
-        _print_json({**_record_json(record), "png": picture})
+        extra = {} if replaced is None else {"metadata_replaced": {"dropped": replaced}}
+        _print_json({**_record_json(record), **extra, "png": picture})
         return
+    by = f"  by {record.created_by}" if record.created_by else ""
     click.echo(f"{verb} {record.detector}/{record.name} v{record.version}  uid {record.uid}  "
-               f"masks {_percent(record.masked_fraction)}")
+               f"masks {_masked(record.masked_pixels, record.shape[0] * record.shape[1])}"
+               f"{by}")
+    if replaced is not None:
+        kept = {k: v for k, v in record.metadata.items() if k != "source"}
+        dropped = f"; dropped {json.dumps(replaced, default=str)}" if replaced else ""
+        click.echo(f"  metadata replaced: now {json.dumps(kept, default=str)}{dropped}")
     if picture is not None:
         _wrote("picture", picture)
+
+
+def _earlier_metadata(reg: MaskRegistry, detector: str, name: str,
+                      metadata: dict[str, Any] | None, update: bool) -> dict[str, Any] | None:
+    """What an update with ``-m`` drops of the current version's metadata (None: no -m)."""
+    if not update or metadata is None:
+        return None
+    current = reg.describe(reg.get_mask_uid(detector, name)).metadata
+    return {k: v for k, v in current.items() if k != "source" and k not in metadata}
 
 
 def _read_kw(fmt: str | None, convention: str | None, dataset: str | None) -> dict[str, Any]:
@@ -371,8 +530,16 @@ def _read_kw(fmt: str | None, convention: str | None, dataset: str | None) -> di
                               ("dataset", dataset)) if v is not None}
 
 
+_force_option = click.option(
+    "--force", is_flag=True,
+    help="Add the version even if it holds exactly the current version's mask.")
+
+
 def _file_command(command: str, update: bool, doc: str) -> None:
     """Add ``register`` or ``update``: the same options, one verb apart."""
+
+    def force_option(func: Callable) -> Callable:
+        return _force_option(func) if update else func
 
     @main.command(command, help=doc)
     @click.argument("detector")
@@ -380,25 +547,30 @@ def _file_command(command: str, update: bool, doc: str) -> None:
     @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
     @_file_options
     @_meta_option
+    @force_option
     @_png_option
     @_json_option
     @pass_state
     def from_file(state: _State, detector: str, name: str, file: Path, fmt: str | None,
                   convention: str | None, dataset: str | None, meta: tuple[str, ...],
-                  png: Path | None, as_json: bool) -> None:
+                  png: Path | None, as_json: bool, force: bool = False) -> None:
         from .io import register_from_file
 
+        metadata = _parse_meta(meta)
+        replaced = _earlier_metadata(state.registry, detector, name, metadata, update)
         uid = register_from_file(state.registry, detector, name, file, update=update,
-                                 metadata=_parse_meta(meta),
+                                 metadata=metadata, force=force,
                                  **_read_kw(fmt, convention, dataset))
         _report_version(state.registry, uid, "updated" if update else "registered",
-                        as_json, png)
+                        as_json, png, replaced)
 
 
 _file_command("register", False, "Start the lineage DETECTOR/NAME with the mask in FILE "
               "(version 0).")
-_file_command("update", True, "Add the next version of DETECTOR/NAME from FILE (metadata "
-              "kept unless -m).")
+_file_command("update", True, "Add the next version of DETECTOR/NAME from FILE. The "
+              "previous version's metadata is kept, unless -m is given: then -m replaces "
+              "all of it. A file holding exactly the current mask is refused (--force adds "
+              "it anyway).")
 
 
 @main.command("import")
@@ -408,19 +580,25 @@ _file_command("update", True, "Add the next version of DETECTOR/NAME from FILE (
 @_file_options
 @click.option("--update", "update_existing", is_flag=True,
               help="Add a version to names that exist instead of skipping them.")
+@click.option("--force", is_flag=True,
+              help="With --update, add a version even where the file holds exactly the "
+              "current mask (reported as unchanged otherwise).")
 @_json_option
 @pass_state
 def import_(state: _State, detector: str, files: tuple[Path, ...], fmt: str | None,
-            convention: str | None, dataset: str | None, update_existing: bool,
+            convention: str | None, dataset: str | None, update_existing: bool, force: bool,
             as_json: bool) -> None:
     """Register many mask FILES for DETECTOR, each named after its file stem.
 
     Every file is read and checked first: one bad file refuses the whole
-    import, and nothing is registered.
+    import, and nothing is registered. A file holding exactly a name's
+    current mask is reported as unchanged; with --update, other files of
+    existing names add a version.
     """
-    from ._content import check_name
+    from ._content import check_name, mask_sha256
     from ._errors import MaskExistsError
-    from .io import _read_for, register_with_source
+    from ._sources import register_with_source
+    from .io import _read_for
 
     reg = state.registry
     reg.get_detector(detector)
@@ -432,22 +610,42 @@ def import_(state: _State, detector: str, files: tuple[Path, ...], fmt: str | No
         check_name(name, "mask name (the file's stem)")
     loaded = [(path, *_read_for(reg, detector, path, _read_kw(fmt, convention, dataset))[:2])
               for path in files]
+    current = {r.name: r for r in reg.search(detector=detector)}
     done: list[dict[str, Any]] = []
+
+    def report(path: Path, outcome: str, uid: str | None, version: int | None) -> None:
+        done.append({"file": str(path), "name": path.stem, "outcome": outcome, "uid": uid,
+                     "version": version})
+
+    def update(path: Path, array: Any, source: dict[str, Any]) -> None:
+        try:
+            uid = register_with_source(reg, detector, path.stem, array, source, update=True,
+                                       force=force)
+        except MaskExistsError:  # another writer has just registered this very mask
+            now = reg.describe(reg.get_mask_uid(detector, path.stem))
+            report(path, "unchanged", now.uid, now.version)
+            return
+        report(path, "updated", uid, reg.describe(uid).version)
+
     with click.progressbar(loaded, label="importing", file=sys.stderr) as bar:
         for path, array, source in bar:
-            try:
-                uid = register_with_source(reg, detector, path.stem, array, source)
-                outcome = "registered"
-            except MaskExistsError:
-                if not update_existing:
-                    done.append({"file": str(path), "name": path.stem, "outcome": "skipped",
-                                 "uid": None, "version": None})
+            now = current.get(path.stem)
+            if now is None:
+                try:
+                    uid = register_with_source(reg, detector, path.stem, array, source)
+                except MaskExistsError:  # registered since the listing above
+                    if update_existing:
+                        update(path, array, source)
+                    else:
+                        report(path, "skipped", None, None)
                     continue
-                uid = register_with_source(reg, detector, path.stem, array, source,
-                                           update=True)
-                outcome = "updated"
-            done.append({"file": str(path), "name": path.stem, "outcome": outcome, "uid": uid,
-                         "version": reg.describe(uid).version})
+                report(path, "registered", uid, reg.describe(uid).version)
+            elif now.sha256 == mask_sha256(array) and not (update_existing and force):
+                report(path, "unchanged", now.uid, now.version)
+            elif update_existing:
+                update(path, array, source)
+            else:
+                report(path, "skipped", None, None)
     if as_json:
         _print_json(done)
         return
@@ -460,21 +658,45 @@ def import_(state: _State, detector: str, files: tuple[Path, ...], fmt: str | No
 @click.argument("detector")
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--force", is_flag=True,
+              help="Also when the detector's active set names it: the name is first "
+              "removed from the active set (a new version of it).")
 @_json_option
 @pass_state
-def delete(state: _State, detector: str, name: str, yes: bool, as_json: bool) -> None:
-    """Retire DETECTOR/NAME: gone from listings; every uid stays readable."""
+def delete(state: _State, detector: str, name: str, yes: bool, force: bool,
+           as_json: bool) -> None:
+    """Retire DETECTOR/NAME: gone from listings; every uid stays readable.
+
+    A name the detector's active set uses is refused (every later run would
+    fail to resolve it) unless --force is given.
+    """
     reg = state.registry
     current = reg.describe(reg.get_mask_uid(detector, name))
+    active = reg.active_set(detector)
+    in_use = active is not None and name in active.names
+    if in_use and not force:
+        # The registry refuses with the sets that name it and both ways out;
+        # no question is asked for a deletion that cannot happen.
+        reg.delete_mask(detector, name, force=False)
     if not yes:
-        click.confirm(f"Retire {detector}/{name} (v{current.version})? Its uids stay "
+        also = ""
+        if in_use:
+            rest = [n for n in active.names if n != name]
+            also = (f" The active set of {detector} (v{active.version}: "
+                    f"{', '.join(active.names)}) names it; it becomes "
+                    f"{', '.join(rest) or '(none)'}.")
+        click.confirm(f"Retire {detector}/{name} (v{current.version})?{also} Its uids stay "
                       "readable", abort=True)
-    last = reg.delete_mask(detector, name)
+    last = reg.delete_mask(detector, name, force=force)
+    after = reg.active_set(detector) if in_use else None
     if as_json:
-        _print_json(_record_json(last))
+        _print_json({**_record_json(last),
+                     "active_set": None if after is None else _active_json(after)})
         return
     click.echo(f"retired {detector}/{name} at v{last.version}; uid {last.uid} still reads "
                "with `chx-masks show --uid`.")
+    if after is not None:
+        click.echo(f"active for {detector} from the next run: {_active_words(after)}")
 
 
 @main.command()
@@ -488,17 +710,38 @@ def delete(state: _State, detector: str, name: str, yes: bool, as_json: bool) ->
 @click.option("--convention", type=click.Choice(CONVENTIONS), default=None,
               help="What nonzero means in the file (default: the format's own).")
 @click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
+@_json_option
 @pass_state
 def export(state: _State, detector: str, name: str, file: Path, version: int | None,
-           uid: str | None, fmt: str | None, convention: str | None, force: bool) -> None:
-    """Write DETECTOR/NAME to FILE in a format other tools read (pyFAI, Fit2D, ...)."""
-    from .io import export_mask
+           uid: str | None, fmt: str | None, convention: str | None, force: bool,
+           as_json: bool) -> None:
+    """Write DETECTOR/NAME to FILE in a format other tools read (pyFAI, Fit2D, ...).
+
+    EDF, Fit2D .msk, NeXus and index lists are written nonzero = masked (as
+    pyFAI, fabio and Eiger read them); .npy/.npz as bool, True = kept. A
+    TIFF needs --convention: masked-nonzero for pyFAI and fabio, keep for
+    chx-masks.
+    """
+    from .io import _convention_words, _resolve_format, export_convention, export_mask
 
     if file.exists() and not force:
         raise _Failure(f"{file} exists; add --force to overwrite it.")
-    path = export_mask(state.registry, detector, name, file, version=version, uid=uid,
+    reg = state.registry
+    if uid is None:  # one exact version, so what is reported is what was written
+        uid, version = reg.get_mask_uid(detector, name, version=version), None
+    path = export_mask(reg, detector, name, file, version=version, uid=uid,
                        format=fmt, convention=convention)
-    _wrote("mask", path)
+    written = _resolve_format(path, fmt)
+    used = convention or export_convention(written)
+    record = reg.describe(uid)
+    if as_json:
+        _print_json({"path": path, "format": written, "convention": used,
+                     "meaning": _convention_words(written, used), "uid": record.uid,
+                     "detector": record.detector, "name": record.name,
+                     "version": record.version})
+        return
+    _wrote("mask", path, f"{record.detector}/{record.name} v{record.version}; "
+           f"{_convention_words(written, used)}")
 
 
 # -------------------------------------------------------------- composites
@@ -550,7 +793,8 @@ def composite(state: _State, detector: str, names: tuple[str, ...], as_of: str |
 @click.argument("detector")
 @click.argument("names", nargs=-1)
 @click.option("--none", "clear", is_flag=True,
-              help="Withdraw the choice: the profile's fallback applies again.")
+              help="Withdraw the choice: runs use the preprocessor's configured fallback "
+              "masks (the profile's CHX_MASKS_FALLBACK).")
 @click.option("--note", default=None, help="Why (e.g. the sample); kept in the history.")
 @_json_option
 @pass_state
@@ -567,7 +811,16 @@ def activate(state: _State, detector: str, names: tuple[str, ...], clear: bool,
     if as_json:
         _print_json(_active_json(active))
         return
-    click.echo(f"active for {detector} from the next run: {active}")
+    click.echo(f"active for {detector} from the next run: {_active_words(active)}")
+
+
+def _active_words(active: ActiveSet) -> str:
+    """``'a, b (active set v1, 2026-11-25 09:30 UTC, sample B)'``; the detector is said before."""
+    note = f", {active.note}" if active.note else ""
+    said = f"(active set v{active.version}, {active.at:%Y-%m-%d %H:%M} UTC{note})"
+    if not active.names:
+        return f"no masks chosen {said}: {FALLBACK}."
+    return f"{', '.join(active.names)} {said}"
 
 
 @main.command()
@@ -576,26 +829,40 @@ def activate(state: _State, detector: str, names: tuple[str, ...], clear: bool,
 @_json_option
 @pass_state
 def active(state: _State, detector: str | None, show_history: bool, as_json: bool) -> None:
-    """Which masks apply to each detector now (or DETECTOR's history)."""
+    """Which masks apply to each detector now (with --history, every change).
+
+    A name that is no longer a current mask (retired, or never registered)
+    is flagged: runs cannot resolve it.
+    """
     reg = state.registry
-    if show_history:
-        if detector is None:
-            raise click.UsageError("--history needs a DETECTOR.")
-        sets = reg.active_history(detector)
-    elif detector is not None:
+    if detector is not None:
         current = reg.active_set(detector)
-        sets = [] if current is None else [current]
+        now = {} if current is None else {detector: current}
     else:
-        sets = list(reg.active_sets().values())
+        now = reg.active_sets()
+    if show_history:
+        sets = [s for det in sorted(now) for s in reg.active_history(det)]
+    else:
+        sets = [now[det] for det in sorted(now)]
+    # Whether a name resolves is a fact about now: only current sets are flagged.
+    missing = _missing(reg, now.values())
+
+    def flagged(s: ActiveSet) -> dict[str, str]:
+        return missing.get(s.detector, {}) if s.version == now[s.detector].version else {}
+
     if as_json:
-        _print_json([_active_json(s) for s in sets])
+        _print_json([_active_json(s, [n for n in s.names if n in flagged(s)]) for s in sets])
         return
     if not sets:
-        click.echo("No active sets: runs use the profile's fallback masks.")
+        click.echo(f"No active sets: {FALLBACK}.")
         return
-    _table(["detector", "version", "since", "masks", "note"],
-           [[s.detector, s.version, _when(s.at), ", ".join(s.names) or "(none)", s.note or ""]
-            for s in sets], right=[1])
+    _table(["detector", "version", "since", "by", "masks", "note"],
+           [[s.detector, s.version, _when(s.at), s.created_by or "",
+             _names_flagged(s.names, flagged(s)) or "(none)", s.note or ""] for s in sets],
+           right=[1])
+    if any(not s.names for s in now.values()):
+        click.echo(f"(none): {FALLBACK}.")
+    _missing_advice(missing)
 
 
 # -------------------------------------------------------------- generators
@@ -614,6 +881,7 @@ def _generator_options(func: Callable) -> Callable:
                      help="Grow the masked region by this many pixels."),
         click.option("--update", "update_existing", is_flag=True,
                      help="Add a version to an existing DETECTOR/NAME."),
+        _force_option,
         click.option("--dry-run", is_flag=True, help="Make the mask; register nothing."),
         _meta_option,
         _png_option,
@@ -624,8 +892,8 @@ def _generator_options(func: Callable) -> Callable:
 
 
 def _finish_generated(state: _State, made: Any, detector: str, name: str, grow_by: int,
-                      update_existing: bool, dry_run: bool, meta: tuple[str, ...],
-                      png: Path | None, as_json: bool) -> None:
+                      update_existing: bool, force: bool, dry_run: bool,
+                      meta: tuple[str, ...], png: Path | None, as_json: bool) -> None:
     from . import generate as gen
 
     if grow_by:
@@ -647,13 +915,17 @@ def _finish_generated(state: _State, made: Any, detector: str, name: str, grow_b
             _print_json({"detector": detector, "name": name, "masked_pixels": made.masked_pixels,
                          "source": made.source, "png": picture})
         else:
-            click.echo(f"would register {detector}/{name}: masks {made.masked_pixels:,} pixels "
-                       f"({_percent(made.masked_pixels / made.mask.size)})")
+            click.echo(f"would register {detector}/{name}: masks "
+                       f"{_masked(made.masked_pixels, made.mask.size)}")
             if picture is not None:
                 _wrote("picture", picture)
         return
-    uid = made.register(reg, detector, name, update=update_existing, metadata=_parse_meta(meta))
-    _report_version(reg, uid, "updated" if update_existing else "registered", as_json, png)
+    metadata = _parse_meta(meta)
+    replaced = _earlier_metadata(reg, detector, name, metadata, update_existing)
+    uid = made.register(reg, detector, name, update=update_existing, metadata=metadata,
+                        force=force)
+    _report_version(reg, uid, "updated" if update_existing else "registered", as_json, png,
+                    replaced)
 
 
 @generate.command("module-gaps")
@@ -881,17 +1153,25 @@ def process(state: _State, run_uids: tuple[str, ...], runs: str | None,
     """
     masks = _masks_option(mask_specs)
     try:
-        from bluesky_callbacks._process import plan_processing, write_product
-        from bluesky_callbacks.workflows import processed_store, runs_store
+        # Not bluesky_callbacks.workflows: importing Prefect prints its telemetry
+        # notice on a terminal (and reports the import) although no flow runs here.
+        from bluesky_callbacks._process import RunStore, plan_processing, write_product
     except ImportError as err:
         raise _Failure(f"process needs the workflows extra ({err.name} is missing): "
                        'pip install "chx-masks[workflows]"') from err
-    if state.directory is not None:
-        base = state.directory.expanduser()
-        runs = runs or os.environ.get("CHX_MASKS_RUNS_URI") or str(base / "runs")
-        processed = (processed or os.environ.get("CHX_MASKS_PROCESSED_URI")
-                     or str(base / "processed"))
-    source, target = runs_store(runs), processed_store(processed)
+
+    def store(location: str | None, kind: str) -> RunStore:
+        """As workflows.runs_store / processed_store, beside --dir when it is given."""
+        where = location or os.environ.get(f"CHX_MASKS_{kind.upper()}_URI")
+        if where:
+            return RunStore(where, api_key=os.environ.get(f"CHX_MASKS_{kind.upper()}_API_KEY"))
+        if state.directory is not None:
+            return RunStore(str(state.directory.expanduser() / kind))
+        from ._embedded import default_directory
+
+        return RunStore(str(default_directory() / kind))
+
+    source, target = store(runs, "runs"), store(processed, "processed")
     if not source.remote and not Path(source.location, "catalog.db").is_file():
         raise _Failure(f"No run store at {source.location}: give --runs URI|DIR (where "
                        "TiledWriter writes the runs).")
@@ -938,42 +1218,52 @@ def process(state: _State, run_uids: tuple[str, ...], runs: str | None,
 
 
 @main.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the run store and the PNGs go (default: a 'demo' folder in "
-              "the registry directory or the user data directory).")
+@click.option("--dir", "demo_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="The demo's own directory: its registry, run store and "
+              "pictures (default: 'demo' in the data directory, i.e. $CHX_MASKS_DIR/demo "
+              "or ~/.local/share/chx-masks/demo).")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              hidden=True)
 @click.option("--frames", type=click.IntRange(1, 1000), default=20, show_default=True,
               help="Frames in the scan (Eiger 4M, uint32).")
 @_json_option
 @pass_state
-def demo(state: _State, out: Path | None, frames: int, as_json: bool) -> None:
-    """The main job end to end on the default registry.
+def demo(state: _State, demo_dir: Path | None, out: Path | None, frames: int,
+         as_json: bool) -> None:
+    """The main job end to end, in a registry of its own.
 
     Registers masks for a simulated Eiger 4M, runs a scan with the RunEngine,
     the preprocessor, the masking router and TiledWriter, replays the stored
     run, checks the replay equals the live masked frames and draws pictures.
+    Your registry (and a server named by $CHX_MASKS_URI) is never opened;
+    running the demo again registers nothing new.
     """
     try:
         from bluesky_callbacks._demo import run_demo
     except ImportError as err:
         raise _Failure(f'The demo needs Bluesky ({err.name} is missing): '
                        'pip install "chx-masks[all]".') from err
-    reg = state.registry
-    if out is None:
+    if state.uri is not None or state.profile is not None:
+        raise click.UsageError("The demo keeps a registry of its own and never writes to a "
+                               "shared one: drop --uri/--profile (use `chx-masks demo --dir "
+                               "DIR` to choose where it goes).")
+    directory = demo_dir or out
+    if directory is None:
         from ._embedded import default_directory
 
-        base = state.directory or (Path(os.environ["CHX_MASKS_DIR"])
-                                   if os.environ.get("CHX_MASKS_DIR") else default_directory())
-        out = base / "demo"
+        directory = (state.directory.expanduser() if state.directory is not None
+                     else default_directory()) / "demo"
 
     def progress(label: str, total: int) -> Any:
         return click.progressbar(length=total, label=label, file=sys.stderr)
 
     echo = (lambda line: None) if as_json else click.echo
-    summary = run_demo(reg, out, frames=frames, echo=echo, progress=progress)
+    summary = run_demo(directory, frames=frames, echo=echo, progress=progress)
     if as_json:
         _print_json(summary.as_dict())
     else:
         click.echo(click.style("summary", bold=True))
+        click.echo(f"  directory    {summary.directory} (the demo's own registry and runs)")
         click.echo(f"  raw run      {summary.raw_uid}")
         click.echo(f"  masked run   {summary.derived_uid} (replayed as {summary.replay_uid})")
         for name, info in summary.masks.items():
@@ -988,6 +1278,9 @@ def demo(state: _State, out: Path | None, frames: int, as_json: bool) -> None:
         click.echo(f"  took         {summary.seconds:.1f} s")
         for kind, path in summary.pngs.items():
             _wrote(kind.replace("_", " "), Path(path))
+        click.echo("next, on the demo's registry and runs:")
+        click.echo(f"  chx-masks --dir {summary.directory} list")
+        click.echo(f"  chx-masks --dir {summary.directory} process {summary.raw_uid}")
     if not (summary.replay_equal and summary.lazy_equal):
         raise _Failure("The replayed frames differ from the live masked frames.")
 

@@ -33,6 +33,7 @@ RESERVED_KEYS = frozenset(
         "shape",
         "masked_pixels",
         "created_at",
+        "created_by",
         "registered_at",
         "superseded_at",
         "retired_at",
@@ -145,19 +146,23 @@ def check_metadata(metadata: Any) -> dict[str, Any]:
                 f"'user_{key}'."
             )
         if "." in key or not key.strip():
+            said = f"metadata key {key!r} is empty or contains '.'; tiled reads dots as nesting"
             raise MaskValidationError(
-                f"metadata key {key!r} is empty or contains '.'; tiled reads "
-                "dots as nesting in searches, so nest a dict instead."
+                f"{said} in searches, so nest a dict instead.",
+                cli=f"{said} in searches, so give a JSON object instead, e.g. "
+                "-m 'sample={\"name\": \"silica\"}'.",
             )
     try:
         text = json.dumps(dict(metadata), allow_nan=False)
     except (TypeError, ValueError) as err:
         where = next((k for k, v in metadata.items() if not _json_ok(v)), None)
         at = f" (key {where!r})" if where is not None else ""
+        said = (f"metadata must be JSON-serializable (str, numbers, bool, None, lists "
+                f"and dicts; no NaN/inf): {err}{at}.")
         raise MaskValidationError(
-            f"metadata must be JSON-serializable (str, numbers, bool, None, lists "
-            f"and dicts; no NaN/inf): {err}{at}. Convert the offending value, e.g. "
-            "a numpy scalar with .item() or a datetime with .isoformat()."
+            f"{said} Convert the offending value, e.g. a numpy scalar with .item() or a "
+            "datetime with .isoformat().",
+            cli=f"{said} Give that -m value as a string or a finite number.",
         ) from err
     if len(text) > MAX_METADATA_BYTES:
         biggest = max(metadata, key=lambda k: len(json.dumps(metadata[k])))
@@ -240,14 +245,14 @@ def coerce_mask(
             f"got {arr.ndim}-D with shape {shape_str(arr.shape)}."
         )
     if arr.shape != tuple(shape):
-        hint = (
-            " It is transposed: use mask.T."
-            if arr.shape == tuple(shape)[::-1]
-            else ""
-        )
+        said = (f"The mask has shape {shape_str(arr.shape)} but detector {detector!r} "
+                f"is {shape_str(shape)}.")
+        if arr.shape != tuple(shape)[::-1]:
+            raise MaskValidationError(said)
         raise MaskValidationError(
-            f"The mask has shape {shape_str(arr.shape)} but detector {detector!r} "
-            f"is {shape_str(shape)}.{hint}"
+            f"{said} It is transposed: use mask.T.",
+            cli=f"{said} It is transposed (rows and columns swapped): save the "
+            "transposed array (mask.T in NumPy) and give that file.",
         )
     return np.ascontiguousarray(arr)
 
@@ -284,9 +289,10 @@ def to_datetime(value: Any, what: str = "as_of") -> datetime:
         try:
             dt = datetime.fromisoformat(value)
         except ValueError as err:
+            example = "such as '2026-11-25T10:00:00'."
             raise MaskValidationError(
-                f"{what}={value!r} is not an ISO 8601 time such as "
-                "'2026-11-25T10:00:00'."
+                f"{what}={value!r} is not an ISO 8601 time {example}",
+                cli=f"--{what.replace('_', '-')} {value!r} is not an ISO 8601 time {example}",
             ) from err
     else:
         raise MaskValidationError(

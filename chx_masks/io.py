@@ -8,21 +8,26 @@ chx_masks masks are True where a pixel is *kept*; pyFAI, fabio, Fit2D and
 NeXus store nonzero where a pixel is *masked*. Every function here converts
 at the file boundary, by a per-format default that ``convention=`` overrides:
 
-=========  ===================  ==========================================
-format     suffixes             default convention when reading / writing
-=========  ===================  ==========================================
-npy        .npy                 bool: "keep"; any other dtype: must be given
-npz        .npz                 bool: "keep"; any other dtype: must be given
-tiff       .tif .tiff           bool: "keep"; any other dtype: must be given
-edf        .edf                 "masked-nonzero" (pyFAI, fabio)
-msk        .msk                 "masked-nonzero" (Fit2D)
-nexus      .h5 .hdf5 .nxs       "masked-nonzero" (Eiger ``pixel_mask``)
-indices    .txt                 "masked-nonzero": the listed pixels are masked
-=========  ===================  ==========================================
+=======  ==============  ==================================  ========================
+format   suffixes        default convention when reading     when writing
+=======  ==============  ==================================  ========================
+npy      .npy            bool: "keep"; other dtypes: given   "keep" (bool)
+npz      .npz            bool: "keep"; other dtypes: given   "keep" (bool)
+tiff     .tif .tiff      bool: "keep"; other dtypes: given   must be given
+edf      .edf            "masked-nonzero" (pyFAI, fabio)     "masked-nonzero" (uint8)
+msk      .msk            "masked-nonzero" (Fit2D)            "masked-nonzero" (uint8)
+nexus    .h5 .hdf5 .nxs  "masked-nonzero" (Eiger)            "masked-nonzero" (uint32)
+indices  .txt            "masked-nonzero": listed = masked   "masked-nonzero"
+=======  ==============  ==================================  ========================
 
 A 0/1 integer array in a ``.npy`` or ``.tiff`` file is refused without
 ``convention=``, because both habits exist at CHX and guessing wrong inverts
-the mask silently.
+the mask silently. For the same reason a TIFF is written only with an
+explicit ``convention=``: pyFAI and fabio read a TIFF mask as nonzero =
+masked, chx-masks reads a bool TIFF as True = kept.
+
+Messages speak Python (``convention=``); each also carries the command line's
+words (``--convention``) for ``chx-masks`` to print.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NEXUS_PIXEL_MASK",
+    "export_convention",
     "export_mask",
     "ingest_master_file",
     "read_mask",
@@ -78,8 +84,31 @@ _NONZERO_MASKED: frozenset[str] = frozenset({"edf", "msk", "nexus", "indices"})
 _MAX_LISTED = 20
 
 
-def _bad(path: Path, message: str) -> MaskValidationError:
-    return MaskValidationError(f"Mask file '{path}': {message}")
+def _bad(path: Path, message: str, cli: str | None = None) -> MaskValidationError:
+    """A refusal naming the file; ``cli`` is the message in the command line's words."""
+    return MaskValidationError(
+        f"Mask file '{path}': {message}",
+        cli=None if cli is None else f"Mask file '{path}': {cli}",
+    )
+
+
+def _refused_by_numpy(path: Path, err: BaseException, what: str) -> MaskValidationError | None:
+    """Our message where numpy refused ``path`` for ``allow_pickle=False``, else None.
+
+    numpy's own message advises loading the file unsafely; a mask file never
+    needs that, so it is not passed on. numpy takes any file without the .npy
+    or zip header for a pickle, so the header tells the two cases apart.
+    """
+    if not (isinstance(err, ValueError) and "allow_pickle" in str(err)):
+        return None
+    with open(path, "rb") as f:
+        head = f.read(6)
+    # A pickle (protocol 2 and later), or an object array inside .npy/.npz.
+    if head.startswith((b"\x80", b"\x93NUMPY", b"PK")):
+        return _bad(path, "holds Python objects (pickled data), not a mask array, and is "
+                    "refused: loading pickled data can run code from the file. A mask "
+                    "file holds a plain bool or integer array.")
+    return _bad(path, f"is not a readable {what}: it does not start with the header of one.")
 
 
 def _resolve_format(path: Path, format: str | None) -> Format:
@@ -89,20 +118,21 @@ def _resolve_format(path: Path, format: str | None) -> Format:
         return format  # type: ignore[return-value]
     found = _SUFFIXES.get(path.suffix.lower())
     if found is None:
-        raise _bad(
-            path,
-            f"cannot tell the format from the suffix {path.suffix!r}; expected one of "
-            f"{', '.join(sorted(_SUFFIXES))}, or pass format= (one of {', '.join(_FORMATS)}).",
-        )
+        said = (f"cannot tell the format from the suffix {path.suffix!r}; expected one of "
+                f"{', '.join(sorted(_SUFFIXES))}")
+        raise _bad(path, f"{said}, or pass format= (one of {', '.join(_FORMATS)}).",
+                   cli=f"{said}, or give --format (one of {', '.join(_FORMATS)}).")
     return found
 
 
 def _check_convention(path: Path, convention: str | None) -> None:
     if convention is not None and convention not in _CONVENTIONS:
+        meaning = "('keep': nonzero/True = pixel kept; 'masked-nonzero': nonzero = pixel masked)."
         raise _bad(
             path,
             f"convention={convention!r} is not one of {', '.join(map(repr, _CONVENTIONS))} "
-            "('keep': nonzero/True = pixel kept; 'masked-nonzero': nonzero = pixel masked).",
+            f"{meaning}",
+            cli=f"--convention {convention!r} is not one of {', '.join(_CONVENTIONS)} {meaning}",
         )
 
 
@@ -122,11 +152,15 @@ def _read_npy(path: Path, dataset: str | None) -> tuple[np.ndarray, str | None, 
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as err:  # numpy raises ValueError, EOFError, OSError, ... by case
+        refusal = _refused_by_numpy(path, err, ".npy array")
+        if refusal is not None:
+            raise refusal from None  # numpy's message advises loading it unsafely
         raise _bad(path, f"is not a readable .npy array ({type(err).__name__}: {err}).") from err
     if not isinstance(loaded, np.ndarray):
         loaded.close()
         raise _bad(path, "is an .npz archive, not an .npy array; name it .npz or pass "
-                   "format='npz'.")
+                   "format='npz'.", cli="is an .npz archive, not an .npy array; name it "
+                   ".npz or give --format npz.")
     return loaded, None, {}
 
 
@@ -135,12 +169,14 @@ def _read_npz(path: Path, dataset: str | None) -> tuple[np.ndarray, str | None, 
         with np.load(path, allow_pickle=False) as archive:
             if isinstance(archive, np.ndarray):
                 raise _bad(path, "is an .npy array, not an .npz archive; name it .npy or "
-                           "pass format='npy'.")
+                           "pass format='npy'.", cli="is an .npy array, not an .npz "
+                           "archive; name it .npy or give --format npy.")
             keys = list(archive.keys())
             if dataset is None:
                 if len(keys) != 1:
-                    raise _bad(path, f"holds {len(keys)} arrays ({', '.join(keys) or 'none'}); "
-                               "expected one, or pass dataset= naming the mask.")
+                    said = f"holds {len(keys)} arrays ({', '.join(keys) or 'none'}); expected one"
+                    raise _bad(path, f"{said}, or pass dataset= naming the mask.",
+                               cli=f"{said}, or give --dataset NAME naming the mask.")
                 dataset = keys[0]
             elif dataset not in keys:
                 raise _bad(path, f"has no array {dataset!r}; it holds: "
@@ -149,6 +185,9 @@ def _read_npz(path: Path, dataset: str | None) -> tuple[np.ndarray, str | None, 
     except MaskValidationError:
         raise
     except Exception as err:  # BadZipFile, EOFError, ValueError, zlib.error, ...
+        refusal = _refused_by_numpy(path, err, ".npz archive")
+        if refusal is not None:
+            raise refusal from None  # numpy's message advises loading it unsafely
         raise _bad(path, f"is not a readable .npz archive ({type(err).__name__}: {err}).") from err
 
 
@@ -216,8 +255,9 @@ def _read_nexus(path: Path, dataset: str | None) -> tuple[np.ndarray, str | None
                     else None
                 )
                 if len(named) > 1:
-                    raise _bad(path, f"has several 'pixel_mask' datasets ({', '.join(named)}); "
-                               "pass dataset= to pick one.")
+                    said = f"has several 'pixel_mask' datasets ({', '.join(named)})"
+                    raise _bad(path, f"{said}; pass dataset= to pick one.",
+                               cli=f"{said}; give --dataset PATH to pick one.")
                 dataset = named[0] if named else None
         node = f.get(dataset) if dataset is not None else None
         if not isinstance(node, h5py.Dataset):
@@ -232,8 +272,9 @@ def _read_nexus(path: Path, dataset: str | None) -> tuple[np.ndarray, str | None
                 if dataset is not None
                 else f"{NEXUS_PIXEL_MASK!r} or any dataset named 'pixel_mask'"
             )
-            raise _bad(path, f"has no {wanted}. Datasets found: {shown}{more}. "
-                       "Pass dataset= naming the mask.")
+            said = f"has no {wanted}. Datasets found: {shown}{more}."
+            raise _bad(path, f"{said} Pass dataset= naming the mask.",
+                       cli=f"{said} Give --dataset PATH naming the mask.")
         try:
             data = node[()]
         except Exception as err:
@@ -297,18 +338,21 @@ def _to_keep(raw: np.ndarray, fmt: str, convention: str | None, path: Path) -> t
         elif kind == "b":
             convention = "keep"
         else:
-            raise _bad(path, f"holds {raw.dtype} values, not bool, and {fmt} files have no "
-                       "agreed convention. Pass convention='keep' (1 = pixel kept, as in "
+            said = f"holds {raw.dtype} values, not bool, and {fmt} files have no agreed convention."
+            raise _bad(path, f"{said} Pass convention='keep' (1 = pixel kept, as in "
                        "chx_masks) or convention='masked-nonzero' (nonzero = masked, as in "
+                       "pyFAI).", cli=f"{said} Give --convention keep (1 = pixel kept, as in "
+                       "chx-masks) or --convention masked-nonzero (nonzero = masked, as in "
                        "pyFAI).")
     if convention == "masked-nonzero":
         return raw == 0, convention
     if kind != "b":
         bad = ~np.isin(raw, (0, 1))
         if bad.any():
-            raise _bad(path, f"holds values other than 0 and 1 (e.g. "
-                       f"{np.unique(raw[bad])[:5].tolist()}), which convention='keep' cannot "
-                       "read; is it convention='masked-nonzero'?")
+            said = f"holds values other than 0 and 1 (e.g. {np.unique(raw[bad])[:5].tolist()})"
+            raise _bad(path, f"{said}, which convention='keep' cannot read; is it "
+                       "convention='masked-nonzero'?", cli=f"{said}, which --convention keep "
+                       "cannot read; is it --convention masked-nonzero?")
     return raw != 0, convention
 
 
@@ -423,11 +467,14 @@ def write_mask(
     """Write a chx_masks mask (True = kept) in a file format other tools read.
 
     Each format gets its own convention unless ``convention`` is given:
-    npy/npz/tiff a bool array, True = kept (with ``"masked-nonzero"``: uint8,
+    npy/npz a bool array, True = kept (with ``"masked-nonzero"``: uint8,
     1 = masked); edf and msk uint8, 1 = masked (fabio, pyFAI, Fit2D); nexus
     uint32 at :data:`NEXUS_PIXEL_MASK`, nonzero = masked (Eiger); indices the
-    flat C-order indices of the masked pixels, one per line. An existing file
-    is overwritten.
+    flat C-order indices of the masked pixels, one per line. A TIFF has no
+    convention of its own (pyFAI reads nonzero = masked, chx-masks a bool
+    TIFF as True = kept), so ``convention`` must be given for it:
+    ``"masked-nonzero"`` writes uint8, 1 = masked; ``"keep"`` a bool image.
+    An existing file is overwritten.
 
     Parameters
     ----------
@@ -437,11 +484,18 @@ def write_mask(
         Where to write; the format is taken from its suffix unless given.
     format : {"npy", "npz", "tiff", "edf", "msk", "nexus", "indices"}, optional
     convention : {"keep", "masked-nonzero"}, optional
+        Default: the format's own (:func:`export_convention`); required for TIFF.
 
     Returns
     -------
     pathlib.Path
         The absolute path written.
+
+    Raises
+    ------
+    MaskValidationError
+        ``mask`` is not a 2-D bool array, or a TIFF is asked for without
+        ``convention``; nothing is written.
 
     Examples
     --------
@@ -457,13 +511,13 @@ def write_mask(
     path = Path(path).expanduser().absolute()
     fmt = _resolve_format(path, format)
     _check_convention(path, convention)
+    used = _writing_convention(path, fmt, convention)
     array = np.asarray(mask)
     if array.dtype != np.bool_ or array.ndim != 2:
         raise MaskValidationError(
             f"write_mask takes a 2-D bool mask (True = kept); got {array.ndim}-D "
             f"{array.dtype}. Convert it first, e.g. with read_mask(..., convention=...)."
         )
-    used = convention or ("masked-nonzero" if fmt in _NONZERO_MASKED else "keep")
     masked = ~array
     if fmt in ("npy", "npz", "tiff"):
         out = array if used == "keep" else masked.astype(np.uint8)
@@ -510,13 +564,55 @@ def write_mask(
     return path
 
 
+def export_convention(format: Format) -> Convention | None:
+    """The convention a format is written in by default; None where it must be given.
+
+    Examples
+    --------
+    >>> export_convention("edf"), export_convention("npy"), export_convention("tiff")
+    ('masked-nonzero', 'keep', None)
+    """
+    if format == "tiff":
+        return None
+    return "masked-nonzero" if format in _NONZERO_MASKED else "keep"
+
+
+def _convention_words(format: Format, convention: Convention) -> str:
+    """What a file of ``format`` written in ``convention`` means, for people.
+
+    Examples
+    --------
+    >>> _convention_words("edf", "masked-nonzero")
+    'nonzero = masked, as pyFAI and fabio read it'
+    >>> _convention_words("indices", "masked-nonzero")
+    'lists the masked pixels'
+    """
+    if format == "indices":
+        return f"lists the {'masked' if convention == 'masked-nonzero' else 'kept'} pixels"
+    if convention == "masked-nonzero":
+        return "nonzero = masked, as pyFAI and fabio read it"
+    return "True = kept, as chx-masks reads it"
+
+
+def _writing_convention(path: Path, fmt: Format, convention: str | None) -> str:
+    """The convention ``path`` will be written in, or the refusal of a TIFF without one."""
+    used = convention or export_convention(fmt)
+    if used is None:
+        said = "TIFF masks are read both ways, so the convention to write must be given"
+        raise _bad(path, f"{said}: convention='masked-nonzero' (nonzero = masked, as pyFAI "
+                   "and fabio read it) or convention='keep' (True = kept, as chx-masks reads "
+                   "a bool TIFF).", cli=f"{said}: --convention masked-nonzero (pyFAI, "
+                   "fabio) or --convention keep (chx-masks).")
+    return used
+
+
 def _coerce_for(registry: MaskRegistry, detector: str, mask: np.ndarray,
                 path: Path) -> np.ndarray:
     shape = registry.get_detector(detector).shape
     try:
         return coerce_mask(mask, shape, detector)
     except MaskValidationError as err:
-        raise _bad(path, str(err)) from err
+        raise _bad(path, str(err), cli=err.cli_message) from err
 
 
 def _read_for(registry: MaskRegistry, detector: str, path: str | os.PathLike[str],
@@ -540,6 +636,7 @@ def register_from_file(
     *,
     update: bool = False,
     metadata: Mapping[str, Any] | None = None,
+    force: bool = False,
     **read_kw: Any,
 ) -> str:
     """Read a mask file and register it, recording the file as its ``source``.
@@ -557,6 +654,9 @@ def register_from_file(
         User metadata; ``"source"`` (the dict :func:`read_mask` returns) is
         added. With ``update=True`` and no metadata, the previous version's
         metadata is kept and its ``source`` replaced.
+    force : bool
+        With ``update=True``, add the version even if the file holds exactly
+        the current version's mask (refused otherwise, see ``update_mask``).
     **read_kw
         ``format``, ``convention``, ``shape``, ``dataset`` for :func:`read_mask`;
         an index list (``.txt``) takes the detector's shape by default.
@@ -571,6 +671,9 @@ def register_from_file(
     MaskValidationError
         The file cannot be read as a mask of the detector's shape; nothing is
         registered.
+    MaskExistsError
+        The name is registered (without ``update``), or the file holds the
+        current version's mask (with ``update`` and without ``force``).
 
     Examples
     --------
@@ -586,9 +689,9 @@ def register_from_file(
     'gap.npy'
     """
     array, source, _ = _read_for(registry, detector, path, dict(read_kw))
-    return register_with_source(
-        registry, detector, name, array, source, update=update, metadata=metadata
-    )
+    return register_with_source(registry, detector, name, array, source, update=update,
+                                metadata=metadata,
+                  force=force)
 
 
 def export_mask(
@@ -604,8 +707,9 @@ def export_mask(
 ) -> Path:
     """Write a registered mask (current, a ``version``, or a ``uid``) to a file.
 
-    The file uses the format's own convention (see :func:`write_mask`), so
-    pyFAI reads an exported ``.edf`` directly.
+    The file uses the format's own convention (see :func:`write_mask` and
+    :func:`export_convention`), so pyFAI reads an exported ``.edf``
+    directly; a TIFF needs ``convention`` (``"masked-nonzero"`` for pyFAI).
 
     Returns
     -------
@@ -615,7 +719,8 @@ def export_mask(
     Raises
     ------
     MaskValidationError
-        ``uid`` names a mask of another detector or name.
+        ``uid`` names a mask of another detector or name, or a TIFF is
+        asked for without ``convention``; nothing is written.
 
     Examples
     --------
@@ -627,9 +732,13 @@ def export_mask(
     ...     export_mask(reg, "eiger500K_single_image", "all", tmp / "all.edf").name
     'all.edf'
     """
+    path = Path(path).expanduser().absolute()
+    _check_convention(path, convention)
+    _writing_convention(path, _resolve_format(path, format), convention)  # before reading
     if uid is not None:
         if version is not None:
-            raise MaskValidationError("Give version= or uid=, not both.")
+            raise MaskValidationError("Give version= or uid=, not both.",
+                                      cli="Give --version or --uid, not both.")
         record = registry.describe(uid)
         if (record.detector, record.name) != (detector, name):
             raise MaskValidationError(

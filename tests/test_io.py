@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chx_masks import MaskValidationError
+from chx_masks import MaskExistsError, MaskValidationError
 from chx_masks.io import (
     NEXUS_PIXEL_MASK,
+    export_convention,
     export_mask,
     ingest_master_file,
     read_mask,
@@ -58,10 +59,17 @@ def bad_pixels() -> np.ndarray:
 # --------------------------------------------------------------- round trips
 
 
+#: The convention each format is written in without ``convention=`` (TIFF: none).
+EXPORT_DEFAULTS = {"npy": "keep", "npz": "keep", "tiff": None, "edf": "masked-nonzero",
+                   "msk": "masked-nonzero", "nexus": "masked-nonzero",
+                   "indices": "masked-nonzero"}
+
+
 @pytest.mark.parametrize("fmt", sorted(SUFFIXES))
 def test_our_writer_round_trips(tmp_path, fmt):
     mask = random_mask()
-    path = write_mask(mask, tmp_path / f"m{SUFFIXES[fmt]}")
+    convention = "keep" if fmt == "tiff" else None  # TIFF is only written when told how
+    path = write_mask(mask, tmp_path / f"m{SUFFIXES[fmt]}", convention=convention)
     back, source = read_mask(path, shape=SHAPE_500K if fmt == "indices" else None)
     assert back.dtype == np.bool_
     np.testing.assert_array_equal(back, mask)
@@ -239,6 +247,41 @@ def test_source_is_json_with_plain_keys(tmp_path):
     assert not [k for k in keys(source) if "." in k]
 
 
+@pytest.mark.parametrize("fmt", sorted(SUFFIXES))
+def test_each_format_writes_its_own_convention(tmp_path, fmt):
+    assert export_convention(fmt) == EXPORT_DEFAULTS[fmt]
+    if fmt == "tiff":
+        return
+    mask = random_mask(seed=4)
+    path = write_mask(mask, tmp_path / f"m{SUFFIXES[fmt]}")
+    shape = SHAPE_500K if fmt == "indices" else None
+    # Read back with that convention named explicitly: the same mask.
+    back, _ = read_mask(path, convention=EXPORT_DEFAULTS[fmt], shape=shape)
+    np.testing.assert_array_equal(back, mask)
+
+
+def test_tiff_is_written_only_with_a_convention(tmp_path):
+    import tifffile
+
+    mask = random_mask(seed=6)
+    with pytest.raises(MaskValidationError) as info:
+        write_mask(mask, tmp_path / "m.tif")
+    assert "convention='masked-nonzero' (nonzero = masked, as pyFAI and fabio read it) or " \
+        "convention='keep'" in str(info.value)
+    assert info.value.cli_message.endswith(
+        "TIFF masks are read both ways, so the convention to write must be given: "
+        "--convention masked-nonzero (pyFAI, fabio) or --convention keep (chx-masks).")
+    assert not (tmp_path / "m.tif").exists()
+    # As pyFAI and fabio read a TIFF mask: nonzero = masked.
+    pyfai = write_mask(mask, tmp_path / "pyfai.tif", convention="masked-nonzero")
+    np.testing.assert_array_equal(tifffile.imread(pyfai) != 0, ~mask)
+    np.testing.assert_array_equal(read_mask(pyfai, convention="masked-nonzero")[0], mask)
+    # As chx-masks reads a bool TIFF without being told: True = kept.
+    kept = write_mask(mask, tmp_path / "kept.tif", convention="keep")
+    assert tifffile.imread(kept).dtype == np.bool_
+    np.testing.assert_array_equal(read_mask(kept)[0], mask)
+
+
 def test_write_refuses_non_bool(tmp_path):
     with pytest.raises(MaskValidationError, match="2-D bool"):
         write_mask(np.ones(SHAPE_500K, dtype=np.uint8), tmp_path / "m.npy")
@@ -279,15 +322,45 @@ def test_export_then_read_equals_registered(registry, tmp_path, fmt):
     mask = random_mask(seed=7)
     uid = registry.register_mask(EIGER500K, "beamstop", mask)
     registry.update_mask(EIGER500K, "beamstop", ~mask)
+    # A TIFF is exported as pyFAI reads it, when asked to.
+    write = {"convention": "masked-nonzero"} if fmt == "tiff" else {}
+    read = {"shape": SHAPE_500K} if fmt == "indices" else dict(write)
     path = export_mask(registry, EIGER500K, "beamstop", tmp_path / f"out{SUFFIXES[fmt]}",
-                       version=0)
-    shape = SHAPE_500K if fmt == "indices" else None
-    np.testing.assert_array_equal(read_mask(path, shape=shape)[0], mask)
+                       version=0, **write)
+    np.testing.assert_array_equal(read_mask(path, **read)[0], mask)
     by_uid = export_mask(registry, EIGER500K, "beamstop", tmp_path / f"uid{SUFFIXES[fmt]}",
-                         uid=uid)
-    np.testing.assert_array_equal(read_mask(by_uid, shape=shape)[0], mask)
-    current = export_mask(registry, EIGER500K, "beamstop", tmp_path / f"cur{SUFFIXES[fmt]}")
-    np.testing.assert_array_equal(read_mask(current, shape=shape)[0], ~mask)
+                         uid=uid[:8], **write)  # a unique prefix names the uid
+    np.testing.assert_array_equal(read_mask(by_uid, **read)[0], mask)
+    current = export_mask(registry, EIGER500K, "beamstop", tmp_path / f"cur{SUFFIXES[fmt]}",
+                          **write)
+    np.testing.assert_array_equal(read_mask(current, **read)[0], ~mask)
+
+
+def test_export_tiff_without_convention_writes_nothing(registry, tmp_path):
+    registry.register_mask(EIGER500K, "beamstop", random_mask(seed=9))
+    for name, format in (("out.tif", None), ("out.tiff", None), ("out.img", "tiff")):
+        with pytest.raises(MaskValidationError, match=r"convention='masked-nonzero' "
+                           r"\(nonzero = masked, as pyFAI and fabio read it\)") as info:
+            export_mask(registry, EIGER500K, "beamstop", tmp_path / name, format=format)
+        assert "--convention masked-nonzero (pyFAI, fabio)" in info.value.cli_message
+        assert not (tmp_path / name).exists()
+
+
+def test_register_from_file_update_of_the_same_mask_needs_force(registry, tmp_path):
+    path = write_mask(random_mask(seed=3), tmp_path / "bs.edf")
+    first = register_from_file(registry, EIGER500K, "bs", path, metadata={"sample": "a"})
+    with pytest.raises(MaskExistsError, match="force=True") as info:
+        register_from_file(registry, EIGER500K, "bs", path, update=True)
+    assert "--force" in info.value.cli_message and "force=True" not in info.value.cli_message
+    assert [r.uid for r in registry.history(EIGER500K, "bs")] == [first]
+    again = register_from_file(registry, EIGER500K, "bs", path, update=True, force=True)
+    record = registry.describe(again)
+    assert record.version == 1 and record.sha256 == registry.describe(first).sha256
+    assert record.metadata["sample"] == "a" and record.metadata["source"]["file_name"] == "bs.edf"
+    with pytest.raises(MaskValidationError, match="'source'"):
+        register_from_file(registry, EIGER500K, "bs", path, update=True, force=True,
+                           metadata={"source": "me"})
+    assert len(registry.history(EIGER500K, "bs")) == 2
 
 
 def test_exported_edf_is_what_pyfai_expects(registry, tmp_path):
@@ -364,7 +437,7 @@ def _truncated_msk(tmp_path):
 
 
 def _truncated_tiff(tmp_path):
-    path = write_mask(random_mask(), tmp_path / "cut.tif")
+    path = write_mask(random_mask(), tmp_path / "cut.tif", convention="keep")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     return path, {}, "TIFF"
@@ -437,6 +510,27 @@ def _unknown_suffix(tmp_path):
     return path, {}, "suffix '.png'"
 
 
+def _object_npy(tmp_path):
+    """What np.save writes for an array of Python objects: a pickle inside an .npy."""
+    path = tmp_path / "objects.npy"
+    np.save(path, np.array([{"beamstop": (1, 2)}, None], dtype=object), allow_pickle=True)
+    return path, {}, "holds Python objects"
+
+
+def _pickle_as_npy(tmp_path):
+    import pickle
+
+    path = tmp_path / "pickled.npy"
+    path.write_bytes(pickle.dumps({"mask": [[True, False]]}))
+    return path, {}, "holds Python objects"
+
+
+def _object_npz(tmp_path):
+    path = tmp_path / "objects.npz"
+    np.savez(path, mask=np.array([{"beamstop": 1}], dtype=object))
+    return path, {}, "holds Python objects"
+
+
 BAD = {
     "truncated-npy": _truncated_npy,
     "truncated-edf": _truncated_edf,
@@ -461,6 +555,9 @@ BAD = {
     "missing-file": _missing_file,
     "txt-out-of-range": _txt_out_of_range,
     "unknown-suffix": _unknown_suffix,
+    "object-npy": _object_npy,
+    "pickle-as-npy": _pickle_as_npy,
+    "object-npz": _object_npz,
 }
 
 
@@ -476,6 +573,7 @@ def test_bad_file_registers_nothing(registry, tmp_path, case):
     with pytest.raises(MaskValidationError, match=expected) as info:
         register_from_file(registry, EIGER500K, "from_file", path, **read_kw)
     assert path.name in str(info.value)
+    assert "allow_pickle" not in str(info.value)  # numpy's advice to load it unsafely
     assert _state(registry) == before
     assert registry.get_masks(include_retired=True) == [(EIGER500K, "existing")]
 
@@ -506,3 +604,70 @@ def test_bad_read_errors_name_the_file(tmp_path):
         with pytest.raises(MaskValidationError, match=expected) as info:
             read_mask(p, **kw)
         assert p.name in str(info.value)
+
+
+@pytest.mark.parametrize("case", ["object-npy", "pickle-as-npy", "object-npz"])
+def test_pickled_data_is_refused_without_numpy_advice(tmp_path, case):
+    path, read_kw, _ = BAD[case](tmp_path)
+    with pytest.raises(MaskValidationError) as info:
+        read_mask(path, **read_kw)
+    message = str(info.value)
+    assert message == (f"Mask file '{path}': holds Python objects (pickled data), not a mask "
+                       "array, and is refused: loading pickled data can run code from the "
+                       "file. A mask file holds a plain bool or integer array.")
+    # numpy's "load it unsafely with allow_pickle=" is neither said nor chained.
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def _python_and_cli(tmp_path):
+    """Files whose refusal advises an argument; (path, read_kw, Python words, CLI words)."""
+    ints = tmp_path / "ints.npy"
+    np.save(ints, random_mask().astype(np.uint8))
+    flags = tmp_path / "flags.npy"
+    np.save(flags, bad_pixels())
+    two = tmp_path / "two.npz"
+    np.savez(two, gap=random_mask(), other=random_mask())
+    archive_as_npy = tmp_path / "archive.npy"
+    archive_as_npy.write_bytes(two.read_bytes())
+    unknown = tmp_path / "mask.dat"
+    unknown.write_bytes(b"0")
+    no_mask = _missing_dataset(tmp_path)[0]
+    return [
+        (ints, {}, "Pass convention='keep' (1 = pixel kept, as in chx_masks) or "
+         "convention='masked-nonzero'", "Give --convention keep (1 = pixel kept, as in "
+         "chx-masks) or --convention masked-nonzero (nonzero = masked, as in pyFAI)."),
+        (flags, {"convention": "keep"}, "which convention='keep' cannot read; is it "
+         "convention='masked-nonzero'?", "which --convention keep cannot read; is it "
+         "--convention masked-nonzero?"),
+        (two, {}, "or pass dataset= naming the mask.", "or give --dataset NAME naming the "
+         "mask."),
+        (archive_as_npy, {}, "name it .npz or pass format='npz'.", "name it .npz or give "
+         "--format npz."),
+        (unknown, {}, "or pass format= (one of", "or give --format (one of"),
+        (no_mask, {}, "Pass dataset= naming the mask.", "Give --dataset PATH naming the mask."),
+        (ints, {"convention": "sideways"}, "convention='sideways' is not one of",
+         "--convention 'sideways' is not one of keep, masked-nonzero"),
+    ]
+
+
+def test_refusals_carry_the_command_lines_words(tmp_path):
+    for path, read_kw, python, cli in _python_and_cli(tmp_path):
+        with pytest.raises(MaskValidationError) as info:
+            read_mask(path, **read_kw)
+        assert python in str(info.value), (path, str(info.value))
+        assert cli in info.value.cli_message, (path, info.value.cli_message)
+        assert info.value.cli_message.startswith(f"Mask file '{path}': ")
+        for word in ("convention=", "format=", "dataset="):
+            assert word not in info.value.cli_message, (path, info.value.cli_message)
+
+
+def test_transposed_file_advice_in_both_languages(registry, tmp_path):
+    path, read_kw, _ = _transposed(tmp_path)
+    with pytest.raises(MaskValidationError) as info:
+        register_from_file(registry, EIGER500K, "t", path, **read_kw)
+    assert str(info.value).endswith("It is transposed: use mask.T.")
+    assert info.value.cli_message.startswith(f"Mask file '{path}': The mask has shape 1030x514")
+    assert info.value.cli_message.endswith(
+        "It is transposed (rows and columns swapped): save the transposed array (mask.T in "
+        "NumPy) and give that file.")
+    assert registry.get_masks(include_retired=True) == []
