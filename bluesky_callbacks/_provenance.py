@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from bluesky.preprocessors import make_decorator, msg_mutator
 from bluesky.utils import Msg
 
-from chx_masks import ChxMasksError, MaskRegistry, MaskValidationError
+from chx_masks import (
+    ChxMasksError,
+    DetectorNotFoundError,
+    MaskNotFoundError,
+    MaskRegistry,
+    MaskValidationError,
+    RegistryUnavailableError,
+)
 
-from ._deadline import DEFAULT_TIMEOUT, call_with_deadline
+from ._deadline import DEFAULT_TIMEOUT, RegistryBreaker, breaker_for
 
 __all__ = ["MaskProvenance", "mask_provenance_decorator", "mask_provenance_wrapper"]
 
@@ -131,8 +137,10 @@ class MaskProvenance:
     Parameters
     ----------
     registry : MaskRegistry or callable returning one
-        A callable is called at each run start, so a registry that was down
-        when the profile loaded is looked up again later.
+        A callable is called at each run start (within the deadline), so a
+        registry that was down when the profile loaded is looked up again
+        later; its ``location`` attribute, if any, names the registry in
+        messages until it has opened.
     masks : dict, optional
         ``{data_key: [mask names]}``: the composite applied to each detector
         that has no active set in the registry.
@@ -142,12 +150,17 @@ class MaskProvenance:
     timeout : float or None
         Seconds a run start may wait for the registry (default 20); past
         that the registry counts as unreachable and ``on_unavailable``
-        decides. None waits as long as tiled retries.
+        decides. None waits as long as tiled retries. Once the registry has
+        not answered, later run starts do not wait at all until a background
+        check sees it answer again (see :attr:`breaker`, shared with every
+        :class:`MaskingRouter` given the same registry or factory): an outage
+        costs one timeout, not one per run.
     on_unavailable : {"raise", "record"}
         When the registry cannot be reached or a mask is missing: "raise"
         refuses to open the run (no start document is emitted) with an error
-        naming the registry and the masks; "record" opens the run and records
-        in ``masks[data_key]["error"]`` why its masks are missing.
+        naming the registry and the masks; "record" opens the run, logs one
+        warning line and records in ``masks[data_key]["error"]`` why its
+        masks are missing (a missing mask is named, with the fix).
 
     Examples
     --------
@@ -188,7 +201,7 @@ class MaskProvenance:
         self.active = active
         self.on_unavailable: Policy = on_unavailable
         self.timeout = timeout
-        self._lock = threading.Lock()
+        self._breaker = breaker_for(registry)
 
     @property
     def registry(self) -> MaskRegistry:
@@ -196,6 +209,11 @@ class MaskProvenance:
         if isinstance(self._registry, MaskRegistry):
             return self._registry
         return self._registry()
+
+    @property
+    def breaker(self) -> RegistryBreaker:
+        """Whether the registry answers, and since when not; shared with its routers."""
+        return self._breaker
 
     def __call__(self, plan: Generator[Msg, Any, Any]) -> Generator[Msg, Any, Any]:
         staged: list[str] = []
@@ -224,9 +242,10 @@ class MaskProvenance:
         devices = [*(run_md.get("detectors") or ()), *staged]
         unknown: str | None = None
         try:
-            wanted, used, resolved = call_with_deadline(
-                lambda: self._resolve(own, devices), self.timeout,
-                "resolving the run's masks",
+            # Fails at once while the registry is known to be down.
+            wanted, used, resolved = self._breaker.call(
+                lambda registry: self._resolve(registry, own, devices), self.timeout,
+                "resolving the run's masks", setting="MaskProvenance's timeout",
             )
         except ChxMasksError as err:
             # Without the registry the choice itself is unknown: what the
@@ -245,6 +264,7 @@ class MaskProvenance:
             return dict(run_md)
         records: dict[str, dict[str, Any]] = {}
         uids: list[str] = []
+        failed: dict[str, ChxMasksError] = {}
         for key in used:
             names, chosen_by = wanted[key]
             composite = resolved[key]
@@ -255,7 +275,7 @@ class MaskProvenance:
                         f"The run was not opened: the masks {names} for {key} "
                         f"could not be resolved: {err}"
                     ) from err
-                logger.warning("Run opens without masks for %s: %s", key, err)
+                failed[key] = err
                 records[key] = {
                     "names": list(names),
                     "uids": [],
@@ -267,6 +287,8 @@ class MaskProvenance:
                 continue
             records[key] = {**composite.provenance(), "chosen_by": chosen_by}
             uids.extend(uid for uid in composite.uids if uid not in uids)
+        if failed or unknown is not None:
+            logger.warning("%s", _opening_without(failed, unknown))
         start = {**run_md, "masks": records, "mask_uids": uids}
         if unknown is not None:
             start[MASK_ERROR_KEY] = unknown
@@ -279,20 +301,25 @@ class MaskProvenance:
                 f"The run was not opened: the active masks of its detectors "
                 f"({', '.join(dict.fromkeys(devices))}) could not be read: {err}"
             ) from err
-        logger.warning("Run opens without its detectors' active masks: %s", err)
         return f"active sets unreadable: {type(err).__name__}: {err}"
 
     def _resolve(
-        self, own: Mapping[str, list[str]], devices: list[str]
+        self, registry: MaskRegistry, own: Mapping[str, list[str]], devices: list[str]
     ) -> tuple[dict[str, tuple[list[str], str]], list[str], dict[str, Any]]:
         """All the registry work of a run start: choices, then each composite."""
-        registry = self.registry
         wanted = self._choices(registry, own)
         used = _used(wanted, own, devices)
         resolved: dict[str, Any] = {}
         for key in used:
+            names, chosen_by = wanted[key]
             try:
-                resolved[key] = registry.resolve_composite(key, wanted[key][0])
+                resolved[key] = registry.resolve_composite(key, names)
+            except RegistryUnavailableError:
+                raise  # gone mid-way: the whole run start is unresolved (and it trips)
+            except DetectorNotFoundError as err:
+                resolved[key] = err
+            except MaskNotFoundError as err:
+                resolved[key] = _missing_masks(registry, key, names, chosen_by, err)
             except ChxMasksError as err:
                 resolved[key] = err
         return wanted, used, resolved
@@ -308,6 +335,69 @@ class MaskProvenance:
                     wanted[key] = (list(active.names), f"active set v{active.version}")
         wanted.update((key, (names, CHOSEN_BY_RUN)) for key, names in own.items())
         return wanted
+
+
+def _opening_without(failed: Mapping[str, ChxMasksError], unknown: str | None) -> str:
+    """The one warning line of a run that opens without (some of) its masks.
+
+    Examples
+    --------
+    >>> down = RegistryUnavailableError("No answer within 2 s.")
+    >>> print(_opening_without({"a_image": down, "b_image": down}, None))
+    A run opens without masks for a_image, b_image: RegistryUnavailableError: No answer within 2 s.
+    >>> print(_opening_without({}, "active sets unreadable: RegistryUnavailableError: ..."))
+    A run opens without its detectors' masks: active sets unreadable: RegistryUnavailableError: ...
+    """
+    groups: dict[int, tuple[ChxMasksError, list[str]]] = {}
+    for key, err in failed.items():
+        groups.setdefault(id(err), (err, []))[1].append(key)
+    if len(groups) == 1:
+        ((err, keys),) = groups.values()
+        return f"A run opens without masks for {', '.join(keys)}: {type(err).__name__}: {err}"
+    if groups:
+        return "A run opens without masks for " + "; ".join(
+            f"{', '.join(keys)} ({type(err).__name__}: {err})" for err, keys in groups.values()
+        )
+    return f"A run opens without its detectors' masks: {unknown}"
+
+
+def _missing_masks(
+    registry: MaskRegistry, key: str, names: Sequence[str], chosen_by: str,
+    err: MaskNotFoundError,
+) -> ChxMasksError:
+    """``err`` restated: every name that is not a current mask, where it came from, the fix."""
+    try:
+        missing = registry.missing_names(key, names)
+    except RegistryUnavailableError:
+        raise
+    except (ChxMasksError, AttributeError):  # an older registry: its own message
+        return err
+    if not missing:
+        return err
+    keep = [n for n in names if n not in missing]
+    one = len(missing) == 1
+    them = "it" if one else "them"
+    listed = ", ".join(repr(n) for n in missing)
+    if chosen_by == CHOSEN_BY_RUN:
+        source = "the run's mask_names"
+        fix = f"give the run md={{'mask_names': {{{key!r}: {keep!r}}}}}"
+    elif chosen_by == CHOSEN_BY_CONFIGURATION:
+        source = "the configured masks (CHX_MASKS_FALLBACK in the IPython profile)"
+        fix = (f"activate masks without {them}: masks_activate({key!r}, {keep!r})"
+               if keep else f"activate registered masks: masks_activate({key!r}, [...])")
+    else:
+        source = f"its {chosen_by}"
+        fix = (f"activate the set without {them}: masks_activate({key!r}, {keep!r})"
+               if keep else
+               f"withdraw the set: masks_activate({key!r}, []) (the configured masks apply)")
+    state = "is not a current mask" if one else "are not current masks"
+    restated = MaskNotFoundError(
+        f"{key}: {listed} named by {source} {state} "
+        f"in the registry at {registry.location} (never registered, or retired). "
+        f"Register {them} (mask_register / register_mask), or {fix}."
+    )
+    restated.__cause__ = err
+    return restated
 
 
 def mask_provenance_wrapper(

@@ -18,17 +18,34 @@ from urllib.parse import urlsplit
 import numpy as np
 from event_model import DocumentRouter, Filler, RunRouter, compose_run
 
-from chx_masks import ChxMasksError, CompositeMask, MaskIntegrityError, MaskRegistry
+from chx_masks import (
+    ChxMasksError,
+    CompositeMask,
+    MaskIntegrityError,
+    MaskRegistry,
+    RegistryUnavailableError,
+)
 
-from ._deadline import DEFAULT_TIMEOUT, call_with_deadline
+from ._deadline import DEFAULT_TIMEOUT, RegistryBreaker, breaker_for
 from ._kernel import FrameBuffers, Multiplier
-from ._provenance import MASK_ERROR_KEY, _check_masks, _check_options
+from ._provenance import (
+    CHOSEN_BY_RUN,
+    MASK_ERROR_KEY,
+    RUN_MASKS_KEY,
+    _check_masks,
+    _check_options,
+)
 
 __all__ = ["MaskingRouter"]
 
 logger = logging.getLogger(__name__)
 
 Downstream = Callable[[str, dict], Any]
+
+#: Seconds during which a start document that says the registry was
+#: unreachable counts as news of an outage still going on (a live run); a
+#: replayed older run is looked up as usual.
+OUTAGE_NEWS_SECONDS = 60.0
 StreamReader = Callable[[dict, str, int, int], Any]
 
 
@@ -89,6 +106,14 @@ class MaskingRouter:
         Seconds a run start may wait for the registry (default 20); past
         that the run's detectors are reported unresolved and their frames
         withheld, and acquisition goes on. None waits as long as tiled retries.
+        The router does not wait at all for a live run whose start document
+        says the registry was unreachable when it opened, nor while the
+        registry is known to be down (:attr:`breaker`, shared with the
+        :class:`MaskProvenance` given the same registry or factory).
+
+    A start document whose ``mask_names`` differ from what its ``masks``
+    record chose (metadata given to ``RE(...)`` itself, merged after
+    preprocessors) gets one warning: those names cannot choose masks.
 
     Examples
     --------
@@ -132,6 +157,7 @@ class MaskingRouter:
         self.unmasked_streams = unmasked_streams
         self.stream_reader = stream_reader
         self.timeout = timeout
+        self._breaker = breaker_for(registry)
         self._router = RunRouter([self._factory])
 
     @property
@@ -140,6 +166,11 @@ class MaskingRouter:
         if isinstance(self._registry, MaskRegistry):
             return self._registry
         return self._registry()
+
+    @property
+    def breaker(self) -> RegistryBreaker:
+        """Whether the registry answers, and since when not; shared with its preprocessors."""
+        return self._breaker
 
     def __call__(self, name: str, doc: dict) -> None:
         try:
@@ -196,14 +227,23 @@ class _MaskedRun(DocumentRouter):
                 logger.exception("downstream %r failed on %s", callback, name)
                 self._errors.append(f"downstream {callback!r} failed on {name}: {err}")
 
-    def _fail(self, what: str, err: BaseException) -> None:
+    def _fail(self, what: str, err: BaseException, *, log: bool = True,
+              note: bool = True) -> None:
+        """``what`` went wrong ("cannot fill ..."): one log line, one entry in the stop.
+
+        ``log=False`` where the line was written already; ``note=False`` where
+        the derived stop says it otherwise (frames withheld, and why).
+        """
         if self._router.strict:
             raise err
-        # An expected failure (registry down, mask missing) is one line; only
-        # an unexpected one carries its traceback.
-        expected = isinstance(err, ChxMasksError)
-        logger.error("Masking %s failed: %s", what, err, exc_info=None if expected else err)
-        self._errors.append(f"{what}: {type(err).__name__}: {err}")
+        if log:
+            # An expected failure (registry down, mask missing) is one line;
+            # only an unexpected one carries its traceback.
+            expected = isinstance(err, ChxMasksError)
+            logger.error("Masking run %s: %s (%s: %s)", str(self._raw_start.get("uid"))[:8],
+                         what, type(err).__name__, err, exc_info=None if expected else err)
+        if note:
+            self._errors.append(f"{what}: {type(err).__name__}: {err}")
 
     def _mask_for(self, key: str, frame: np.ndarray) -> np.ndarray:
         prepared = self._prepared.get((key, frame.dtype))
@@ -238,13 +278,16 @@ class _MaskedRun(DocumentRouter):
 
     # ------------------------------------------------------------ documents
 
-    def _lookup(self, recorded: Mapping[str, dict], when: datetime) -> dict[str, Any]:
+    @staticmethod
+    def _lookup(
+        registry: MaskRegistry,
+        by_uids: Mapping[str, dict],
+        by_names: Mapping[str, list[str]],
+        when: datetime,
+    ) -> dict[str, Any]:
         """The registry work of a run start: each detector's composite, or its error."""
-        registry = self._router.registry
         found: dict[str, Any] = {}
-        for key, record in recorded.items():
-            if not record.get("uids"):
-                continue
+        for key, record in by_uids.items():
             try:
                 composite = registry.composite_from_uids(record["uids"])
                 if record.get("sha256") and composite.sha256 != record["sha256"]:
@@ -253,13 +296,15 @@ class _MaskedRun(DocumentRouter):
                         f"but its uids now give {composite.sha256}."
                     )
                 found[key] = composite
+            except RegistryUnavailableError:
+                raise  # the whole run start is unresolved (and the breaker trips)
             except Exception as err:
                 found[key] = err
-        for key, names in self._router.masks.items():
-            if key in found:
-                continue
+        for key, names in by_names.items():
             try:
                 found[key] = registry.resolve_composite(key, names, as_of=when)
+            except RegistryUnavailableError:
+                raise
             except Exception as err:
                 found[key] = err
         return found
@@ -271,30 +316,46 @@ class _MaskedRun(DocumentRouter):
         records: dict[str, dict] = {}
         resolved_as_of: dict[str, str] = {}
         when = datetime.fromtimestamp(doc.get("time", time.time()), timezone.utc)
-        try:
-            found = call_with_deadline(
-                lambda: self._lookup(recorded, when), self._router.timeout,
-                "building the run's masks",
-            )
-        except Exception as err:
-            self._fail("opening the mask registry", err)
-            found = {}
-        for key, record in recorded.items():
-            result = found.get(key)
-            if not record.get("uids") or result is None:
-                continue
+        by_uids = {key: record for key, record in recorded.items() if record.get("uids")}
+        # A run that found the registry unreachable when it opened, moments
+        # ago, spent the run start's one wait already: its detectors are not
+        # asked for again.
+        unreachable = None
+        if time.time() - doc.get("time", 0.0) < OUTAGE_NEWS_SECONDS:
+            unreachable = _unreachable_at_open(doc)
+        by_names = {} if unreachable else {
+            key: names for key, names in self._router.masks.items() if key not in by_uids
+        }
+        found: dict[str, Any] = {}
+        failed_together: Exception | None = None  # logged once, not once per detector
+        if by_uids or by_names:
+            try:
+                found = self._router.breaker.call(
+                    lambda registry: self._lookup(registry, by_uids, by_names, when),
+                    self._router.timeout, "building the run's masks",
+                    setting="MaskingRouter's timeout",
+                )
+            except Exception as err:
+                self._fail(f"cannot build the masks of {', '.join([*by_uids, *by_names])}",
+                           err, note=False)
+                found = dict.fromkeys([*by_uids, *by_names], err)
+                failed_together = err
+        for key, record in by_uids.items():
+            result = found[key]
             if isinstance(result, Exception):
-                self._fail(f"masks of {key} (uids {record['uids']})", result)
+                if result is not failed_together:
+                    self._fail(f"cannot rebuild the masks of {key} from uids "
+                               f"{record['uids']}", result, note=False)
                 records[key] = {**record, "error": f"{type(result).__name__}: {result}"}
                 continue
             self._composites[key] = result
             records[key] = {**record, **result.provenance()}
-        for key, names in self._router.masks.items():
-            result = found.get(key)
-            if key in self._composites or result is None:
-                continue
+        for key, names in by_names.items():
+            result = found[key]
             if isinstance(result, Exception):
-                self._fail(f"masks {names} of {key} as of {when.isoformat()}", result)
+                if result is not failed_together:
+                    self._fail(f"cannot resolve the masks {names} of {key} as of "
+                               f"{when.isoformat()}", result, note=False)
                 records[key] = {
                     "names": names, "uids": [], "versions": [], "sha256": None,
                     "error": f"{type(result).__name__}: {result}",
@@ -309,8 +370,11 @@ class _MaskedRun(DocumentRouter):
             )
         self._unresolved = (set(recorded) | set(self._router.masks)) - set(self._composites)
         for key in sorted(self._unresolved):
-            records.setdefault(key, {**recorded.get(key, {}), "uids": []})
-            self._errors.append(f"no masks for {key}: its frames are withheld")
+            record = records.setdefault(key, {**recorded.get(key, {}), "uids": []})
+            why = record.get("error") or unreachable or "no masks recorded or configured"
+            # Said in the derived run; the raw run's start (or the failure
+            # just logged) already told the user, so no second log line.
+            self._errors.append(f"{key} frames withheld: it has no masks ({why})")
         # The run opened without knowing which masks its detectors needed:
         # every frame it cannot mask is withheld, never passed on as masked.
         self._unknown = doc.get(MASK_ERROR_KEY)
@@ -319,6 +383,7 @@ class _MaskedRun(DocumentRouter):
                 f"the run's masks are unknown ({self._unknown}): frames without "
                 "masks are withheld"
             )
+        _warn_ignored_mask_names(doc)
         uids = [u for c in self._composites.values() for u in c.uids]
         metadata = {
             key: doc[key]
@@ -410,14 +475,14 @@ class _MaskedRun(DocumentRouter):
                 doc = self._filler.event_page(doc)
                 data = doc["data"]
             except Exception as err:
-                self._fail(f"filling {present} of seq_num {doc['seq_num']}", err)
+                self._fail(f"cannot fill {present} of seq_num {doc['seq_num']}", err)
                 present = []
         out = {k: data[k] for k in passed if k in data}
         for key in present:
             try:
                 out[key] = self._masked(key, data[key])
             except Exception as err:
-                self._fail(f"masking {key} of seq_num {doc['seq_num']}", err)
+                self._fail(f"cannot mask {key} of seq_num {doc['seq_num']}", err)
         if not out or any(k not in out for k in present):
             # Never pass on a page with a masked field left out or unmasked;
             # the failure is in the derived stop document.
@@ -478,7 +543,7 @@ class _MaskedRun(DocumentRouter):
                 frames = self._read_stream(resource, start, stop, self._shapes.get(key, ()))
             data = {key: self._masked(key, frames)}
         except Exception as err:
-            self._fail(f"masking {key} frames {start}:{stop}", err)
+            self._fail(f"cannot mask {key} frames {start}:{stop}", err)
             return
         now = time.time()
         seq_num = list(range(doc["seq_nums"]["start"], doc["seq_nums"]["stop"]))
@@ -539,3 +604,51 @@ class _MaskedRun(DocumentRouter):
             "masking_errors": list(self._errors),
         }
         self._emit("stop", stop)
+
+
+def _unreachable_at_open(start: Mapping[str, Any]) -> str | None:
+    """Why the registry was unreachable when the run opened, as its start recorded it.
+
+    Examples
+    --------
+    >>> _unreachable_at_open({"masks": {"k": {"uids": [],
+    ...     "error": "RegistryUnavailableError: no answer"}}})
+    'RegistryUnavailableError: no answer'
+    >>> _unreachable_at_open({"masks": {"k": {"uids": ["u"]}}}) is None
+    True
+    """
+    unavailable = RegistryUnavailableError.__name__
+    reasons = [start.get(MASK_ERROR_KEY) or ""] + [
+        record.get("error") or "" for record in (start.get("masks") or {}).values()
+        if isinstance(record, Mapping)
+    ]
+    for reason in reasons:
+        if unavailable in reason:
+            return reason[reason.index(unavailable):]
+    return None
+
+
+def _warn_ignored_mask_names(start: Mapping[str, Any]) -> None:
+    """One warning for ``mask_names`` that could not choose the run's masks.
+
+    ``RE(plan, mask_names=...)`` (or ``RE.md``) reaches the start document
+    after the preprocessors ran, so the masks record chose otherwise.
+    """
+    given = start.get(RUN_MASKS_KEY)
+    if "masks" not in start or not isinstance(given, Mapping) or not given:
+        return
+    records = start.get("masks") or {}
+    ignored = {}
+    for key, names in given.items():
+        record = records.get(key) if isinstance(records.get(key), Mapping) else {}
+        if record.get("chosen_by") != CHOSEN_BY_RUN or list(record.get("names") or []) != (
+            list(names) if isinstance(names, (list, tuple)) else names
+        ):
+            used = ", ".join(record.get("names") or []) or "no masks"
+            ignored[key] = f"{key} used {used} ({record.get('chosen_by') or 'not chosen'})"
+    if ignored:
+        logger.warning(
+            "Run %s: mask_names given to RE(...) cannot choose masks; put it in the plan's "
+            "md=..., e.g. count([det], md={'mask_names': %r}). The run used: %s.",
+            str(start.get("uid", "?"))[:8], dict(given), "; ".join(ignored.values()),
+        )

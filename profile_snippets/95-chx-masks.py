@@ -1,9 +1,10 @@
 # 95-chx-masks.py: detector masks for every run of the CHX IPython profile.
 #
 # What it does, once the base setup has created the RunEngine `RE`:
-#   * opens the mask registry (chx_masks.default_registry()). If it cannot be
-#     reached, one line says so and the profile carries on; the registry is
-#     tried again at the next run start.
+#   * opens the mask registry (as chx_masks.default_registry() would, and makes
+#     it the default). A registry server that does not answer within
+#     CHX_MASKS_START_TIMEOUT costs IPython start that much and one warning
+#     line, never a broken profile.
 #   * RE.preprocessors += chx_masks_provenance (MaskProvenance). At each run
 #     start it chooses, per detector the run uses: the run's own
 #     md={"mask_names": {...}} > the detector's active set in the registry >
@@ -28,9 +29,17 @@
 #   CHX_MASKS_RUNS_URI (+ CHX_MASKS_RUNS_API_KEY)  tiled container for the
 #       masked runs; default: a local store in <CHX_MASKS_DIR or
 #       ~/.local/share/chx-masks>/runs.
-#   A registry server that is down costs tiled's retries at start (up to
-#   TILED_RETRY_TIMEOUT, default 45 s) before the warning line.
-# and the three settings below.
+# and the settings below.
+#
+# A registry server that is down: IPython start waits at most
+# CHX_MASKS_START_TIMEOUT (2 s) and prints one warning line; tiled prints no
+# "Retrying..." of its own. A run start waits for it at most CHX_MASKS_TIMEOUT
+# once for the preprocessor and the router together; after a failure to answer,
+# runs open at once (CHX_MASKS_ON_UNAVAILABLE decides how, one warning line per
+# run) while a background check asks the registry again every few seconds
+# (10 s at most); the first run after it answers has its masks again. Helpers
+# fail at once with the time since it is down; chx_masks_registry(retry=True)
+# asks it now.
 #
 # Changing the masks, no restart needed (applies from the next run start):
 #   masks_activate("eiger4m_single_image", ["pixel_mask", "chip_mask", "beamstop"],
@@ -38,7 +47,10 @@
 #   or from any shell:  chx-masks activate eiger4m_single_image pixel_mask chip_mask beamstop
 #   one run only:  RE(count([eiger4m_single],
 #                           md={"mask_names": {"eiger4m_single_image": ["beamstop_v2"]}}))
-#   masks_active() shows what the next run will use.
+#   masks_active() shows what the next run will use, and flags any name that is
+#   not a registered mask. Metadata given to RE(...) itself, e.g.
+#   RE(plan, mask_names=...), reaches the run after the masks were chosen: it
+#   cannot choose them, and the run says so in one warning line.
 
 # Masks of detectors that have no active set in the registry. The registry's
 # active sets decide for the others; this is read once, at IPython start.
@@ -56,53 +68,93 @@ CHX_MASKS_FALLBACK = {
 # "record" so that a registry outage never stops beam time.
 CHX_MASKS_ON_UNAVAILABLE = "record"
 
-# After a failed attempt to open the registry, run starts within this many
-# seconds do not try again (each attempt may wait for tiled's retries).
-# The helpers below always try at once.
-CHX_MASKS_RETRY_AFTER = 60.0
+# Seconds a run start waits for the registry: once, for the preprocessor and
+# the router together. After the registry failed to answer, runs do not wait
+# for it until a background check sees it answer again.
+CHX_MASKS_TIMEOUT = 20.0
+
+# Seconds IPython start waits for a registry server (CHX_MASKS_URI or
+# CHX_MASKS_PROFILE) to answer; an embedded registry is opened at start anyway.
+CHX_MASKS_START_TIMEOUT = 2.0
 
 # What this file remembers between calls; kept if the file is run again.
 if "_chx_masks_state" not in globals():
-    _chx_masks_state = {"failure": None, "runs": None, "subscription": None}
+    _chx_masks_state = {"registry": None, "lock": __import__("threading").Lock(),
+                        "breaker": None, "runs": None, "subscription": None}
+
+
+def _chx_masks_open():
+    """Open this session's registry once; the factory the run callbacks share.
+
+    A registry server is opened here with ``MaskRegistry.from_uri`` (bounded
+    in time) and made the default registry, rather than by
+    ``chx_masks.default_registry()``: a connection that hangs then holds no
+    lock that the interpreter's exit waits for. Every failure is a
+    ``chx_masks.ChxMasksError``, so CHX_MASKS_ON_UNAVAILABLE applies to it.
+    """
+    import atexit
+    import os
+
+    import chx_masks
+
+    with _chx_masks_state["lock"]:
+        if _chx_masks_state["registry"] is not None:
+            return _chx_masks_state["registry"]
+        uri, profile = os.environ.get("CHX_MASKS_URI"), os.environ.get("CHX_MASKS_PROFILE")
+        try:
+            if uri:
+                registry = chx_masks.MaskRegistry.from_uri(
+                    uri, api_key=os.environ.get("CHX_MASKS_API_KEY"))
+            elif profile:
+                registry = chx_masks.MaskRegistry.from_profile(profile)
+            else:
+                registry = chx_masks.default_registry()  # embedded: closed at exit there
+        except chx_masks.ChxMasksError:
+            raise
+        except Exception as err:  # e.g. a malformed tiled profile: still "unavailable"
+            raise chx_masks.RegistryUnavailableError(
+                f"Cannot open the mask registry at {_chx_masks_open.location}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        if uri or profile:
+            # The module functions (chx_masks.register_mask, ...) use it too.
+            chx_masks.set_default_registry(registry)
+            atexit.register(registry.close)
+        _chx_masks_state["registry"] = registry
+        return registry
+
+
+def _chx_masks_location():
+    """Where the registry is, for messages (no API key)."""
+    import os
+
+    uri = os.environ.get("CHX_MASKS_URI")
+    if uri:
+        return uri.split("?")[0]
+    if os.environ.get("CHX_MASKS_PROFILE"):
+        return f"tiled profile {os.environ['CHX_MASKS_PROFILE']!r}"
+    return str(_chx_masks_runs_location().parent)  # the embedded registry's directory
 
 
 def chx_masks_registry(*, retry=False):
-    """The mask registry of this session (the factory the run callbacks call).
+    """The mask registry of this session, opened on first use.
 
-    ``chx_masks.default_registry()``, opened on first use. Every failure is
-    a ``chx_masks.ChxMasksError`` (so the CHX_MASKS_ON_UNAVAILABLE policy
-    applies to it); after one, calls within CHX_MASKS_RETRY_AFTER seconds
-    raise it again at once unless ``retry=True``.
+    While the registry is known to be down (a run start or IPython start
+    found it so), this raises ``chx_masks.RegistryUnavailableError`` at once,
+    saying since when; a background check asks it again every few seconds.
+    ``retry=True`` asks it now (waiting at most CHX_MASKS_TIMEOUT seconds).
 
     Examples
     --------
     >>> chx_masks_registry().get_masks()  # doctest: +SKIP
     [('eiger4m_single_image', 'chip_mask'), ...]
     """
-    import time
-
-    import chx_masks
-
-    failure = _chx_masks_state["failure"]
-    if failure is not None and not retry:
-        failed_at, error = failure
-        if time.monotonic() - failed_at < CHX_MASKS_RETRY_AFTER:
-            # A fresh copy: the first failure was reported with its cause.
-            raise type(error)(*error.args) from None
-    try:
-        registry = chx_masks.default_registry()
-    except chx_masks.ChxMasksError as err:
-        error = err
-    except Exception as err:  # e.g. a malformed tiled profile: still "unavailable"
-        error = chx_masks.RegistryUnavailableError(
-            f"Cannot open the mask registry: {type(err).__name__}: {err}"
-        )
-        error.__cause__ = err
-    else:
-        _chx_masks_state["failure"] = None
-        return registry
-    _chx_masks_state["failure"] = (time.monotonic(), error)
-    raise error
+    breaker = _chx_masks_state["breaker"]
+    if breaker is None:  # the callbacks are not set up: no shared state to consult
+        return _chx_masks_open()
+    return breaker.call(lambda registry: registry, CHX_MASKS_TIMEOUT,
+                        "opening the mask registry", retry=retry,
+                        setting="CHX_MASKS_TIMEOUT")
 
 
 def chx_masks_runs():
@@ -194,7 +246,7 @@ def masks_list(detector=None):
     detector              name       version  uid       masked  active
     eiger4m_single_image  chip_mask  2        0f4c2a9e  4.211%  yes
     """
-    registry = chx_masks_registry(retry=True)
+    registry = chx_masks_registry()
     if detector is not None:
         registry.get_detector(detector)  # an unknown name is refused with the known ones
     records = registry.search(detector=detector)
@@ -224,7 +276,7 @@ def mask_show(detector, name, png=None, *, version=None):
     import importlib.util
     import json
 
-    registry = chx_masks_registry(retry=True)
+    registry = chx_masks_registry()
     record = registry.describe(registry.get_mask_uid(detector, name, version=version))
 
     def when(t):
@@ -278,7 +330,7 @@ def mask_register(detector, name, mask_or_path, update=False, **metadata):
     """
     import os
 
-    registry = chx_masks_registry(retry=True)
+    registry = chx_masks_registry()
     given = metadata or None  # None: an update keeps the previous version's metadata
     if isinstance(mask_or_path, (str, os.PathLike)):
         from chx_masks.io import register_from_file
@@ -318,7 +370,7 @@ def masks_activate(detector, names, note=None):
     """
     if isinstance(names, str):
         names = [names]
-    active = chx_masks_registry(retry=True).activate(detector, list(names), note=note)
+    active = chx_masks_registry().activate(detector, list(names), note=note)
     if active.names:
         print(f"from the next run, {detector} uses {', '.join(active.names)} "
               f"(active set v{active.version})")
@@ -331,7 +383,10 @@ def masks_activate(detector, names, note=None):
 def masks_active():
     """Print which masks the next run uses for each detector, and why.
 
-    A run's own ``md={"mask_names": {...}}`` still overrides this.
+    A name that is not a current registered mask (never registered, or
+    retired) is flagged after the table with the fix: a run with that
+    detector would open without its masks. A run's own
+    ``md={"mask_names": {...}}`` still overrides this.
 
     Examples
     --------
@@ -339,22 +394,72 @@ def masks_active():
     detector              masks                           chosen by     since             note
     eiger4m_single_image  pixel_mask, chip_mask, beamstop  active set v3  2026-11-25 09:30  sample B
     """
-    sets = chx_masks_registry(retry=True).active_sets()
+    import chx_masks
+
+    registry = chx_masks_registry()
+    sets = registry.active_sets()
     provenance = globals().get("chx_masks_provenance")
     fallback = provenance.masks if provenance is not None else CHX_MASKS_FALLBACK
-    rows = []
+    rows, flags = [], []
     for detector in sorted(set(sets) | set(fallback)):
         active = sets.get(detector)
         if active is not None and active.names:
-            rows.append([detector, ", ".join(active.names), f"active set v{active.version}",
+            names, source = list(active.names), f"active set v{active.version}"
+            rows.append([detector, ", ".join(names), source,
                          active.at.astimezone().strftime("%Y-%m-%d %H:%M"), active.note or ""])
         else:
-            rows.append([detector, ", ".join(fallback.get(detector, [])) or "(none)",
-                         "CHX_MASKS_FALLBACK", "", ""])
+            names, source = list(fallback.get(detector, [])), "CHX_MASKS_FALLBACK"
+            rows.append([detector, ", ".join(names) or "(none)", source, "", ""])
+        if not names:
+            continue
+        try:
+            missing = registry.missing_names(detector, names)
+        except chx_masks.ChxMasksError as err:  # e.g. a detector the registry does not know
+            flags.append(f"! {detector}: its masks cannot be checked: {err}")
+            continue
+        if missing:
+            keep = [n for n in names if n not in missing]
+            one = len(missing) == 1
+            if keep:
+                fix = f"masks_activate({detector!r}, {keep!r}) without {'it' if one else 'them'}"
+            elif source == "CHX_MASKS_FALLBACK":
+                fix = f"masks_activate({detector!r}, [registered names])"
+            else:
+                fix = f"masks_activate({detector!r}, []) to fall back to CHX_MASKS_FALLBACK"
+            flags.append(
+                f"! {detector}: {', '.join(missing)} ({source}) "
+                f"{'is not a registered mask' if one else 'are not registered masks'} "
+                "(never registered, or retired): a run with this detector opens without "
+                f"its masks. Register {'it' if one else 'them'} with mask_register(...), "
+                f"or {fix}."
+            )
     if not rows:
         print("No active sets and no CHX_MASKS_FALLBACK: runs record no masks.")
         return
     _chx_masks_table(["detector", "masks", "chosen by", "since", "note"], rows)
+    for flag in flags:
+        print(flag)
+
+
+def _chx_masks_log_lines():
+    """One "chx-masks: ..." line on stderr per warning of the run callbacks.
+
+    Only where nothing else handles logging (Python would print the bare
+    message); a profile that configures logging keeps its own handlers.
+    """
+    import logging
+    import sys
+
+    if logging.getLogger().handlers:
+        return
+    log = logging.getLogger("bluesky_callbacks")
+    if any(getattr(h, "_chx_masks", False) for h in log.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("chx-masks: %(message)s"))
+    handler._chx_masks = True
+    log.addHandler(handler)
 
 
 def _chx_masks_install(RE):
@@ -365,10 +470,15 @@ def _chx_masks_install(RE):
         import chx_masks
         from bluesky_callbacks import MaskingRouter, MaskProvenance
 
+        _chx_masks_log_lines()
+        _chx_masks_open.location = _chx_masks_location()  # named in messages
+        # One factory for both: they share its breaker, so a run start that
+        # found the registry down spares the router, and later runs, the wait.
         provenance = MaskProvenance(
-            chx_masks_registry,
+            _chx_masks_open,
             masks=CHX_MASKS_FALLBACK,
             on_unavailable=CHX_MASKS_ON_UNAVAILABLE,
+            timeout=CHX_MASKS_TIMEOUT,
         )
         writer = {"open": None, "skip": False}
 
@@ -393,7 +503,7 @@ def _chx_masks_install(RE):
             if writer["open"] is not None and not writer["skip"]:
                 writer["open"](name, doc)
 
-        router = MaskingRouter(chx_masks_registry, write_masked_run)
+        router = MaskingRouter(_chx_masks_open, write_masked_run, timeout=CHX_MASKS_TIMEOUT)
 
         # Run again (e.g. %run of this file): replace, do not add, the wiring.
         previous = globals().get("chx_masks_provenance")
@@ -404,18 +514,27 @@ def _chx_masks_install(RE):
             RE.unsubscribe(subscribed[1])
         RE.preprocessors.append(provenance)
         _chx_masks_state["subscription"] = (RE, RE.subscribe(router))
+        _chx_masks_state["breaker"] = provenance.breaker
     except Exception as err:
         print(f"chx-masks: masks are NOT set up ({type(err).__name__}: {err}); the rest of "
               "the profile is unaffected.", file=sys.stderr)
         return None, None
 
+    import os
+
+    remote = os.environ.get("CHX_MASKS_URI") or os.environ.get("CHX_MASKS_PROFILE")
     try:
-        registry = chx_masks_registry(retry=True)
+        # Off the main thread and bounded: tiled's retries of a server that
+        # does not answer cost start CHX_MASKS_START_TIMEOUT at most, silently.
+        registry = provenance.breaker.call(
+            lambda registry: registry, CHX_MASKS_START_TIMEOUT if remote else None,
+            "opening it at IPython start", retry=True, setting="CHX_MASKS_START_TIMEOUT")
     except chx_masks.ChxMasksError as err:
-        policy = ("runs open and record that their masks are missing"
+        policy = ("runs open at once and record that their masks are missing"
                   if CHX_MASKS_ON_UNAVAILABLE == "record" else "runs refuse to open")
-        print(f"chx-masks: WARNING mask registry unavailable, {policy} until it is back "
-              f"(tried again at run starts): {err}", file=sys.stderr)
+        print(f"chx-masks: WARNING mask registry unavailable at {_chx_masks_open.location}; "
+              f"{policy} until a check in the background sees it answer: {err}",
+              file=sys.stderr)
     except KeyboardInterrupt:
         print("chx-masks: registry check interrupted; it is tried again at the next run "
               "start.", file=sys.stderr)
@@ -431,8 +550,9 @@ if "RE" in globals():
 else:
     print("chx-masks: RE is not defined, so masks are not set up: 95-chx-masks.py must "
           "run after the startup file that creates the RunEngine RE.")
-    del (CHX_MASKS_FALLBACK, CHX_MASKS_ON_UNAVAILABLE, CHX_MASKS_RETRY_AFTER,
-         _chx_masks_state, chx_masks_registry, chx_masks_runs, _chx_masks_runs_location,
-         masked_run, _chx_masks_table, masks_list, mask_show, mask_register,
-         masks_activate, masks_active)
+    del (CHX_MASKS_FALLBACK, CHX_MASKS_ON_UNAVAILABLE, CHX_MASKS_TIMEOUT,
+         CHX_MASKS_START_TIMEOUT, _chx_masks_state, _chx_masks_open, _chx_masks_location,
+         chx_masks_registry, chx_masks_runs, _chx_masks_runs_location, masked_run,
+         _chx_masks_table, masks_list, mask_show, mask_register, masks_activate,
+         masks_active, _chx_masks_log_lines)
 del _chx_masks_install

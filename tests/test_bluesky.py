@@ -22,6 +22,7 @@ from bluesky_callbacks import (
     open_run_store,
     replay_masked,
 )
+from bluesky_callbacks._deadline import stop_probes
 from bluesky_callbacks.sim import SimAsyncEiger, handler_registry, sim_eiger4m, sim_eiger500k
 from chx_masks import MaskNotFoundError, MaskRegistry, RegistryUnavailableError
 from conftest import Collector, ServerProcess
@@ -38,6 +39,12 @@ def _masks(shape, seed):
     stop = np.ones(shape, bool)
     stop[10:40, 100:160] = False
     return {"gaps": gaps, "hot": hot, "beamstop": stop}
+
+
+@pytest.fixture(autouse=True)
+def _no_background_checks_left():
+    yield
+    stop_probes(timeout=1.0)
 
 
 @pytest.fixture
@@ -254,6 +261,58 @@ def test_run_metadata_chooses_other_mask_names(RE, reg):
     RE(count([det], num=1, md={"mask_names": {K500: ["beamstop"]}}))
     assert raw.start()["masks"][K500]["names"] == ["beamstop"]
     assert raw.start()["mask_uids"] == [reg.get_mask_uid(K500, "beamstop")]
+
+
+def test_missing_masks_are_named_with_where_they_come_from_and_the_fix(RE, reg):
+    det = sim_eiger500k()
+    reg.register_mask(K500, "gone", np.ones((514, 1030), bool))
+    reg.delete_mask(K500, "gone")
+    raw = Collector()
+    RE.subscribe(raw)
+    RE.preprocessors.append(MaskProvenance(reg, masks={K500: ["gaps", "nope", "gone"]},
+                                           on_unavailable="record"))
+    RE(count([det], num=1))
+    error = raw.start()["masks"][K500]["error"]
+    assert error.startswith("MaskNotFoundError: ")
+    assert "'nope', 'gone' named by the configured masks" in error, error
+    assert "never registered, or retired" in error
+    assert f"masks_activate('{K500}', ['gaps'])" in error
+
+    # Chosen by the run itself: the fix is the run's own mask_names.
+    raw.docs.clear()
+    RE(count([det], num=1, md={"mask_names": {K500: ["hot", "nope"]}}))
+    error = raw.start()["masks"][K500]["error"]
+    assert "'nope' named by the run's mask_names is not a current mask" in error, error
+    assert f"md={{'mask_names': {{'{K500}': ['hot']}}}}" in error
+
+    # Under "raise" the run is refused with the same words.
+    RE.preprocessors[:] = [MaskProvenance(reg, masks={K500: ["gaps", "nope"]})]
+    with pytest.raises(MaskNotFoundError, match="not opened.*'nope' named by the configured"):
+        RE(count([det], num=1))
+
+
+def test_mask_names_given_to_the_run_engine_call_warn_once(RE, reg, caplog):
+    det = sim_eiger500k()
+    RE.preprocessors.append(MaskProvenance(reg, masks={K500: ["gaps"]}))
+    raw = Collector()
+    RE.subscribe(raw)
+    RE.subscribe(MaskingRouter(reg, Collector()))
+    with caplog.at_level(logging.WARNING, logger="bluesky_callbacks"):
+        RE(count([det], num=1), mask_names={K500: ["beamstop"]})
+    assert raw.start()["masks"][K500]["names"] == ["gaps"]  # it could not choose
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1, warned
+    assert "mask_names given to RE(...) cannot choose masks; put it in the plan's md=" \
+        in warned[0]
+    assert f"{K500} used gaps (configuration)" in warned[0]
+
+    # In the plan's metadata it chooses, and nothing is said.
+    caplog.clear()
+    raw.docs.clear()
+    with caplog.at_level(logging.WARNING, logger="bluesky_callbacks"):
+        RE(count([det], num=1, md={"mask_names": {K500: ["beamstop"]}}))
+    assert raw.start()["masks"][K500]["names"] == ["beamstop"]
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_staged_devices_count_even_without_detectors_metadata(RE, reg):

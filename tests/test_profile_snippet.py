@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from tiled.queries import Key
 from bluesky_callbacks import open_run_store
 from bluesky_callbacks.sim import sim_eiger500k
 from chx_masks import MaskRegistry
-from conftest import EIGER500K, random_mask
+from conftest import EIGER500K, SUMMARY, random_mask
 
 # Four IPython starts of a few seconds each (tiled imports, embedded stores).
 pytestmark = pytest.mark.slow
@@ -84,20 +85,23 @@ def _launch(
     env: dict[str, str],
     *,
     base: str = BASE,
+    after: str | None = None,
 ) -> subprocess.CompletedProcess:
-    """Start IPython with profile ``chx`` (base file + snippet), run ``code``."""
+    """Start IPython with profile ``chx`` (base file + snippet [+ ``after``]), run ``code``."""
     ipython_dir = workdir / "ipython"
     startup = ipython_dir / "profile_chx" / "startup"
     startup.mkdir(parents=True)
     (startup / "00-base.py").write_text(base)
     shutil.copy(SNIPPET, startup / "95-chx-masks.py")
+    if after is not None:
+        (startup / "99-after.py").write_text(after)
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CHX_MASKS_")}
-    full_env.update(
-        XDG_DATA_HOME=str(workdir / "xdg-data"),
-        XDG_CONFIG_HOME=str(workdir / "xdg-config"),
-        TILED_RETRY_TIMEOUT="1",
+    full_env.update({
+        "XDG_DATA_HOME": str(workdir / "xdg-data"),
+        "XDG_CONFIG_HOME": str(workdir / "xdg-config"),
+        "TILED_RETRY_TIMEOUT": "1",
         **env,
-    )
+    })
     return subprocess.run(
         [sys.executable, "-m", "IPython", "--ipython-dir", str(ipython_dir),
          "--profile=chx", "--no-banner", "--colors=nocolor", "-c", code],
@@ -267,6 +271,71 @@ def test_registry_down_at_start_warns_once_and_runs_record_why(tmp_path):
     # Its masked run is stored, withholds the unmasked frames and says it failed.
     assert result["derived_parent"] == result["uid"]
     assert result["derived_exit"] == "fail"
+    assert "Retrying" not in output, _explain(proc)
+
+
+def _silent_port():
+    """A loopback port that accepts connections and never answers (a hung server)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    return sock, sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("registry", ["never answers", "closed port"])
+def test_ipython_starts_in_under_5_s_when_the_registry_is_unreachable(tmp_path, registry):
+    """The snippet's share of IPython start, with tiled's own retry settings (45 s)."""
+    sock = None
+    if registry == "never answers":
+        sock, port = _silent_port()
+    else:
+        port = _free_port()
+    uri = f"http://127.0.0.1:{port}/api/v1"
+    base = BASE + "import time as _t\n_chx_before = _t.monotonic()\n"
+    after = "_chx_after = _t.monotonic()\n"
+    code = textwrap.dedent("""
+        import json, time
+        code_at = time.time()
+        started = _chx_after - _chx_before
+        began = time.monotonic()
+        docs.clear()
+        RE(count([det], num=1))
+        result = {"snippet_seconds": started, "code_at": code_at,
+                  "run_seconds": time.monotonic() - began,
+                  "record": docs[0][1]["masks"]["eiger500K_single_image"],
+                  "mask_error": docs[0][1].get("mask_error"),
+                  "available": chx_masks_provenance.breaker.available}
+        print("CHX-RESULT " + json.dumps(result))
+    """)
+    launched = time.time()
+    try:
+        proc = _launch(tmp_path, code, {"CHX_MASKS_URI": uri, "TILED_RETRY_TIMEOUT": "45",
+                                        "CHX_MASKS_DIR": str(tmp_path / "local")},
+                       base=base, after=after)
+    finally:
+        if sock is not None:
+            sock.close()
+    result = _result(proc)
+    figures = SUMMARY.setdefault("IPython start, registry unreachable", {})
+    figures[f"{registry}: the snippet's share of start (s)"] = round(result["snippet_seconds"], 2)
+    figures[f"{registry}: launch to prompt (s)"] = round(result["code_at"] - launched, 2)
+    figures[f"{registry}: first run, runs store opened too (s)"] = round(
+        result["run_seconds"], 2)
+    assert result["snippet_seconds"] < 5, _explain(proc)
+
+    output = proc.stdout + proc.stderr
+    assert "Retrying" not in output and "Traceback" not in output, _explain(proc)
+    warnings = [line for line in output.splitlines() if line.startswith("chx-masks: WARNING")]
+    assert len(warnings) == 1 and uri in warnings[0], _explain(proc)
+    assert "did not answer within 2 s" in warnings[0], warnings
+    # The run did not wait: it says since when the registry is down, and why
+    # it has no masks, in one line.
+    assert not result["available"]
+    assert "has not answered since" in result["record"]["error"], result
+    assert "RegistryUnavailableError" in result["mask_error"]
+    run_lines = [line for line in output.splitlines()
+                 if line.startswith("chx-masks: A run opens without masks")]
+    assert len(run_lines) == 1, _explain(proc)
 
 
 def test_without_RE_prints_one_line_and_sets_nothing_up(tmp_path):
@@ -325,7 +394,7 @@ def test_helpers(tmp_path):
     checks = _result(proc)
     assert checks["added"] == sorted(
         HELPERS | {"chx_masks_provenance", "chx_masks_router", "CHX_MASKS_FALLBACK",
-                   "CHX_MASKS_ON_UNAVAILABLE", "CHX_MASKS_RETRY_AFTER"})
+                   "CHX_MASKS_ON_UNAVAILABLE", "CHX_MASKS_TIMEOUT", "CHX_MASKS_START_TIMEOUT"})
     assert checks["documented"] == sorted(HELPERS)
     assert checks["wired"]
 
@@ -341,6 +410,14 @@ def test_helpers(tmp_path):
     active = out.split("=== active\n")[1].split("=== show\n")[0]
     assert any(line.split()[:3] == [EIGER500K, "edge", "active"] for line in active.splitlines())
     assert "eiger4m_single_image" in active and "CHX_MASKS_FALLBACK" in active
+    # The fallback names masks that this registry does not have: flagged, with the fix.
+    flags = [line for line in active.splitlines() if line.startswith("! ")]
+    assert any(line.startswith("! eiger4m_single_image: pixel_mask, chip_mask, bad_pixels "
+                               "(CHX_MASKS_FALLBACK) are not registered masks") for line in flags)
+    assert any(line.startswith("! eiger1m_single_image: chip_mask (CHX_MASKS_FALLBACK) is not "
+                               "a registered mask") and "mask_register(" in line
+               for line in flags), active
+    assert not any(EIGER500K in line for line in flags)  # its active set is fine
 
     show = out.split("=== show\n")[1]
     assert f"{EIGER500K}/edge v1" in show and checks["v1"] in show
