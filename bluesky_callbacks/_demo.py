@@ -1,10 +1,12 @@
 """The project's main job end to end, behind ``chx-masks demo``: masks, a scan, a replay.
 
-Run by the CLI on the default registry (embedded unless configured). It makes
-the masks a CHX Eiger 4M needs, runs a scan through the RunEngine with the
-preprocessor, the masking router and TiledWriter, replays the stored run and
-checks the replay equals what was masked live. Safe to run again: each run
-adds versions instead of failing on existing names.
+Run by the CLI in a directory of its own: an embedded registry and a run store
+that nothing else uses, so the demo never changes the user's masks or active
+sets (nor a facility server named by ``CHX_MASKS_URI``). It makes the masks a
+CHX Eiger 4M needs, runs a scan through the RunEngine with the preprocessor,
+the masking router and TiledWriter, replays the stored run and checks the
+replay equals what was masked live. Running it again registers nothing new:
+the masks are made the same way and identical content is reused.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from chx_masks import ChxMasksError, MaskExistsError, MaskRegistry, generate
+from chx_masks import ChxMasksError, MaskNotFoundError, MaskRegistry, generate, mask_sha256
 from chx_masks._plot import composite_png, frame_png
 
 from ._provenance import MaskProvenance
@@ -39,6 +41,8 @@ class DemoSummary:
     """What ``chx-masks demo`` did: runs, masks, checks, speed and pictures."""
 
     registry: str
+    directory: str
+    runs: str
     raw_uid: str
     derived_uid: str
     replay_uid: str
@@ -95,7 +99,11 @@ def dark_series(n_frames: int, hot: np.ndarray, *, seed: int = 11,
 
 def make_masks(registry: MaskRegistry, *, progress: Progress = _no_progress,
                echo: Echo = print) -> dict[str, str]:
-    """Register (or add a version to) the demo's four masks; return name -> uid."""
+    """Register the demo's four masks; return name -> uid.
+
+    A mask whose current version already holds the same content is reused, so
+    running the demo again adds no versions.
+    """
     det = sim_eiger4m()
     shape = det.pattern.shape
     gaps = generate.module_gaps(DETECTOR)
@@ -112,9 +120,16 @@ def make_masks(registry: MaskRegistry, *, progress: Progress = _no_progress,
     for name, generated in made.items():
         md = {"made_by": "chx-masks demo"}
         try:
+            current = registry.describe(registry.get_mask_uid(DETECTOR, name))
+        except MaskNotFoundError:
+            current = None
+        if current is None:
             uids[name] = generated.register(registry, DETECTOR, name, metadata=md)
             verb = "registered"
-        except MaskExistsError:
+        elif current.sha256 == mask_sha256(generated.mask):
+            uids[name] = current.uid
+            verb = "unchanged"
+        else:
             uids[name] = generated.register(registry, DETECTOR, name, update=True, metadata=md)
             verb = "updated"
         record = registry.describe(uids[name])
@@ -207,8 +222,7 @@ class _FrameDigests:
 
 
 def run_demo(
-    registry: MaskRegistry,
-    out_dir: str | Path,
+    directory: str | Path,
     *,
     frames: int = 20,
     echo: Echo = print,
@@ -216,12 +230,17 @@ def run_demo(
 ) -> DemoSummary:
     """Masks, a live masked scan, the stored run replayed and compared, pictures.
 
+    Everything happens in ``directory``: it is the demo's own embedded
+    registry (``catalog.db``, ``data/``), with ``runs/`` (the tiled store of
+    the raw and masked runs) and the PNGs beside. No other registry is
+    opened, so the user's masks and active sets stay as they are.
+
     Parameters
     ----------
-    registry : MaskRegistry
-        Where the demo's masks go (``demo_*`` names of ``eiger4m_single_image``).
-    out_dir : path
-        Receives ``runs/`` (the tiled store of raw and masked runs) and the PNGs.
+    directory : path
+        The demo's directory (created if needed). ``chx-masks --dir
+        DIRECTORY list`` shows its masks and ``chx-masks --dir DIRECTORY
+        process RUN_UID`` processes its runs.
     frames : int
         Frames in the scan (4M, uint32: 18 MB each).
     echo, progress : callables
@@ -231,24 +250,31 @@ def run_demo(
     Examples
     --------
     >>> import tempfile
-    >>> reg = MaskRegistry.embedded(tempfile.mkdtemp())  # doctest: +SKIP
-    >>> run_demo(reg, tempfile.mkdtemp(), frames=2).replay_equal  # doctest: +SKIP
+    >>> run_demo(tempfile.mkdtemp(), frames=2).replay_equal  # doctest: +SKIP
     True
     """
+    if frames < 1:
+        raise ChxMasksError(f"frames must be at least 1, not {frames}.")
+    t0 = time.perf_counter()
+    out = Path(directory).expanduser().absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    with MaskRegistry.embedded(out) as registry:
+        return _run(registry, out, frames, echo, progress, t0)
+
+
+def _run(registry: MaskRegistry, out: Path, frames: int, echo: Echo, progress: Progress,
+         t0: float) -> DemoSummary:
     from bluesky import RunEngine
     from bluesky.plans import count
     from bluesky_tiled_plugins import TiledWriter
 
-    if frames < 1:
-        raise ChxMasksError(f"frames must be at least 1, not {frames}.")
-    t0 = time.perf_counter()
-    out = Path(out_dir).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    echo(f"registry: {registry.location}")
+    echo(f"the demo's own registry and runs: {out} (your registry is not used)")
     echo("1. masks for a simulated Eiger 4M")
     uids = make_masks(registry, progress=progress, echo=echo)
-    active = registry.activate(DETECTOR, list(NAMES), note="chx-masks demo")
-    echo(f"  activated {', '.join(NAMES)} (active set v{active.version})")
+    active = registry.active_set(DETECTOR)
+    if active is None or active.names != NAMES:
+        active = registry.activate(DETECTOR, list(NAMES), note="chx-masks demo")
+    echo(f"  active set v{active.version}: {', '.join(NAMES)}")
 
     echo(f"2. a {frames}-frame scan: RunEngine + MaskProvenance + MaskingRouter + TiledWriter")
     store = open_run_store(out / "runs")
@@ -321,6 +347,8 @@ def run_demo(
     }
     summary = DemoSummary(
         registry=registry.location,
+        directory=str(out),
+        runs=str(out / "runs"),
         raw_uid=raw_uid,
         derived_uid=start["uid"],
         replay_uid=replay_uid,
