@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import chx_masks
 
 PUBLIC = {
@@ -18,6 +20,7 @@ PUBLIC = {
     "DetectorRecord",
     "Explanation",
     "MaskExistsError",
+    "MaskInUseError",
     "MaskIntegrityError",
     "MaskNotFoundError",
     "MaskPermissionError",
@@ -80,3 +83,115 @@ def test_cli_help_imports_nothing_heavy():
     # numpy (~0.1 s) is fine; tiled, dask and the server stack are seconds.
     heavy = {"tiled", "dask", "httpx", "sqlalchemy", "fastapi", "pandas", "zarr"}
     assert not {m for m in modules if m.split(".")[0] in heavy}
+
+
+# What tiled's server side imports (tiled.server.app and tiled.catalog, through
+# tiled.adapters.protocols) whatever it serves: seconds of start-up that a
+# client of a server must not pay.
+SERVER_STACK = {"sqlalchemy", "alembic", "fastapi", "starlette", "strawberry", "blosc2"}
+TILED_SERVER_SIDE = ("tiled.catalog", "tiled.server", "tiled.adapters")
+# dask.array imports pandas, xarray, scipy and sparse (numba) where installed;
+# tiled's array client imports dask.array. Listing reads no array.
+DATA_STACK = {"dask", "pandas", "pyarrow", "xarray", "sparse", "numba", "scipy"}
+# Never needed to list a registry, embedded or not.
+NOT_FOR_LISTING = {"bluesky", "ophyd", "event_model", "matplotlib", "PIL", "h5py", "zarr",
+                   "tifffile", "fabio", "pyFAI", "distributed", "prefect", "IPython"}
+CHX_EXTRAS = ("chx_masks.io", "chx_masks.generate", "chx_masks._plot", "chx_masks._serve")
+
+
+def _command_modules(args: list[str], **env: str) -> tuple[str, set[str]]:
+    """Run ``chx-masks ARGS`` in a fresh process: (its output, its sys.modules)."""
+    import os
+
+    code = ("import json, sys\n"
+            "from chx_masks._cli import main\n"
+            "try:\n"
+            "    main(sys.argv[1:], standalone_mode=False)\n"
+            "finally:\n"
+            "    print(json.dumps(sorted(sys.modules)))\n")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    output, _, modules = done.stdout.rstrip("\n").rpartition("\n")
+    return output, set(json.loads(modules))
+
+
+def _imported(modules: set[str], packages: set[str]) -> set[str]:
+    return {m for m in modules if m.split(".")[0] in packages}
+
+
+def _under(modules: set[str], names: tuple[str, ...]) -> set[str]:
+    """The modules in ``names`` and their submodules."""
+    return {m for m in modules if m in names or m.startswith(tuple(f"{n}." for n in names))}
+
+
+@pytest.fixture(scope="module")
+def server_listing(tiled_server) -> tuple[str, set[str]]:
+    """``chx-masks --uri URI list`` of a registry on a loopback server that holds a mask."""
+    import uuid
+
+    import numpy as np
+    from tiled.client import from_uri
+
+    key = f"test-{uuid.uuid4().hex[:12]}"
+    root = from_uri(tiled_server.uri)
+    root.create_container(key=key)
+    root.context.close()
+    uri = f"http://127.0.0.1:{tiled_server.port}/api/v1/metadata/{key}"
+    with chx_masks.MaskRegistry.from_uri(uri, api_key=tiled_server.api_key) as reg:
+        reg.register_mask("eiger500K_single_image", "gap", np.ones((514, 1030), dtype=bool))
+    return _command_modules(["--uri", uri, "list"], CHX_MASKS_API_KEY=tiled_server.api_key)
+
+
+def test_listing_a_server_registry_imports_no_server_side(server_listing):
+    output, modules = server_listing
+    assert "gap" in output
+    assert "tiled.client" in modules
+    assert not _imported(modules, SERVER_STACK | NOT_FOR_LISTING)
+    assert not _under(modules, TILED_SERVER_SIDE + CHX_EXTRAS)
+
+
+def test_listing_a_server_registry_imports_no_dask(server_listing):
+    _, modules = server_listing
+    assert not _imported(modules, DATA_STACK)
+
+
+def test_listing_an_embedded_registry_imports_no_more_than_tiled_serves_with(tmp_path):
+    import numpy as np
+
+    directory = tmp_path / "registry"
+    with chx_masks.MaskRegistry.embedded(directory) as reg:
+        reg.register_mask("eiger500K_single_image", "gap", np.ones((514, 1030), dtype=bool))
+    output, modules = _command_modules(["--dir", str(directory), "list"])
+    assert "gap" in output
+    # The in-process server needs tiled's server side (and, through it, dask).
+    assert "tiled.server.app" in modules
+    assert not _imported(modules, NOT_FOR_LISTING)
+    assert not _under(modules, CHX_EXTRAS)
+
+
+def test_opening_an_embedded_registry_leaves_the_garbage_collector_as_it_was(tmp_path):
+    import gc
+
+    assert gc.isenabled()
+    with chx_masks.MaskRegistry.embedded(tmp_path / "a"):
+        assert gc.isenabled()
+    gc.disable()
+    try:
+        with chx_masks.MaskRegistry.embedded(tmp_path / "b"):
+            assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_the_process_entry_point_skips_the_collection_at_exit():
+    code = ("import atexit, gc, sys\n"
+            "atexit.register(lambda: print('frozen', gc.get_freeze_count()))\n"
+            "sys.argv = ['chx-masks', '--version']\n"
+            "from chx_masks.__main__ import main\n"
+            "main()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "version" in done.stdout
+    assert int(done.stdout.split("frozen")[1]) > 0
