@@ -564,8 +564,9 @@ class _MaskedRun(DocumentRouter):
                 f"StreamResource {resource['uid']} has mimetype {mimetype!r}; the "
                 "masking router reads application/x-hdf5."
             )
-        import h5py
+        from chx_masks._hdf5 import h5py_with_filters
 
+        h5py = h5py_with_filters()
         dataset = self._files.get(resource["uid"])
         if dataset is None:
             path = urlsplit(resource["uri"]).path

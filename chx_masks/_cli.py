@@ -959,9 +959,12 @@ def _read_stack(path: Path, dataset: str | None) -> Any:
         close = None
     else:
         try:
-            import h5py
+            from ._hdf5 import h5py_with_filters
+
+            h5py = h5py_with_filters()
         except ImportError as err:
-            raise _Failure('Reading HDF5 needs h5py: pip install "chx-masks[io]".') from err
+            raise _Failure('Reading HDF5 needs h5py and hdf5plugin: pip install '
+                           '"chx-masks[io]".') from err
         try:
             handle = h5py.File(path, "r")
         except OSError as err:

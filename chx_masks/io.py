@@ -236,7 +236,9 @@ def _read_fabio(path: Path, fmt: str) -> tuple[np.ndarray, str | None, dict]:
 
 
 def _read_nexus(path: Path, dataset: str | None) -> tuple[np.ndarray, str | None, dict]:
-    import h5py
+    from ._hdf5 import h5py_with_filters
+
+    h5py = h5py_with_filters()
 
     try:
         f = h5py.File(path, "r")
