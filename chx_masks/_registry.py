@@ -371,6 +371,8 @@ class MaskRegistry:
         client = open_embedded(directory)
         registry = cls(client, location=str(directory), disk_cache=disk_cache)
         registry._owned.append(client.context)
+        # In this process, with tiled's in-process key: the user is who writes.
+        registry._identity = _local_user()
         return registry
 
     def close(self) -> None:
