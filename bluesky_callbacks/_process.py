@@ -93,6 +93,29 @@ class RunStore:
         return _open_store(self, runs)
 
 
+def located_store(location: str | None, kind: str, directory: Path | None = None) -> RunStore:
+    """``location``, else ``$CHX_MASKS_<KIND>_URI`` (+ its key), else ``<directory>/<kind>``.
+
+    ``directory`` defaults to the embedded registry's (``$CHX_MASKS_DIR`` or
+    the user data directory); ``kind`` is ``"runs"`` or ``"processed"``.
+
+    Examples
+    --------
+    >>> located_store("/data/runs", "runs").location
+    '/data/runs'
+    """
+    import os
+
+    where = location or os.environ.get(f"CHX_MASKS_{kind.upper()}_URI")
+    if where:
+        return RunStore(where, api_key=os.environ.get(f"CHX_MASKS_{kind.upper()}_API_KEY"))
+    if directory is None:
+        from chx_masks._embedded import default_directory
+
+        directory = default_directory()
+    return RunStore(str(Path(directory).expanduser() / kind))
+
+
 @functools.lru_cache(maxsize=16)
 def _open_store(store: RunStore, runs: bool) -> Any:
     from tiled.client import from_uri

@@ -27,10 +27,8 @@ embedded default).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -44,6 +42,7 @@ from ._process import (
     ProcessingPlan,
     RunStore,
     StoreUnavailableError,
+    located_store,
     plan_processing,
     write_product,
 )
@@ -57,18 +56,8 @@ DEPLOYMENT = "chx-masks-end-of-run/chx-masks-end-of-run"
 logger = logging.getLogger(__name__)
 
 
-def _default_directory() -> Path:
-    from chx_masks._embedded import default_directory
-
-    return default_directory()
-
-
 def _located(location: str | None, kind: str) -> RunStore:
-    """``location``, else ``$CHX_MASKS_<KIND>_URI`` (+ its key), else ``<dir>/<kind>``."""
-    where = location or os.environ.get(f"CHX_MASKS_{kind.upper()}_URI")
-    if where:
-        return RunStore(where, api_key=os.environ.get(f"CHX_MASKS_{kind.upper()}_API_KEY"))
-    return RunStore(str(_default_directory() / kind))
+    return located_store(location, kind)
 
 
 def runs_store(location: str | None = None) -> RunStore:

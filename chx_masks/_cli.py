@@ -1158,23 +1158,13 @@ def process(state: _State, run_uids: tuple[str, ...], runs: str | None,
     try:
         # Not bluesky_callbacks.workflows: importing Prefect prints its telemetry
         # notice on a terminal (and reports the import) although no flow runs here.
-        from bluesky_callbacks._process import RunStore, plan_processing, write_product
+        from bluesky_callbacks._process import located_store, plan_processing, write_product
     except ImportError as err:
         raise _Failure(f"process needs the workflows extra ({err.name} is missing): "
                        'pip install "chx-masks[workflows]"') from err
 
-    def store(location: str | None, kind: str) -> RunStore:
-        """As workflows.runs_store / processed_store, beside --dir when it is given."""
-        where = location or os.environ.get(f"CHX_MASKS_{kind.upper()}_URI")
-        if where:
-            return RunStore(where, api_key=os.environ.get(f"CHX_MASKS_{kind.upper()}_API_KEY"))
-        if state.directory is not None:
-            return RunStore(str(state.directory.expanduser() / kind))
-        from ._embedded import default_directory
-
-        return RunStore(str(default_directory() / kind))
-
-    source, target = store(runs, "runs"), store(processed, "processed")
+    source = located_store(runs, "runs", state.directory)
+    target = located_store(processed, "processed", state.directory)
     if not source.remote and not Path(source.location, "catalog.db").is_file():
         raise _Failure(f"No run store at {source.location}: give --runs URI|DIR (where "
                        "TiledWriter writes the runs).")
