@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
-import h5py
 import numpy as np
+from bluesky.protocols import StreamAsset
+from event_model import ComposeStreamResource, DataKey, StreamRange
 from numpy.typing import DTypeLike
 from ophyd_async.core import (
     DetectorAcquireLogic,
@@ -22,58 +25,48 @@ from ophyd_async.core import (
     StandardDetector,
     StaticPathProvider,
     StreamableDataProvider,
-    StreamResourceDataProvider,
-    StreamResourceInfo,
     TriggerInfo,
     UUIDFilenameProvider,
     soft_signal_r_and_setter,
 )
 
+from ._eiger import DATA_PATH, SeriesWriter, XPCSPattern, data_file_name
 from .sim import EigerPattern, _resolve_shape
 
-#: Where the frames are in each HDF5 file, as in the Eiger/ophyd-async NeXus layout.
-DATA_PATH = "/entry/data/data"
+__all__ = ["DATA_PATH", "SimAsyncEiger"]
 
 
 class _EigerHDF5Writer:
-    """Writes frames of an :class:`EigerPattern` to one HDF5 file per run."""
+    """Writes the frames of a pattern as one DECTRIS-layout series per run."""
 
-    def __init__(self, pattern: EigerPattern) -> None:
+    def __init__(self, pattern: EigerPattern | XPCSPattern, frames_per_file: int) -> None:
         self.pattern = pattern
+        self.frames_per_file = frames_per_file
         self.frames_written, self._set_frames_written = soft_signal_r_and_setter(int)
-        self._file: h5py.File | None = None
-        self._data: h5py.Dataset | None = None
-        self._count = 0
+        self.series: SeriesWriter | None = None
+        #: The master file of the series written last.
+        self.master: Path | None = None
         self.frames_per_trigger = 1
         self.period = 0.0
 
-    def open(self, path: Path) -> None:
+    def open(self, directory: Path, prefix: str) -> None:
         self.close()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rows, cols = self.pattern.shape
-        self._file = h5py.File(path, "w", libver="latest")
-        self._data = self._file.create_dataset(
-            DATA_PATH,
-            shape=(0, rows, cols),
-            maxshape=(None, rows, cols),
-            chunks=(1, rows, cols),
-            dtype=self.pattern.dtype,
-        )
-        # SWMR lets other processes read frames while the file is still open.
-        self._file.swmr_mode = True
-        self._count = 0
+        pixel_mask = getattr(self.pattern, "pixel_mask", None)
+        if pixel_mask is None:
+            pixel_mask = self.pattern.bad_pixels.astype(np.uint32)
+        self.series = SeriesWriter(directory, prefix, self.pattern.shape, self.pattern.dtype,
+                                   frames_per_file=self.frames_per_file,
+                                   pixel_mask=pixel_mask)
+        self.master = self.series.master
         self._set_frames_written(0)
 
     def write_next_frame(self) -> None:
-        if self._data is None:
-            raise RuntimeError("No HDF5 file open: the detector must be prepared (or triggered).")
-        i = self._count
-        self._data.resize(i + 1, axis=0)
-        self._data[i] = self.pattern.frame(i)
+        if self.series is None:
+            raise RuntimeError("No series open: the detector must be prepared (or triggered).")
+        i = self.series.count
         # Flushed before StreamDatum announces the frame, so readers can always see it.
-        self._data.flush()
-        self._count = i + 1
-        self._set_frames_written(self._count)
+        self.series.write(self.pattern.frame(i))
+        self._set_frames_written(self.series.count)
 
     async def acquire(self) -> None:
         for _ in range(self.frames_per_trigger):
@@ -82,10 +75,9 @@ class _EigerHDF5Writer:
             self.write_next_frame()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._file = None
-        self._data = None
+        if self.series is not None:
+            self.series.close()
+        self.series = None
 
 
 class _EigerTriggerLogic(DetectorTriggerLogic):
@@ -120,6 +112,68 @@ class _EigerAcquireLogic(DetectorAcquireLogic):
             self.task = None
 
 
+class _SeriesDataProvider(StreamableDataProvider):
+    """StreamResource per data file, StreamDatum per batch of frames, as files fill up.
+
+    Each data file of the series is its own StreamResource (``uri`` the data
+    file, ``dataset`` ``/entry/data/data``), emitted with the first frames
+    written into it; StreamDatum ``indices`` count events within that file.
+    """
+
+    def __init__(self, writer: _EigerHDF5Writer, data_key: str, directory_uri: str,
+                 prefix: str) -> None:
+        self.writer = writer
+        self.data_key = data_key
+        self.directory_uri = directory_uri
+        self.prefix = prefix
+        self.collections_written_signal = writer.frames_written
+        self.last_emitted = 0
+        self._bundles: dict[int, Any] = {}
+
+    async def make_datakeys(self, collections_per_event: int) -> dict[str, DataKey]:
+        per_file = self.writer.frames_per_file
+        if per_file % collections_per_event:
+            raise ValueError(
+                f"frames_per_file={per_file} is not a multiple of the {collections_per_event} "
+                "frames of each event: an event would straddle two data files."
+            )
+        pattern = self.writer.pattern
+        return {
+            self.data_key: DataKey(
+                source=f"{self.directory_uri}{self.prefix}_master.h5",
+                shape=[collections_per_event, *pattern.shape],
+                dtype="array",
+                dtype_numpy=pattern.dtype.str,
+                external="STREAM:",
+            )
+        }
+
+    async def make_stream_docs(
+        self, collections_written: int, collections_per_event: int
+    ) -> AsyncIterator[StreamAsset]:
+        events_per_file = self.writer.frames_per_file // collections_per_event
+        written = collections_written // collections_per_event
+        while self.last_emitted < written:
+            number, first = divmod(self.last_emitted, events_per_file)
+            stop = min(written - self.last_emitted + first, events_per_file)
+            bundle = self._bundles.get(number)
+            if bundle is None:
+                rows, cols = self.writer.pattern.shape
+                bundle = self._bundles[number] = ComposeStreamResource()(
+                    mimetype="application/x-hdf5",
+                    uri=f"{self.directory_uri}{data_file_name(self.prefix, number + 1)}",
+                    data_key=self.data_key,
+                    parameters={"dataset": DATA_PATH,
+                                "chunk_shape": (collections_per_event, rows, cols)},
+                    uid=None,
+                    validate=True,
+                )
+                yield "stream_resource", bundle.stream_resource_doc
+            yield "stream_datum", bundle.compose_stream_datum(
+                StreamRange(start=first, stop=stop))
+            self.last_emitted += stop - first
+
+
 class _EigerDataLogic(DetectorDataLogic):
     # The CHX data key is "<device name>_image", not ophyd-async's bare device name.
     datakey_suffix = "_image"
@@ -130,22 +184,9 @@ class _EigerDataLogic(DetectorDataLogic):
 
     async def prepare_unbounded(self, datakey_name: str) -> StreamableDataProvider:
         path_info = self.path_provider(datakey_name)
-        self.writer.open(Path(path_info.directory_path) / f"{path_info.filename}.h5")
-        rows, cols = self.writer.pattern.shape
-        return StreamResourceDataProvider(
-            uri=f"{path_info.directory_uri}{path_info.filename}.h5",
-            resources=[
-                StreamResourceInfo(
-                    data_key=datakey_name,
-                    shape=(rows, cols),
-                    chunk_shape=(1, rows, cols),
-                    dtype_numpy=self.writer.pattern.dtype.str,
-                    parameters={"dataset": DATA_PATH},
-                )
-            ],
-            mimetype="application/x-hdf5",
-            collections_written_signal=self.writer.frames_written,
-        )
+        self.writer.open(Path(path_info.directory_path), path_info.filename)
+        return _SeriesDataProvider(self.writer, datakey_name, path_info.directory_uri,
+                                   path_info.filename)
 
     async def stop(self) -> None:
         self.writer.close()
@@ -155,18 +196,23 @@ class _EigerDataLogic(DetectorDataLogic):
 
 
 class SimAsyncEiger(StandardDetector):
-    """A simulated CHX Eiger for ophyd-async: frames in HDF5, StreamResource/StreamDatum docs.
+    """A simulated CHX Eiger for ophyd-async: DECTRIS files, StreamResource/StreamDatum docs.
 
-    Each run (each ``stage``) writes a new file ``<uuid>.h5`` in ``path`` with
-    the frames in ``/entry/data/data`` (``(n, rows, cols)``, chunked per frame,
-    SWMR, flushed after each frame). The data key is ``f"{name}_image"`` with
-    ``external: "STREAM:"`` and, as for every ophyd-async detector,
-    ``shape == [1, rows, cols]`` (frames per event first). The StreamResource
-    has ``mimetype="application/x-hdf5"``, ``uri`` the file's ``file://`` URI
-    and ``parameters == {"dataset": "/entry/data/data", "chunk_shape": (1, rows,
-    cols)}``; StreamDatum ``indices`` ``{"start": a, "stop": b}`` are the
-    frames ``a:b`` of that dataset, and frame ``i`` equals
-    :meth:`expected_frame` ``(i)``.
+    Each run (each ``stage``) writes one Eiger series in ``path`` as the
+    DECTRIS file writer does: ``<uuid>_master.h5`` (the detector's
+    ``pixel_mask`` and external links ``/entry/data/data_000001``, ...) and
+    data files ``<uuid>_data_000001.h5``, ... holding ``frames_per_file``
+    frames each in ``/entry/data/data``, bitshuffle-LZ4, one chunk per frame,
+    SWMR, flushed after each frame (see :mod:`bluesky_callbacks._eiger`).
+
+    The data key is ``f"{name}_image"`` with ``external: "STREAM:"`` and, as
+    for every ophyd-async detector, ``shape == [1, rows, cols]`` (frames per
+    event first). Each data file is one StreamResource, emitted with its
+    first frame: ``mimetype="application/x-hdf5"``, ``uri`` the data file's
+    ``file://`` URI, ``parameters == {"dataset": "/entry/data/data",
+    "chunk_shape": (1, rows, cols)}``; StreamDatum ``indices`` ``{"start": a,
+    "stop": b}`` are the frames ``a:b`` of that file. Frame ``i`` of the run
+    equals :meth:`expected_frame` ``(i)``.
 
     Parameters
     ----------
@@ -174,14 +220,20 @@ class SimAsyncEiger(StandardDetector):
         Device name (``"eiger4m_single"``, ``"eiger1m_single"``,
         ``"eiger500K_single"``, or any name with ``shape`` given).
     path : str, path or ophyd_async.core.PathProvider
-        Directory for the HDF5 files (created if missing), or a path provider
-        deciding directory and file name per run.
+        Directory for the files (created if missing), or a path provider
+        deciding directory and file prefix per run.
     shape : tuple of int, optional
         ``(rows, cols)``; defaults from ``name``.
     dtype : numpy dtype, optional
         ``np.uint32`` (default) or ``np.uint16``.
     seed : int, optional
-        Seed of the frame pattern (see :class:`~bluesky_callbacks.sim.EigerPattern`).
+        Seed of the frames.
+    frames_per_file : int, optional
+        Frames per data file (the Eiger's ``nimages_per_file``; default 1000).
+    mean : float, optional
+        Mean photons per pixel per frame of the XPCS frames (default 0.05).
+    pattern : EigerPattern or XPCSPattern, optional
+        The frames to write instead of ``XPCSPattern(shape, dtype, seed, mean)``.
 
     Examples
     --------
@@ -190,7 +242,7 @@ class SimAsyncEiger(StandardDetector):
 
     >>> import asyncio, tempfile
     >>> tmp = tempfile.TemporaryDirectory()
-    >>> det = SimAsyncEiger("eiger500K_single", tmp.name)
+    >>> det = SimAsyncEiger("eiger500K_single", tmp.name, frames_per_file=2)
     >>> async def take(det, n):
     ...     await det.connect()
     ...     await det.stage()
@@ -199,14 +251,17 @@ class SimAsyncEiger(StandardDetector):
     ...     docs = [doc async for doc in det.collect_asset_docs()]
     ...     await det.unstage()
     ...     return docs
-    >>> (_, resource), (_, datum) = asyncio.run(take(det, 2))
-    >>> resource["data_key"], resource["mimetype"], resource["parameters"]["dataset"]
-    ('eiger500K_single_image', 'application/x-hdf5', '/entry/data/data')
-    >>> datum["indices"]
-    {'start': 0, 'stop': 2}
-    >>> import h5py, urllib.parse
-    >>> with h5py.File(urllib.parse.urlparse(resource["uri"]).path, "r") as f:
-    ...     bool((f["/entry/data/data"][1] == det.expected_frame(1)).all())
+    >>> docs = asyncio.run(take(det, 3))
+    >>> [(name, doc.get("indices")) for name, doc in docs]  # doctest: +NORMALIZE_WHITESPACE
+    [('stream_resource', None), ('stream_datum', {'start': 0, 'stop': 2}),
+     ('stream_resource', None), ('stream_datum', {'start': 0, 'stop': 1})]
+    >>> resource = docs[2][1]
+    >>> resource["uri"].endswith("_data_000002.h5"), resource["parameters"]["dataset"]
+    (True, '/entry/data/data')
+    >>> from chx_masks._hdf5 import h5py_with_filters
+    >>> import urllib.parse
+    >>> with h5py_with_filters().File(urllib.parse.urlparse(resource["uri"]).path) as f:
+    ...     bool((f["/entry/data/data"][0] == det.expected_frame(2)).all())
     True
     >>> tmp.cleanup()
     """
@@ -219,15 +274,22 @@ class SimAsyncEiger(StandardDetector):
         shape: tuple[int, int] | None = None,
         dtype: DTypeLike = np.uint32,
         seed: int = 0,
+        frames_per_file: int = 1000,
+        mean: float = 0.05,
+        pattern: EigerPattern | XPCSPattern | None = None,
     ) -> None:
-        self.pattern = EigerPattern(_resolve_shape(name, shape), np.dtype(dtype), seed)
+        if pattern is None:
+            pattern = XPCSPattern(_resolve_shape(name, shape), np.dtype(dtype), seed, mean)
+        self.pattern = pattern
+        if int(frames_per_file) < 1:
+            raise ValueError(f"frames_per_file must be at least 1, got {frames_per_file}")
         if isinstance(path, (str, os.PathLike)):
             path_provider: PathProvider = StaticPathProvider(
                 UUIDFilenameProvider(), Path(path).absolute()
             )
         else:
             path_provider = path
-        self._writer = _EigerHDF5Writer(self.pattern)
+        self._writer = _EigerHDF5Writer(self.pattern, int(frames_per_file))
         self.add_detector_logics(
             _EigerTriggerLogic(self._writer),
             _EigerAcquireLogic(self._writer),
@@ -236,5 +298,10 @@ class SimAsyncEiger(StandardDetector):
         super().__init__(name=name)
 
     def expected_frame(self, i: int) -> np.ndarray:
-        """Frame ``i`` of a run's HDF5 dataset, as this device writes it."""
+        """Frame ``i`` of a run (0-based, counted over the series' data files)."""
         return self.pattern.frame(i)
+
+    @property
+    def master_file(self) -> Path | None:
+        """The master file of the last series (run) written, or None before the first."""
+        return self._writer.master

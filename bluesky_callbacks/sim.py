@@ -12,19 +12,32 @@ Which one to use
     (``external: "FILESTORE:"``), with Resource/Datum documents (spec
     ``"NPY_SEQ"``), as an ophyd area detector with a file plugin does. Consumers
     fill events with ``event_model.Filler(handler_registry, inplace=False)``.
+:class:`SimEiger`, ``mode="eiger"``
+    What the CHX Eigers write: each trigger is one Eiger series of
+    ``frames_per_trigger`` XPCS frames in DECTRIS files (a master file with
+    the detector's ``pixel_mask`` and external links to bitshuffle-LZ4 data
+    files of ``frames_per_file`` frames), announced by Resource (spec
+    ``"AD_EIGER2"``, ``resource_kwargs={"images_per_file": ...}``) and Datum
+    (``{"seq_id": k}``) documents as NSLS-II's Eiger devices write them; the
+    event's value is the series, ``(frames_per_trigger, rows, cols)``.
+    :data:`handler_registry` reads it (area-detector-handlers' ``EigerHandler``
+    reads it too while a series fits in one data file).
 :class:`SimAsyncEiger` (ophyd-async)
-    Frames go into one HDF5 file per run (``/entry/data/data``, SWMR, flushed
-    after every frame); the descriptor says ``external: "STREAM:"`` and the
-    frames are announced by StreamResource/StreamDatum documents, as ophyd-async
-    detectors do. Use it for anything that must work with the CHX Eigers of the
-    ophyd-async era. Imported lazily: ``ophyd_async`` loads on first use.
+    Each run is one Eiger series in DECTRIS files, as in ``mode="eiger"``
+    (SWMR, flushed after every frame); the descriptor says ``external:
+    "STREAM:"`` and each data file is announced by a StreamResource and its
+    frames by StreamDatum documents, as ophyd-async detectors do. Use it for
+    anything that must work with the CHX Eigers of the ophyd-async era.
+    Imported lazily: ``ophyd_async`` loads on first use.
 
-All three name their data key ``f"{name}_image"`` (``eiger4m_single_image``,
-...) and produce the same deterministic frames: frame ``i`` of a run (counted
-from 0 at each ``stage``) equals ``det.expected_frame(i)`` bit for bit. A frame
-is a Poisson speckle pattern fixed by ``seed``, plus ``i``, with the Eiger
-inter-module gaps and a few hot pixels held at the dtype's maximum, as the
-real detector flags them (see :class:`EigerPattern`).
+All name their data key ``f"{name}_image"`` (``eiger4m_single_image``, ...)
+and produce deterministic frames: frame ``i`` of a run (counted from 0 at each
+``stage``) equals ``det.expected_frame(i)`` bit for bit. Inline and
+``"files"`` frames are dense (:class:`EigerPattern`: fixed speckle plus
+``i``); the file-writing Eigers make sparse photon-counting XPCS frames
+(:class:`XPCSPattern`: about 0.05 photons per pixel, speckle that
+decorrelates with a q-dependent time), both with the Eiger's module gaps at
+the dtype's maximum, as the real detector flags them.
 
 A run with a real RunEngine::
 
@@ -34,6 +47,7 @@ A run with a real RunEngine::
 
     RE = RunEngine({})
     RE(count([sim_eiger500k(mode="files", save_path="/tmp/frames")], num=3))
+    RE(count([sim_eiger4m(mode="eiger", save_path="/tmp/frames", frames_per_trigger=100)]))
     det = SimAsyncEiger("eiger4m_single", "/tmp/frames")
     RE(ensure_connected(det))
     RE(count([det], num=3))
@@ -60,6 +74,8 @@ from ophyd.status import DeviceStatus
 
 from chx_masks import BUILTIN_DETECTORS
 
+from ._eiger import EigerSeriesHandler, SeriesWriter, XPCSPattern, frame_spec, module_gaps
+
 if TYPE_CHECKING:
     from ._sim_async import SimAsyncEiger
 
@@ -68,6 +84,7 @@ __all__ = [
     "EigerPattern",
     "SimAsyncEiger",
     "SimEiger",
+    "XPCSPattern",
     "handler_registry",
     "sim_eiger1m",
     "sim_eiger4m",
@@ -84,14 +101,12 @@ CHX_EIGER_SHAPES: MappingProxyType[str, tuple[int, int]] = MappingProxyType(
 
 #: Handlers for the files :class:`SimEiger` writes: pass to ``event_model.Filler``
 #: or ``event_model.RunRouter(..., handler_registry=handler_registry)``.
-handler_registry: MappingProxyType[str, type] = MappingProxyType({"NPY_SEQ": NumpySeqHandler})
+handler_registry: MappingProxyType[str, type] = MappingProxyType(
+    {"NPY_SEQ": NumpySeqHandler, "AD_EIGER2": EigerSeriesHandler, "AD_EIGER": EigerSeriesHandler}
+)
 
-_Mode = Literal["inline", "files"]
+_Mode = Literal["inline", "files", "eiger"]
 
-# Eiger module geometry: 514x1030 pixels per module, modules tiled with gaps of
-# 37 rows and 10 columns (4M: 4x2 modules -> 2167x2070).
-_MODULE = (514, 1030)
-_GAP = (37, 10)
 _N_HOT_PIXELS = 12
 
 
@@ -145,15 +160,7 @@ class EigerPattern:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        dtype = np.dtype(self.dtype)
-        if dtype.kind != "u":
-            raise ValueError(
-                f"Eiger frames are unsigned integers, got dtype={dtype.name!r}; "
-                "use np.uint32 (the default) or np.uint16."
-            )
-        shape = tuple(int(n) for n in self.shape)
-        if len(shape) != 2 or min(shape) <= 0:
-            raise ValueError(f"shape must be two positive sizes (rows, cols), got {self.shape!r}")
+        shape, dtype = frame_spec(self.shape, self.dtype)
         # Normalised so that equal patterns hash equal and share the cache.
         object.__setattr__(self, "dtype", dtype)
         object.__setattr__(self, "shape", shape)
@@ -174,24 +181,6 @@ class EigerPattern:
         return mask
 
 
-def _module_gaps(shape: tuple[int, int]) -> np.ndarray | None:
-    """Gap mask if ``shape`` tiles as Eiger modules, else None."""
-    counts = []
-    for size, module, gap in zip(shape, _MODULE, _GAP, strict=True):
-        n, rest = divmod(size + gap, module + gap)
-        if rest:
-            return None
-        counts.append(n)
-    gaps = np.zeros(shape, dtype=bool)
-    for n in range(1, counts[0]):
-        start = n * (_MODULE[0] + _GAP[0]) - _GAP[0]
-        gaps[start : start + _GAP[0], :] = True
-    for n in range(1, counts[1]):
-        start = n * (_MODULE[1] + _GAP[1]) - _GAP[1]
-        gaps[:, start : start + _GAP[1]] = True
-    return gaps
-
-
 # A few patterns at most are alive in a session; a 4M base is 18 MB.
 @functools.lru_cache(maxsize=4)
 def _base_pattern(pattern: EigerPattern) -> tuple[np.ndarray, np.ndarray]:
@@ -202,7 +191,7 @@ def _base_pattern(pattern: EigerPattern) -> tuple[np.ndarray, np.ndarray]:
     radius = np.hypot(r - 0.55 * rows, c - 0.45 * cols)
     intensity = 1.0 + 400.0 / (1.0 + (radius / 40.0) ** 2)
     base = rng.poisson(intensity).astype(pattern.dtype)
-    flagged = _module_gaps(pattern.shape)
+    flagged = module_gaps(pattern.shape)
     if flagged is None:
         flagged = np.zeros(pattern.shape, dtype=bool)
     hot = rng.choice(rows * cols, size=min(_N_HOT_PIXELS, rows * cols), replace=False)
@@ -220,13 +209,16 @@ class _FrameSignal(Signal):
 
     def describe(self) -> dict[str, dict[str, Any]]:
         eiger = self.parent
+        shape = list(eiger.pattern.shape)
+        if eiger.mode == "eiger":
+            shape = [eiger.frames_per_trigger, *shape]
         key: dict[str, Any] = {
             "source": f"SIM:{self.name}",
             "dtype": "array",
-            "shape": list(eiger.pattern.shape),
+            "shape": shape,
             "dtype_numpy": eiger.pattern.dtype.str,
         }
-        if eiger.mode == "files":
+        if eiger.mode != "inline":
             key["external"] = "FILESTORE:"
         return {self.name: key}
 
@@ -243,15 +235,25 @@ class SimEiger(Device):
         ``(rows, cols)``; defaults from ``name``.
     dtype : numpy dtype, optional
         ``np.uint32`` (default, as the CHX Eigers) or ``np.uint16``.
-    mode : {"inline", "files"}, optional
+    mode : {"inline", "files", "eiger"}, optional
         ``"inline"`` puts the frame in the event; ``"files"`` writes one
         ``.npy`` per frame under ``save_path`` and emits Resource/Datum
-        documents (spec ``"NPY_SEQ"``, read with :data:`handler_registry`).
+        documents (spec ``"NPY_SEQ"``); ``"eiger"`` writes one DECTRIS series
+        per trigger (spec ``"AD_EIGER2"``). Both file modes are read with
+        :data:`handler_registry`.
     save_path : str or path, optional
-        Directory for ``mode="files"``; a new temporary directory (not removed)
+        Directory for the file modes; a new temporary directory (not removed)
         if not given.
     seed : int, optional
         Seed of the frame pattern.
+    frames_per_trigger : int, optional
+        ``mode="eiger"``: frames in each series (default 1).
+    frames_per_file : int, optional
+        ``mode="eiger"``: frames per data file (default 1000).
+    mean : float, optional
+        ``mode="eiger"``: mean photons per pixel per frame (default 0.05).
+    pattern : EigerPattern or XPCSPattern, optional
+        The frames to make instead of the mode's default.
     **kwargs
         Passed to :class:`ophyd.Device`.
 
@@ -280,14 +282,28 @@ class SimEiger(Device):
         mode: _Mode = "inline",
         save_path: str | os.PathLike[str] | None = None,
         seed: int = 0,
+        frames_per_trigger: int = 1,
+        frames_per_file: int = 1000,
+        mean: float = 0.05,
+        pattern: EigerPattern | XPCSPattern | None = None,
         **kwargs: Any,
     ) -> None:
-        if mode not in ("inline", "files"):
-            raise ValueError(f"mode must be 'inline' or 'files', got {mode!r}")
-        pattern = EigerPattern(_resolve_shape(name, shape), np.dtype(dtype), seed)
+        if mode not in ("inline", "files", "eiger"):
+            raise ValueError(f"mode must be 'inline', 'files' or 'eiger', got {mode!r}")
+        if int(frames_per_trigger) < 1 or int(frames_per_file) < 1:
+            raise ValueError(
+                "frames_per_trigger and frames_per_file must be at least 1, got "
+                f"{frames_per_trigger} and {frames_per_file}."
+            )
+        if pattern is None:
+            shape = _resolve_shape(name, shape)
+            pattern = (XPCSPattern(shape, np.dtype(dtype), seed, mean) if mode == "eiger"
+                       else EigerPattern(shape, np.dtype(dtype), seed))
         super().__init__(name=name, **kwargs)
         self.pattern = pattern
         self.mode: _Mode = mode
+        self.frames_per_trigger = int(frames_per_trigger)
+        self.frames_per_file = int(frames_per_file)
         # Absolute, so the Resource's root still resolves for a consumer elsewhere.
         self.save_path = Path(save_path).absolute() if save_path is not None else None
         self._frame_index = 0
@@ -312,40 +328,64 @@ class SimEiger(Device):
 
     def trigger(self) -> DeviceStatus:
         i = self._frame_index
-        frame = self.pattern.frame(i)
-        if self.mode == "inline":
-            self.image.put(frame)
+        if self.mode == "eiger":
+            self.image.put(self._write_series(i))
+            self._frame_index += self.frames_per_trigger
         else:
-            self.image.put(self._write_frame(i, frame))
-        self._frame_index += 1
+            frame = self.pattern.frame(i)
+            self.image.put(frame if self.mode == "inline" else self._write_frame(i, frame))
+            self._frame_index += 1
         status = DeviceStatus(self)
         status.set_finished()
         return status
 
-    def _write_frame(self, i: int, frame: np.ndarray) -> str:
+    def _new_resource(self, spec: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         if self._resource is None:
             # Created on first use, not at stage, so an unstaged trigger works too.
             if self.save_path is None:
                 self.save_path = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
             self.save_path.mkdir(parents=True, exist_ok=True)
             self._resource = {
-                "spec": "NPY_SEQ",
+                "spec": spec,
                 "root": str(self.save_path),
                 "resource_path": f"{self.name}_{uuid.uuid4().hex[:12]}",
-                "resource_kwargs": {},
+                "resource_kwargs": kwargs,
                 "path_semantics": "windows" if os.name == "nt" else "posix",
                 "uid": str(uuid.uuid4()),
             }
             self._asset_docs.append(("resource", self._resource))
+        return self._resource
+
+    def _write_series(self, first: int) -> str:
+        """One Eiger series from frame ``first``: DECTRIS files, one Datum (its seq_id)."""
+        resource = self._new_resource("AD_EIGER2", {"images_per_file": self.frames_per_file})
+        seq_id = first // self.frames_per_trigger + 1
+        pixel_mask = getattr(self.pattern, "pixel_mask", None)
+        if pixel_mask is None:
+            pixel_mask = self.pattern.bad_pixels.astype(np.uint32)
+        with SeriesWriter(self.save_path, f"{resource['resource_path']}_{seq_id}",
+                          self.pattern.shape, self.pattern.dtype,
+                          frames_per_file=self.frames_per_file, pixel_mask=pixel_mask) as series:
+            for i in range(first, first + self.frames_per_trigger):
+                series.write(self.pattern.frame(i))
+        datum_id = f"{resource['uid']}/{seq_id}"
+        self._asset_docs.append(
+            ("datum", {"resource": resource["uid"], "datum_id": datum_id,
+                       "datum_kwargs": {"seq_id": seq_id}})
+        )
+        return datum_id
+
+    def _write_frame(self, i: int, frame: np.ndarray) -> str:
+        resource = self._new_resource("NPY_SEQ", {})
         # The file name is the NumpySeqHandler convention: {root}/{resource_path}_{index}.npy
-        path = self.save_path / f"{self._resource['resource_path']}_{i}.npy"
+        path = self.save_path / f"{resource['resource_path']}_{i}.npy"
         np.save(path, frame, allow_pickle=False)
-        datum_id = f"{self._resource['uid']}/{i}"
+        datum_id = f"{resource['uid']}/{i}"
         self._asset_docs.append(
             (
                 "datum",
                 {
-                    "resource": self._resource["uid"],
+                    "resource": resource["uid"],
                     "datum_id": datum_id,
                     "datum_kwargs": {"index": i},
                 },

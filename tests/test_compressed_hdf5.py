@@ -89,15 +89,14 @@ def test_the_router_masks_compressed_stream_resource_frames_in_a_fresh_process(
         docs: list = []
         RE.subscribe(lambda name, doc: docs.append((name, doc)))
         RE(count([det], num=3))
-    # The detector wrote plain chunks; rewrite its file as an Eiger does.
+    # The detector writes as an Eiger does: bitshuffle-LZ4, one chunk per frame.
     (resource,) = [doc for name, doc in docs if name == "stream_resource"]
     path = Path(resource["uri"].removeprefix("file://localhost"))
     with h5py.File(path, "r") as f:
-        key = resource["parameters"]["dataset"]
-        frames = f[key][()]
-    path.unlink()
-    with h5py.File(path, "w") as f:
-        compressed(f, key, frames, (1, *SHAPE_500K))
+        dataset = f[resource["parameters"]["dataset"]]
+        assert dataset.id.get_create_plist().get_filter(0)[0] == BITSHUFFLE_LZ4
+        assert dataset.chunks == (1, *SHAPE_500K)
+        frames = dataset[()]
     (tmp_path / "docs.json").write_text(json.dumps(docs))
     np.save(tmp_path / "expected.npy", frames * mask.astype(frames.dtype))
 
