@@ -31,7 +31,8 @@ import numpy as np
 
 from chx_masks import ChxMasksError, CompositeMask, MaskNotFoundError, MaskRegistry
 
-from ._replay import run_composite
+from ._frames import prepare_mask
+from ._replay import _stream_node, run_composite
 
 __all__ = ["ProcessedRun", "ProcessingError", "RunStore", "StoreUnavailableError",
            "plan_processing", "process_run", "write_product"]
@@ -90,7 +91,56 @@ class RunStore:
 
     def open(self, *, runs: bool = True) -> Any:
         """The tiled client of this store (opened once per process)."""
-        return _open_store(self, runs)
+        if not self.remote:
+            return _open_store(self, runs)
+        # tiled retries a server that does not answer for up to
+        # $TILED_RETRY_TIMEOUT and, on the main thread only, prints a bare
+        # "Retrying..." line meanwhile; StoreUnavailableError says it in one.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="chx-masks-connect") as pool:
+            return pool.submit(_open_store, self, runs).result()
+
+    def reading(self, directories: Sequence[str | Path] | None = None) -> RunStore:
+        """This local run store, allowed to read the detector files in ``directories``.
+
+        tiled serves a file a run refers to (HDF5, .npy) only from its
+        readable storage. By default that is the store's parent directory and
+        the store itself: detector files are usually written beside the run
+        store (a store in ``/data/chx/runs`` reads the files under ``/data/chx``).
+
+        Parameters
+        ----------
+        directories : paths, optional
+            Replace the default (relative paths are taken from the current
+            directory).
+
+        Raises
+        ------
+        ProcessingError
+            The store is a tiled server: what it reads is its own configuration's
+            ``readable_storage``.
+
+        Examples
+        --------
+        >>> RunStore("/data/chx/runs").reading().readable_storage
+        ('/data/chx', '/data/chx/runs')
+        >>> RunStore("/data/chx/runs").reading(["/mnt/frames"]).readable_storage
+        ('/mnt/frames',)
+        """
+        import dataclasses
+
+        if self.remote:
+            raise ProcessingError(
+                f"The run store {self.location} is a tiled server: it reads the detector "
+                "files its own configuration's readable_storage lists; give "
+                "readable_storage only for a local run store (a directory)."
+            )
+        if directories is None:
+            here = Path(self.location).expanduser().absolute()
+            directories = (here.parent, here)
+        readable = tuple(str(Path(d).expanduser().absolute()) for d in directories)
+        return dataclasses.replace(self, readable_storage=readable)
 
 
 def located_store(location: str | None, kind: str, directory: Path | None = None) -> RunStore:
@@ -204,16 +254,15 @@ class ProcessingPlan:
 
 def _frames_node(run: Any, stream: str, data_key: str) -> Any:
     """The stored frames of ``data_key``, whichever layout the client hands out."""
-    for node in (run, getattr(run, "v3", None)):
-        if node is None:
-            continue
-        try:
-            return node[stream][data_key]
-        except KeyError:
-            continue
-    raise ProcessingError(
-        f"Run {run.metadata['start']['uid']} has no {data_key!r} in its {stream!r} stream."
-    )
+    try:
+        return _stream_node(run, stream, data_key)
+    except KeyError:
+        missing = (f"Run {run.metadata['start']['uid']} has no {data_key!r} in its "
+                   f"{stream!r} stream")
+        raise ProcessingError(
+            f"{missing}: check data_keys (or the keys of masks) and stream.",
+            cli=f"{missing}: check the detector named in --masks and --stream.",
+        ) from None
 
 
 def plan_processing(
@@ -537,7 +586,7 @@ def _write_detector(plan: ProcessingPlan, detector: _Detector, runs: Any, produc
                   "sha256": detector.composite.sha256},
     )
     # Prepared once in the frames' dtype: frame * bool would cast it in every chunk.
-    mask = detector.composite.mask.astype(detector.dtype)
+    mask = prepare_mask(detector.composite, detector.dtype, detector.event_shape)
     if client is not None:
         [mask] = client.scatter([mask], broadcast=True)
     args = [(_masked_chunk, (runs, plan.run_uid, plan.stream, detector.data_key, a, b, mask))

@@ -16,6 +16,7 @@ import numpy as np
 
 from chx_masks import CompositeMask, MaskNotFoundError, MaskRegistry
 
+from ._frames import TiledStreamReader, prepare_mask, resolve_run_masks
 from ._router import Downstream, MaskingRouter, _as_callables
 
 if TYPE_CHECKING:
@@ -71,6 +72,38 @@ def _documents(run: Any) -> Iterable[tuple[str, dict]]:
     if hasattr(run, "documents"):
         return run.documents()
     return run
+
+
+def _stream_node(run: Any, stream: str, data_key: str) -> Any:
+    """The stored array of ``data_key`` in ``stream``, whichever run layout the client gives.
+
+    bluesky-tiled-plugins hands out the v3 layout (``run[stream][data_key]``)
+    until something in the process asks for the v2 one (a databroker v1
+    ``Header``, ``catalog.v2``, ``run.v2``): from then on *every* client in the
+    process gets ``run[stream]["data"][data_key]``, because those accessors
+    change the structure clients that all tiled clients share. The v2 path
+    is looked up here rather than through ``run.v3``, which would switch the
+    whole process back under the feet of the code that asked for v2.
+
+    Raises
+    ------
+    KeyError
+        Neither layout has ``data_key`` in ``stream``.
+    """
+    try:
+        return run[stream][data_key]
+    except KeyError:
+        pass
+    try:
+        return run[stream]["data"][data_key]
+    except KeyError:
+        pass
+    uid = (getattr(run, "metadata", None) or {}).get("start", {}).get("uid", "?")
+    raise KeyError(
+        f"Run {uid} has no {data_key!r} in its {stream!r} stream (neither "
+        f"run[{stream!r}][{data_key!r}] nor run[{stream!r}]['data'][{data_key!r}]): "
+        "check the data key (the descriptor's data_keys) and the stream name."
+    )
 
 
 def replay_masked(
@@ -129,11 +162,9 @@ def replay_masked(
 
     reader = None
     if hasattr(run, "documents") and hasattr(run, "metadata") and hasattr(run, "__getitem__"):
-
-        def reader(resource: dict, stream: str, start: int, stop: int) -> Any:
-            # tiled serves the frames wherever the files are and in whatever
-            # format TiledWriter registered (HDF5, .npy sequences, ...).
-            return run[stream][resource["data_key"]][start:stop]
+        # tiled serves the frames wherever the files are and in whatever
+        # format TiledWriter registered (HDF5, .npy sequences, ...).
+        reader = TiledStreamReader(lambda stream, key: _stream_node(run, stream, key))
 
     router = MaskingRouter(
         registry,
@@ -210,7 +241,16 @@ def run_composite(
     """The composite a run's start document recorded for ``data_key``.
 
     Falls back to ``masks[data_key]`` resolved as of the run's start time
-    for runs recorded without masks.
+    for runs recorded without masks; see
+    :func:`~bluesky_callbacks._frames.resolve_run_masks` (the one resolver of
+    every masking path, which also checks the recorded sha256).
+
+    Raises
+    ------
+    MaskNotFoundError
+        No masks recorded for ``data_key`` and none given.
+    MaskIntegrityError
+        The recorded uids no longer give the recorded sha256.
 
     Examples
     --------
@@ -219,22 +259,16 @@ def run_composite(
     >>> reg = MaskRegistry.embedded(tempfile.mkdtemp())
     >>> uid = reg.register_mask("eiger500K_single_image", "m",
     ...                         np.ones((514, 1030), bool))
-    >>> start = {"uid": "r", "time": 4e9, "masks": {"eiger500K_single_image":
-    ...          {"names": ["m"], "uids": [uid], "versions": [0], "sha256": "..."}}}
+    >>> record = reg.composite_from_uids([uid]).provenance()
+    >>> start = {"uid": "r", "time": 4e9, "masks": {"eiger500K_single_image": record}}
     >>> run_composite(start, "eiger500K_single_image", registry=reg).uids == (uid,)
     True
     >>> reg.close()
     """
-    record = (start.get("masks") or {}).get(data_key) or {}
-    if record.get("uids"):
-        return registry.composite_from_uids(record["uids"])
-    names = (masks or {}).get(data_key)
-    if not names:
-        raise MaskNotFoundError(
-            f"Run {start.get('uid')} recorded no masks for {data_key}; pass "
-            f"masks={{{data_key!r}: [mask names]}} to resolve them as of its start."
-        )
-    return registry.resolve_composite(data_key, names, as_of=start["time"])
+    found = resolve_run_masks(registry, start, [data_key], masks)[data_key]
+    if isinstance(found, Exception):
+        raise found
+    return found
 
 
 def masked_frames(
@@ -260,14 +294,10 @@ def masked_frames(
     import dask.array as da
 
     composite = run_composite(run.metadata["start"], data_key, registry=registry, masks=masks)
-    array = run[stream][data_key]
+    array = _stream_node(run, stream, data_key)
     dtype = np.dtype(array.dtype)
     event_shape = tuple(array.shape[1:])  # (rows, cols) or (frames, rows, cols)
-    if event_shape[-2:] != composite.mask.shape:
-        raise MaskNotFoundError(
-            f"{data_key} frames are {event_shape[-2:]} but the run's mask is "
-            f"{composite.mask.shape}."
-        )
+    mask = prepare_mask(composite, dtype, event_shape)
     if frames_per_chunk is None:
         event_bytes = dtype.itemsize * int(np.prod(event_shape))
         frames_per_chunk = max(1, (64 << 20) // max(1, event_bytes))
@@ -278,4 +308,4 @@ def masked_frames(
         asarray=True,
         name=f"tiled-{run.metadata['start']['uid']}-{stream}-{data_key}",
     )
-    return raw * composite.mask.astype(dtype)
+    return raw * mask

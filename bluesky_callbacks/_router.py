@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import numpy as np
 from event_model import DocumentRouter, Filler, RunRouter, compose_run
@@ -21,12 +20,12 @@ from event_model import DocumentRouter, Filler, RunRouter, compose_run
 from chx_masks import (
     ChxMasksError,
     CompositeMask,
-    MaskIntegrityError,
     MaskRegistry,
     RegistryUnavailableError,
 )
 
 from ._deadline import DEFAULT_TIMEOUT, RegistryBreaker, breaker_for
+from ._frames import HDF5StreamReader, handlers, prepare_mask, resolve_run_masks
 from ._kernel import FrameBuffers, Multiplier
 from ._provenance import (
     CHOSEN_BY_RUN,
@@ -92,7 +91,9 @@ class MaskingRouter:
         run (never passed on unmasked) and the derived stop document reports
         it (``exit_status="fail"``, ``masking_errors``).
     handler_registry : dict, optional
-        Asset handlers (spec -> class) for Resource/Datum frames.
+        Asset handlers (spec -> class) for Resource/Datum frames, added to
+        the built-in ones (``AD_EIGER2``/``AD_EIGER``: DECTRIS Eiger series,
+        see :mod:`bluesky_callbacks._frames`).
     root_map : dict, optional
         Passed to the filler for relocated Resource roots.
     unmasked_streams : {"pass", "drop"}
@@ -205,12 +206,11 @@ class _MaskedRun(DocumentRouter):
         self._streams: dict[str, tuple[str | None, frozenset[str], frozenset[str], str]] = {}
         self._counts: dict[str, int] = {}
         self._stream_resources: dict[str, dict] = {}
-        self._files: dict[str, Any] = {}
-        self._filler: Filler | None = None
-        if router.handler_registry:
-            self._filler = Filler(
-                router.handler_registry, inplace=False, root_map=router.root_map
-            )
+        # Frames are read by the run's one reader of each kind (_frames).
+        self._files = HDF5StreamReader(router.root_map)
+        self._filler = Filler(
+            handlers(router.handler_registry), inplace=False, root_map=router.root_map
+        )
         self._derived_start_uid: str | None = None
         self._unknown: str | None = None
         self._raw_start = raw_start
@@ -248,17 +248,8 @@ class _MaskedRun(DocumentRouter):
     def _mask_for(self, key: str, frame: np.ndarray) -> np.ndarray:
         prepared = self._prepared.get((key, frame.dtype))
         if prepared is None:
-            composite = self._composites[key]
-            if frame.shape[-2:] != composite.mask.shape:
-                raise MaskIntegrityError(
-                    f"{key} frames are {frame.shape[-2:]} but its mask is "
-                    f"{composite.mask.shape}: the mask belongs to another detector shape."
-                )
-            # Prepared once per run and dtype: frame * bool makes NumPy cast
-            # the mask on every pixel of every frame; a 0/1 mask already in
-            # the frame's dtype is one plain multiply (measured: about 2x).
-            prepared = composite.mask.astype(frame.dtype)
-            prepared.flags.writeable = False
+            # Prepared once per run and dtype.
+            prepared = prepare_mask(self._composites[key], frame.dtype, frame.shape)
             self._prepared[(key, frame.dtype)] = prepared
         return prepared
 
@@ -278,40 +269,9 @@ class _MaskedRun(DocumentRouter):
 
     # ------------------------------------------------------------ documents
 
-    @staticmethod
-    def _lookup(
-        registry: MaskRegistry,
-        by_uids: Mapping[str, dict],
-        by_names: Mapping[str, list[str]],
-        when: datetime,
-    ) -> dict[str, Any]:
-        """The registry work of a run start: each detector's composite, or its error."""
-        found: dict[str, Any] = {}
-        for key, record in by_uids.items():
-            try:
-                composite = registry.composite_from_uids(record["uids"])
-                if record.get("sha256") and composite.sha256 != record["sha256"]:
-                    raise MaskIntegrityError(
-                        f"The composite of {key} recorded sha256 {record['sha256']} "
-                        f"but its uids now give {composite.sha256}."
-                    )
-                found[key] = composite
-            except RegistryUnavailableError:
-                raise  # the whole run start is unresolved (and the breaker trips)
-            except Exception as err:
-                found[key] = err
-        for key, names in by_names.items():
-            try:
-                found[key] = registry.resolve_composite(key, names, as_of=when)
-            except RegistryUnavailableError:
-                raise
-            except Exception as err:
-                found[key] = err
-        return found
 
     def start(self, doc: dict) -> None:
-        if self._filler is not None:
-            self._filler("start", doc)
+        self._filler("start", doc)
         recorded = doc.get("masks") or {}
         records: dict[str, dict] = {}
         resolved_as_of: dict[str, str] = {}
@@ -330,8 +290,12 @@ class _MaskedRun(DocumentRouter):
         failed_together: Exception | None = None  # logged once, not once per detector
         if by_uids or by_names:
             try:
+                # A RegistryUnavailableError leaves the whole run start
+                # unresolved (and trips the breaker).
+                dated = {**doc, "time": when.timestamp()}
                 found = self._router.breaker.call(
-                    lambda registry: self._lookup(registry, by_uids, by_names, when),
+                    lambda registry: resolve_run_masks(
+                        registry, dated, [*by_uids, *by_names], masks=by_names),
                     self._router.timeout, "building the run's masks",
                     setting="MaskingRouter's timeout",
                 )
@@ -406,8 +370,7 @@ class _MaskedRun(DocumentRouter):
         self._emit("start", bundle.start_doc)
 
     def descriptor(self, doc: dict) -> None:
-        if self._filler is not None:
-            self._filler("descriptor", doc)
+        self._filler("descriptor", doc)
         data_keys = doc["data_keys"]
         masked = frozenset(k for k in data_keys if k in self._composites)
         # Keys whose data live in external assets are carried only when
@@ -468,7 +431,7 @@ class _MaskedRun(DocumentRouter):
         derived_uid, masked, passed, name = stream
         data = doc["data"]
         present = [k for k in masked if k in data]
-        if present and self._filler is not None and any(
+        if present and any(
             not all(doc.get("filled", {}).get(k, [True])) for k in present
         ):
             try:
@@ -512,16 +475,13 @@ class _MaskedRun(DocumentRouter):
         self._emit("event_page", page)
 
     def resource(self, doc: dict) -> None:
-        if self._filler is not None:
-            self._filler("resource", doc)
+        self._filler("resource", doc)
 
     def datum(self, doc: dict) -> None:
-        if self._filler is not None:
-            self._filler("datum", doc)
+        self._filler("datum", doc)
 
     def datum_page(self, doc: dict) -> None:
-        if self._filler is not None:
-            self._filler("datum_page", doc)
+        self._filler("datum_page", doc)
 
     def stream_resource(self, doc: dict) -> None:
         self._stream_resources[doc["uid"]] = doc
@@ -540,7 +500,7 @@ class _MaskedRun(DocumentRouter):
             if self._router.stream_reader is not None:
                 frames = self._router.stream_reader(resource, name, start, stop)
             else:
-                frames = self._read_stream(resource, start, stop, self._shapes.get(key, ()))
+                frames = self._files(resource, start, stop, self._shapes.get(key, ()))
             data = {key: self._masked(key, frames)}
         except Exception as err:
             self._fail(f"cannot mask {key} frames {start}:{stop}", err)
@@ -550,46 +510,8 @@ class _MaskedRun(DocumentRouter):
         self._emit_page(derived_uid, name, seq_num, [now] * len(seq_num), data,
                         {key: [now] * len(seq_num)})
 
-    def _read_stream(
-        self, resource: dict, start: int, stop: int, shape: tuple[int, ...]
-    ) -> Sequence[np.ndarray]:
-        """Read indices ``start:stop``; each index is one event of ``shape``.
-
-        ophyd-async declares a frame as ``[frames_per_event, rows, cols]``;
-        index i then covers that many dataset rows.
-        """
-        mimetype = resource.get("mimetype", "application/x-hdf5")
-        if mimetype != "application/x-hdf5":
-            raise ValueError(
-                f"StreamResource {resource['uid']} has mimetype {mimetype!r}; the "
-                "masking router reads application/x-hdf5."
-            )
-        from chx_masks._hdf5 import h5py_with_filters
-
-        h5py = h5py_with_filters()
-        dataset = self._files.get(resource["uid"])
-        if dataset is None:
-            path = urlsplit(resource["uri"]).path
-            for old, new in self._router.root_map.items():
-                if path.startswith(old):
-                    path = new + path[len(old):]
-            handle = h5py.File(path, "r", swmr=True, libver="latest")
-            dataset = handle[resource["parameters"]["dataset"]]
-            self._files[resource["uid"]] = dataset
-        dataset.refresh()
-        per_index = shape[0] if len(shape) == 3 else 1
-        block = dataset[start * per_index : stop * per_index]
-        if len(shape) == 3:
-            block = block.reshape(stop - start, *shape)
-        return block
-
     def stop(self, doc: dict) -> None:
-        for dataset in self._files.values():
-            try:
-                dataset.file.close()
-            except Exception:  # a closed or vanished file needs no closing
-                logger.debug("closing HDF5 file failed", exc_info=True)
-        self._files.clear()
+        self._files.close()
         exit_status = doc.get("exit_status", "success")
         reason = doc.get("reason", "")
         if self._errors:
