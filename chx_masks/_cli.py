@@ -1129,6 +1129,40 @@ def _masks_option(values: tuple[str, ...]) -> dict[str, list[str]]:
     return masks
 
 
+def _read_one_pixel(source: Any, plan: Any) -> None:
+    """Read one pixel of each detector: tiled checks every file of the frames then."""
+    from bluesky_callbacks._process import _frames_node
+
+    run = source.open()[plan.run_uid]
+    for detector in plan.detectors:
+        if detector.frames:
+            node = _frames_node(run, plan.stream, detector.data_key)
+            node[(0,) * len(node.shape)]
+
+
+def _readable_files(source: Any, run_uid: str, func: Callable[..., Any], *args: Any,
+                    **kwargs: Any) -> Any:
+    """``func(*args, **kwargs)``; tiled's refusal to read a file outside its readable
+    storage becomes one line."""
+    import re
+    import urllib.parse
+
+    try:
+        return func(*args, **kwargs)
+    except RuntimeError as err:
+        refused = re.search(r"Refusing to serve (\S+) because it is outside the readable "
+                            r"storage", str(err))
+        if refused is None:
+            raise
+        path = Path(urllib.parse.unquote(urllib.parse.urlparse(refused[1]).path))
+        allowed = ", ".join(source.readable_storage) or "none given"
+        raise _Failure(
+            f"Run {run_uid} refers to {path}, outside the directories the run store may "
+            f"read ({allowed}): pass --readable-storage DIR with the directory of the "
+            f"detector files (here --readable-storage {path.parent})."
+        ) from err
+
+
 @main.command()
 @click.argument("run_uids", metavar="RUN_UID...", nargs=-1, required=True)
 @click.option("--runs", metavar="URI|DIR", default=None,
@@ -1137,6 +1171,11 @@ def _masks_option(values: tuple[str, ...]) -> dict[str, list[str]]:
 @click.option("--processed", metavar="URI|DIR", default=None,
               help="Where products go (default: $CHX_MASKS_PROCESSED_URI, else "
               "DIR/processed beside the registry).")
+@click.option("--readable-storage", "readable", metavar="DIR", multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A directory of detector files (HDF5, .npy) the runs refer to; give it "
+              "again for more (default: the run store's parent directory and the store "
+              "itself). Local run stores only.")
 @click.option("--masks", "mask_specs", metavar="DET=NAME[,NAME...]", multiple=True,
               help="Masks for runs that recorded none, resolved as of each run's start.")
 @click.option("--stream", default="primary", show_default=True)
@@ -1147,12 +1186,16 @@ def _masks_option(values: tuple[str, ...]) -> dict[str, list[str]]:
 @_json_option
 @pass_state
 def process(state: _State, run_uids: tuple[str, ...], runs: str | None,
-            processed: str | None, mask_specs: tuple[str, ...], stream: str,
-            scheduler: str | None, frames_per_chunk: int | None, as_json: bool) -> None:
+            processed: str | None, readable: tuple[Path, ...], mask_specs: tuple[str, ...],
+            stream: str, scheduler: str | None, frames_per_chunk: int | None,
+            as_json: bool) -> None:
     """Mask stored runs with the masks they recorded; store the frames sparse.
 
     The same processing as the end-of-run Prefect flow, without Prefect. A
     run processed before is not processed again: its product is reported.
+    Detector files a run refers to are read where they are, if they lie in
+    a directory given with --readable-storage (by default beside the run
+    store: --runs /data/chx/runs reads files under /data/chx).
     """
     masks = _masks_option(mask_specs)
     try:
@@ -1165,9 +1208,17 @@ def process(state: _State, run_uids: tuple[str, ...], runs: str | None,
 
     source = located_store(runs, "runs", state.directory)
     target = located_store(processed, "processed", state.directory)
-    if not source.remote and not Path(source.location, "catalog.db").is_file():
-        raise _Failure(f"No run store at {source.location}: give --runs URI|DIR (where "
-                       "TiledWriter writes the runs).")
+    if source.remote:
+        if readable:
+            raise click.UsageError(
+                f"--readable-storage is for a local run store; {source.location} is a tiled "
+                "server, which reads the detector files its own configuration's "
+                "readable_storage lists: drop --readable-storage.")
+    else:
+        if not Path(source.location, "catalog.db").is_file():
+            raise _Failure(f"No run store at {source.location}: give --runs URI|DIR (where "
+                           "TiledWriter writes the runs).")
+        source = source.reading(readable or None)
     client = None
     if scheduler is not None:
         from distributed import Client
@@ -1179,14 +1230,16 @@ def process(state: _State, run_uids: tuple[str, ...], runs: str | None,
             plan = plan_processing(run_uid, runs=source, registry=state.registry,
                                    masks=masks or None, stream=stream,
                                    frames_per_chunk=frames_per_chunk)
+            # Before a product is begun: a refusal halfway would leave it unfinished.
+            _readable_files(source, run_uid, _read_one_pixel, source, plan)
             chunks = sum(len(d.chunks) for d in plan.detectors)
             with click.progressbar(length=chunks, label=f"run {run_uid[:8]}",
                                    file=sys.stderr) as bar:
                 def progress(done: int, total: int, bar: Any = bar) -> None:
                     bar.update(done - bar.pos)
 
-                product = write_product(plan, runs=source, processed=target, client=client,
-                                        progress=progress)
+                product = _readable_files(source, run_uid, write_product, plan, runs=source,
+                                          processed=target, client=client, progress=progress)
             reports.append({
                 "uid": product.uid, "parent_uid": product.parent_uid,
                 "created": product.created, "frames": product.frames,
