@@ -26,7 +26,7 @@ from chx_masks._plot import composite_png, frame_png
 from ._provenance import MaskProvenance
 from ._replay import open_run_store, replay_masked
 from ._router import MaskingRouter
-from .sim import sim_eiger4m
+from .sim import CHX_EIGER_SHAPES, XPCSPattern
 
 DETECTOR = "eiger4m_single_image"
 #: The demo's masks, in the order the composite ANDs them.
@@ -97,6 +97,11 @@ def dark_series(n_frames: int, hot: np.ndarray, *, seed: int = 11,
     return darks
 
 
+def demo_pattern() -> XPCSPattern:
+    """The demo's Eiger 4M frames: XPCS speckle at 0.05 photons per pixel."""
+    return XPCSPattern(CHX_EIGER_SHAPES["eiger4m_single"], np.dtype(np.uint32))
+
+
 def make_masks(registry: MaskRegistry, *, progress: Progress = _no_progress,
                echo: Echo = print) -> dict[str, str]:
     """Register the demo's four masks; return name -> uid.
@@ -104,12 +109,12 @@ def make_masks(registry: MaskRegistry, *, progress: Progress = _no_progress,
     A mask whose current version already holds the same content is reused, so
     running the demo again adds no versions.
     """
-    det = sim_eiger4m()
-    shape = det.pattern.shape
+    pattern = demo_pattern()
+    shape = pattern.shape
     gaps = generate.module_gaps(DETECTOR)
-    # The simulated detector flags hot pixels outside the gaps; find them the
-    # way staff do, from a dark series.
-    hot_truth = det.pattern.bad_pixels & gaps.mask
+    # The simulated detector has hot and dead pixels outside the gaps; find
+    # them the way staff do, from a dark series.
+    hot_truth = pattern.bad_pixels & gaps.mask
     darks = dark_series(10, hot_truth, progress=progress)
     hot = generate.hot_dead_pixels(darks, hot_threshold=50)
     centre = (int(0.55 * shape[0]), int(0.45 * shape[1]))
@@ -161,9 +166,14 @@ class _Timed:
         self._downstream = 0.0
         t0 = time.perf_counter()
         self.router(name, doc)
-        if name in ("event", "event_page"):
+        if name in ("event", "event_page", "stream_datum"):
             self.seconds += time.perf_counter() - t0 - self._downstream
-            self.frames += len(doc["seq_num"]) if name == "event_page" else 1
+            if name == "stream_datum":
+                self.frames += doc["indices"]["stop"] - doc["indices"]["start"]
+            elif name == "event_page":
+                self.frames += len(doc["seq_num"])
+            else:
+                self.frames += 1
 
 
 class _RawDocuments:
@@ -189,9 +199,10 @@ def router_alone(registry: MaskRegistry, docs: list[tuple[str, dict]]) -> float:
     for name, doc in docs:
         t0 = time.perf_counter()
         router(name, doc)
-        if name == "event":
+        if name in ("event", "stream_datum"):
             seconds += time.perf_counter() - t0
-            frames += 1
+            frames += (doc["indices"]["stop"] - doc["indices"]["start"]
+                       if name == "stream_datum" else 1)
     return frames / seconds if seconds else 0.0
 
 
@@ -201,7 +212,7 @@ class _FrameDigests:
     def __init__(self) -> None:
         self.digests: list[str] = []
         self.start: dict | None = None
-        self.first: np.ndarray | None = None
+        self.total: np.ndarray | None = None
         self.stop: dict | None = None
 
     def __call__(self, name: str, doc: dict) -> None:
@@ -216,8 +227,10 @@ class _FrameDigests:
             frames = [frames] if name == "event" else frames
             for frame in frames:
                 frame = np.asarray(frame)
-                if self.first is None:
-                    self.first = frame.copy()
+                frame = frame.reshape(frame.shape[-2:])  # ophyd-async events: (1, rows, cols)
+                if self.total is None:
+                    self.total = np.zeros(frame.shape, np.int64)
+                self.total += frame
                 self.digests.append(hashlib.sha256(frame.tobytes()).hexdigest())
 
 
@@ -231,7 +244,9 @@ def run_demo(
     """Masks, a live masked scan, the stored run replayed and compared, pictures.
 
     Everything happens in ``directory``: it is the demo's own embedded
-    registry (``catalog.db``, ``data/``), with ``runs/`` (the tiled store of
+    registry (``catalog.db``, ``data/``), with ``frames/`` (the simulated
+    Eiger 4M's DECTRIS files: master and bitshuffle-LZ4 data files of sparse
+    XPCS frames, as the CHX Eigers write them), ``runs/`` (the tiled store of
     the raw and masked runs) and the PNGs beside. No other registry is
     opened, so the user's masks and active sets stay as they are.
 
@@ -267,6 +282,10 @@ def _run(registry: MaskRegistry, out: Path, frames: int, echo: Echo, progress: P
     from bluesky import RunEngine
     from bluesky.plans import count
     from bluesky_tiled_plugins import TiledWriter
+    from ophyd_async.plan_stubs import ensure_connected
+
+    from ._replay import _stream_node, masked_frames, run_composite
+    from ._sim_async import SimAsyncEiger
 
     echo(f"the demo's own registry and runs: {out} (your registry is not used)")
     echo("1. masks for a simulated Eiger 4M")
@@ -276,8 +295,9 @@ def _run(registry: MaskRegistry, out: Path, frames: int, echo: Echo, progress: P
         active = registry.activate(DETECTOR, list(NAMES), note="chx-masks demo")
     echo(f"  active set v{active.version}: {', '.join(NAMES)}")
 
-    echo(f"2. a {frames}-frame scan: RunEngine + MaskProvenance + MaskingRouter + TiledWriter")
-    store = open_run_store(out / "runs")
+    echo(f"2. a {frames}-frame scan of an Eiger 4M writing DECTRIS files (bitshuffle-LZ4): "
+         "RunEngine + MaskProvenance + MaskingRouter + TiledWriter")
+    store = open_run_store(out / "runs", readable_storage=[out / "frames"])
     engine = RunEngine({})
     try:
         engine.preprocessors.append(MaskProvenance(registry))
@@ -291,7 +311,9 @@ def _run(registry: MaskRegistry, out: Path, frames: int, echo: Echo, progress: P
         engine.subscribe(raw_docs)
         engine.subscribe(TiledWriter(store))
         engine.subscribe(timed)
-        det = sim_eiger4m()
+        det = SimAsyncEiger("eiger4m_single", out / "frames", pattern=demo_pattern(),
+                            frames_per_file=max(1, (frames + 1) // 2))
+        engine(ensure_connected(det))
         with progress("scanning", frames) as bar:
             token = engine.subscribe(lambda name, doc: bar.update(1), "event")
             (raw_uid,) = engine(count([det], num=frames, md={"sample": "demo"}))
@@ -319,24 +341,34 @@ def _run(registry: MaskRegistry, out: Path, frames: int, echo: Echo, progress: P
                 progress=lambda done, total: bar.update(1) if done else None,
             )
         replay_equal = replayed.digests == live.digests and len(live.digests) == frames
-        from ._replay import masked_frames, run_composite
-
         lazy = masked_frames(store[raw_uid], DETECTOR, registry=registry)
         composite = run_composite(raw_start, DETECTOR, registry=registry)
-        lazy_first = np.asarray(lazy[0].compute())
+        lazy_first = np.asarray(lazy[0].compute()).reshape(composite.mask.shape)
         lazy_equal = hashlib.sha256(lazy_first.tobytes()).hexdigest() == live.digests[0]
         echo(f"  replayed frames equal the live masked frames: {replay_equal}; "
              f"lazy dask path agrees: {lazy_equal}")
 
         echo("4. pictures")
-        raw0 = det.expected_frame(0)
+        # One sparse frame holds about 0.05 photons per pixel: the pictures
+        # show the run's frames summed, as a time-averaged pattern.
+        raw_node = _stream_node(store[raw_uid], "primary", DETECTOR)
+        raw_total = np.zeros(composite.mask.shape, np.int64)
+        for i in range(frames):
+            raw_total += np.asarray(raw_node[i]).reshape(raw_total.shape)
+        # The Eiger writes its flag value (the dtype's maximum) where its own
+        # pixel_mask says so: drawn crimson, from the run's master file.
+        from chx_masks.io import read_mask
+
+        flagged_by_detector, _ = read_mask(det.master_file)
         pngs = {
             "composite": composite_png(composite, out / "composite_mask.png"),
-            "raw_frame": frame_png(raw0, out / "raw_frame.png",
-                                   title=f"{DETECTOR} raw frame 0 of run {raw_uid[:8]}"),
+            "raw_frame": frame_png(
+                raw_total, out / "raw_frame.png", mask=flagged_by_detector,
+                title=f"{DETECTOR} raw, {frames} frames summed (run {raw_uid[:8]}); "
+                      "crimson: the detector's pixel_mask"),
             "masked_frame": frame_png(
-                live.first, out / "masked_frame.png", mask=composite.mask,
-                title=f"{DETECTOR} masked frame 0 (run {start['uid'][:8]})"),
+                live.total, out / "masked_frame.png", mask=composite.mask,
+                title=f"{DETECTOR} masked, {frames} frames summed (run {start['uid'][:8]})"),
         }
     finally:
         engine.loop.call_soon_threadsafe(engine.loop.stop)
