@@ -215,7 +215,7 @@ def file_path(uri: str, root_map: Mapping[str, str] | None = None) -> str:
     return path
 
 
-def _rows_per_index(shape: Sequence[int]) -> int:
+def rows_per_index(shape: Sequence[int]) -> int:
     """Dataset rows behind one StreamDatum index of a data key of ``shape``."""
     return int(shape[0]) if len(shape) == 3 else 1
 
@@ -251,28 +251,33 @@ class HDF5StreamReader:
 
     def __call__(self, resource: Mapping[str, Any], start: int, stop: int,
                  shape: Sequence[int]) -> np.ndarray:
-        mimetype = resource.get("mimetype", "application/x-hdf5")
-        if mimetype != "application/x-hdf5":
-            raise ValueError(
-                f"StreamResource {resource['uid']} has mimetype {mimetype!r}; frames "
-                "are read from application/x-hdf5 files (or through tiled on replay)."
-            )
+        per_index = rows_per_index(shape)
+        dataset = self.dataset(resource, stop * per_index)
+        block = dataset[start * per_index : stop * per_index]
+        if len(shape) == 3:
+            block = block.reshape(stop - start, *shape)
+        return block
+
+    def dataset(self, resource: Mapping[str, Any], rows: int) -> Any:
+        """The h5py dataset of a StreamResource, showing at least ``rows`` rows if written."""
         dataset = self._datasets.get(resource["uid"])
         if dataset is None:
+            mimetype = resource.get("mimetype", "application/x-hdf5")
+            if mimetype != "application/x-hdf5":
+                raise ValueError(
+                    f"StreamResource {resource['uid']} has mimetype {mimetype!r}; frames "
+                    "are read from application/x-hdf5 files (or through tiled on replay)."
+                )
             from chx_masks._hdf5 import h5py_with_filters
 
             path = file_path(resource["uri"], self.root_map)
             handle = h5py_with_filters().File(path, "r", swmr=True, libver="latest")
             dataset = self._datasets[resource["uid"]] = handle[resource["parameters"]["dataset"]]
-        per_index = _rows_per_index(shape)
-        if dataset.shape[0] < stop * per_index:
+        if dataset.shape[0] < rows:
             # Written after the file was opened: SWMR readers see it once refreshed
             # (a refresh reads the file's metadata again: only when needed).
             dataset.refresh()
-        block = dataset[start * per_index : stop * per_index]
-        if len(shape) == 3:
-            block = block.reshape(stop - start, *shape)
-        return block
+        return dataset
 
     def close(self) -> None:
         """Close every file this reader opened."""

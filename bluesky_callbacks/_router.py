@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -25,7 +26,14 @@ from chx_masks import (
 )
 
 from ._deadline import DEFAULT_TIMEOUT, RegistryBreaker, breaker_for
-from ._frames import HDF5StreamReader, handlers, prepare_mask, resolve_run_masks
+from ._eiger import decodable, decode_chunk, decode_pool, decode_threads, raw_chunks
+from ._frames import (
+    HDF5StreamReader,
+    handlers,
+    prepare_mask,
+    resolve_run_masks,
+    rows_per_index,
+)
 from ._kernel import FrameBuffers, Multiplier
 from ._provenance import (
     CHOSEN_BY_RUN,
@@ -159,6 +167,7 @@ class MaskingRouter:
         self.stream_reader = stream_reader
         self.timeout = timeout
         self._breaker = breaker_for(registry)
+        self._runs: dict[str, _MaskedRun] = {}  # open runs, by raw start uid
         self._router = RunRouter([self._factory])
 
     @property
@@ -183,8 +192,28 @@ class MaskingRouter:
             # already recorded the failure where it could.
             logger.exception("MaskingRouter failed on a %s document", name)
 
+    def flush(self) -> None:
+        """Emit now every masked page still being decoded.
+
+        Frames read from bitshuffle-LZ4 files are decoded on threads and their
+        pages leave in order as they finish, and all of them before any other
+        document of the run (its stop included); this waits for them now.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from chx_masks import MaskRegistry
+        >>> reg = MaskRegistry.embedded(tempfile.mkdtemp())
+        >>> MaskingRouter(reg, lambda name, doc: None).flush()
+        >>> reg.close()
+        """
+        for run in list(self._runs.values()):
+            run._drain(everything=True)
+
     def _factory(self, name: str, start: dict) -> tuple[list[Any], list[Any]]:
-        return [_MaskedRun(self, start)], []
+        run = _MaskedRun(self, start)
+        self._runs[start["uid"]] = run
+        return [run], []
 
 
 class _MaskedRun(DocumentRouter):
@@ -208,6 +237,13 @@ class _MaskedRun(DocumentRouter):
         self._stream_resources: dict[str, dict] = {}
         # Frames are read by the run's one reader of each kind (_frames).
         self._files = HDF5StreamReader(router.root_map)
+        # Bitshuffle-LZ4 frames from files decode on the process's decode threads
+        # (even one beats h5py: reading overlaps decoding); pages wait here, in
+        # order, until decoded.
+        self._threads = decode_threads()
+        self._decoding = True
+        self._window = 2 * self._threads
+        self._queue: deque[tuple[Any, ...]] = deque()
         self._filler = Filler(
             handlers(router.handler_registry), inplace=False, root_map=router.root_map
         )
@@ -218,6 +254,11 @@ class _MaskedRun(DocumentRouter):
     # ---------------------------------------------------------------- helpers
 
     def _emit(self, name: str, doc: dict) -> None:
+        # Frames still decoding go first: documents leave in the order they came.
+        self._drain(everything=True)
+        self._send(name, doc)
+
+    def _send(self, name: str, doc: dict) -> None:
         for callback in self._router.downstream:
             try:
                 callback(name, doc)
@@ -246,11 +287,14 @@ class _MaskedRun(DocumentRouter):
             self._errors.append(f"{what}: {type(err).__name__}: {err}")
 
     def _mask_for(self, key: str, frame: np.ndarray) -> np.ndarray:
-        prepared = self._prepared.get((key, frame.dtype))
+        return self._mask_in(key, frame.dtype, frame.shape)
+
+    def _mask_in(self, key: str, dtype: np.dtype, shape: Sequence[int]) -> np.ndarray:
+        prepared = self._prepared.get((key, dtype))
         if prepared is None:
             # Prepared once per run and dtype.
-            prepared = prepare_mask(self._composites[key], frame.dtype, frame.shape)
-            self._prepared[(key, frame.dtype)] = prepared
+            prepared = prepare_mask(self._composites[key], dtype, shape)
+            self._prepared[(key, dtype)] = prepared
         return prepared
 
     def _masked(self, key: str, frames: Sequence[Any]) -> list[np.ndarray]:
@@ -461,6 +505,8 @@ class _MaskedRun(DocumentRouter):
         times: list[float],
         data: dict[str, list],
         timestamps: dict[str, list],
+        *,
+        queued: bool = False,
     ) -> None:
         page = {
             "uid": [str(uuid.uuid4()) for _ in seq_num],
@@ -472,7 +518,10 @@ class _MaskedRun(DocumentRouter):
             "filled": {},
         }
         self._counts[stream] = self._counts.get(stream, 0) + len(seq_num)
-        self._emit("event_page", page)
+        if queued:
+            self._send("event_page", page)
+        else:
+            self._emit("event_page", page)
 
     def resource(self, doc: dict) -> None:
         self._filler("resource", doc)
@@ -496,6 +545,14 @@ class _MaskedRun(DocumentRouter):
         if key not in masked:
             return
         start, stop = doc["indices"]["start"], doc["indices"]["stop"]
+        seq_num = list(range(doc["seq_nums"]["start"], doc["seq_nums"]["stop"]))
+        if self._router.stream_reader is None and self._decoding:
+            try:
+                if self._decode(resource, key, start, stop, (derived_uid, name, seq_num)):
+                    return
+            except Exception as err:
+                self._fail(f"cannot mask {key} frames {start}:{stop}", err)
+                return
         try:
             if self._router.stream_reader is not None:
                 frames = self._router.stream_reader(resource, name, start, stop)
@@ -506,11 +563,60 @@ class _MaskedRun(DocumentRouter):
             self._fail(f"cannot mask {key} frames {start}:{stop}", err)
             return
         now = time.time()
-        seq_num = list(range(doc["seq_nums"]["start"], doc["seq_nums"]["stop"]))
         self._emit_page(derived_uid, name, seq_num, [now] * len(seq_num), data,
                         {key: [now] * len(seq_num)})
 
+    def _decode(self, resource: dict, key: str, start: int, stop: int,
+                page: tuple[str, str, list[int]]) -> bool:
+        """Queue frames ``start:stop`` for decoding and masking on the decode threads.
+
+        Raw chunks are read here, in order (HDF5's lock is held only to read
+        them); each frame is decoded and masked on a thread into its own
+        output buffer; pages leave in order (:meth:`_drain`), at most
+        ``_window`` frames behind. False (nothing queued) for a file whose
+        layout is not one bitshuffle-LZ4 chunk per frame: read as before.
+        """
+        shape = self._shapes.get(key, ())
+        per_index = rows_per_index(shape)
+        dataset = self._files.dataset(resource, stop * per_index)
+        if not decodable(dataset):
+            return False
+        frame_shape = tuple(dataset.shape[1:])
+        mask = self._mask_in(key, dataset.dtype, frame_shape)
+        event_shape = tuple(shape) if len(shape) == 3 else frame_shape
+        chunks = raw_chunks(dataset, start * per_index, stop * per_index)
+        self._buffers.reserve(self._window + 2 * (stop - start) * per_index)
+        outs = [self._buffers.take(event_shape, mask.dtype) for _ in range(stop - start)]
+        rows = [out.reshape(-1, *frame_shape) for out in outs]
+        pool = decode_pool(self._threads)
+        futures = [pool.submit(decode_chunk, chunk, rows[i // per_index][i % per_index], mask)
+                   for i, chunk in enumerate(chunks)]
+        self._queue.append((futures, outs, key, start, stop, page))
+        self._drain(everything=False)
+        return True
+
+    def _drain(self, *, everything: bool) -> None:
+        """Emit the queued pages whose frames are done, in order; wait for all if told,
+        or for the oldest while more than ``_window`` frames are in flight."""
+        while self._queue:
+            futures, outs, key, start, stop, (derived_uid, name, seq_num) = self._queue[0]
+            in_flight = sum(len(entry[0]) for entry in self._queue)
+            if not (everything or in_flight > self._window or all(f.done() for f in futures)):
+                return
+            self._queue.popleft()
+            try:
+                for future in futures:
+                    future.result()
+            except Exception as err:
+                self._fail(f"cannot mask {key} frames {start}:{stop}", err)
+                continue
+            now = time.time()
+            self._emit_page(derived_uid, name, seq_num, [now] * len(seq_num), {key: outs},
+                            {key: [now] * len(seq_num)}, queued=True)
+
     def stop(self, doc: dict) -> None:
+        self._drain(everything=True)
+        self._router._runs.pop(self._raw_start.get("uid"), None)
         self._files.close()
         exit_status = doc.get("exit_status", "success")
         reason = doc.get("reason", "")
