@@ -307,7 +307,7 @@ class _MaskedRun(DocumentRouter):
                 # descriptor's dtype_numpy restores the detector's dtype.
                 frame = np.asarray(frame, dtype=self._dtypes.get(key))
             mask = self._mask_for(key, frame)
-            buffer = self._buffers.take(frame.shape, mask.dtype)
+            buffer = self._buffers.take(frame.shape, frame.dtype)
             out.append(self._multiply(frame, mask, buffer))
         return out
 
@@ -586,7 +586,7 @@ class _MaskedRun(DocumentRouter):
         event_shape = tuple(shape) if len(shape) == 3 else frame_shape
         chunks = raw_chunks(dataset, start * per_index, stop * per_index)
         self._buffers.reserve(self._window + 2 * (stop - start) * per_index)
-        outs = [self._buffers.take(event_shape, mask.dtype) for _ in range(stop - start)]
+        outs = [self._buffers.take(event_shape, dataset.dtype) for _ in range(stop - start)]
         rows = [out.reshape(-1, *frame_shape) for out in outs]
         pool = decode_pool(self._threads)
         futures = [pool.submit(decode_chunk, chunk, rows[i // per_index][i % per_index], mask)
