@@ -122,13 +122,18 @@ def multiply_into(
     return out
 
 
+#: Whether splitting large frames over threads paid in this process, once learned.
+_learned: dict[str, bool] = {}
+
+
 class Multiplier:
-    """:func:`multiply_into` that learns, per run, whether threads pay here.
+    """:func:`multiply_into` that learns, once per process, whether threads pay here.
 
     Splitting a frame over cores pays on an idle machine and costs on one
     whose other cores are busy (two threads then queue for one core). The
-    first ``trials`` large frames alternate between one thread and several;
-    the faster median is used from then on.
+    first ``trials`` large frames of the process alternate between one
+    thread and several; the faster median is kept for every later
+    multiplier (every later run) of the process.
 
     Examples
     --------
@@ -141,7 +146,7 @@ class Multiplier:
     def __init__(self, trials: int = 6) -> None:
         self.trials = trials
         self._times: dict[bool, list[float]] = {True: [], False: []}
-        self.threads: bool | None = None if _workers() > 1 else False
+        self.threads: bool | None = _learned.get("threads") if _workers() > 1 else False
 
     def __call__(self, frame: np.ndarray, mask: np.ndarray, out: np.ndarray) -> np.ndarray:
         if self.threads is not None or frame.nbytes < PARALLEL_BYTES:
@@ -153,5 +158,5 @@ class Multiplier:
         if min(len(t) for t in self._times.values()) * 2 >= self.trials:
             threaded, single = (sorted(self._times[k])[len(self._times[k]) // 2]
                                 for k in (True, False))
-            self.threads = threaded < single
+            self.threads = _learned["threads"] = threaded < single
         return out

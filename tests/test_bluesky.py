@@ -522,4 +522,4 @@ def test_replay_from_databroker_v1_header_and_progress(RE, reg, store):
     assert seen[-1] == (3, 3) and [d for d, _ in seen] == sorted(d for d, _ in seen)
     # A databroker v1 Header switched every client of this process to the v2
     # run layout; asking for v3 switches it back for the tests that follow.
-    store[uid].v3
+    _ = store[uid].v3

@@ -106,9 +106,11 @@ def test_frame_buffers_track_at_most_size():
     assert buffers.take((3, 4), np.uint16).shape == (3, 4)  # another shape: fresh
 
 
-def test_multiplier_tries_both_ways_then_keeps_one():
+def test_multiplier_tries_both_ways_then_keeps_one_for_the_process(monkeypatch):
+    from bluesky_callbacks import _kernel
     from bluesky_callbacks._kernel import Multiplier, _workers
 
+    monkeypatch.setattr(_kernel, "_learned", {})  # as in a fresh process
     multiply = Multiplier(trials=4)
     rng = np.random.default_rng(3)
     mask = (rng.random(SHAPE_4M) > 0.1).astype(np.uint32)
@@ -118,5 +120,7 @@ def test_multiplier_tries_both_ways_then_keeps_one():
     if _workers() > 1:
         assert multiply.threads in (True, False)
         assert len(multiply._times[True]) == len(multiply._times[False]) == 2
+        # A later run of the process does not learn again.
+        assert Multiplier(trials=4).threads is multiply.threads
     else:
         assert multiply.threads is False
