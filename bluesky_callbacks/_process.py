@@ -352,7 +352,45 @@ def plan_processing(
         record = (recorded.get(key) or composite.provenance())
         detectors.append(_Detector(key, composite, dict(record), shape[0], shape[1:],
                                    dtype.str, step, resolved))
-    return ProcessingPlan(run_uid, stream, tuple(detectors), float(start["time"]))
+    plan = ProcessingPlan(run_uid, stream, tuple(detectors), float(start["time"]))
+    # Before a product is begun: a file refused halfway would leave it unfinished.
+    _check_readable(where, run, plan)
+    return plan
+
+
+def _check_readable(where: RunStore | Any, run: Any, plan: ProcessingPlan) -> None:
+    """Read one pixel of each detector: tiled checks every file of its frames then.
+
+    A local store refuses a detector file outside its readable storage with
+    a ``RuntimeError``; that becomes a ProcessingError that says the fix in
+    Python's and the command line's words.
+    """
+    import re
+    import urllib.parse
+
+    for detector in plan.detectors:
+        if not detector.frames:
+            continue
+        node = _frames_node(run, plan.stream, detector.data_key)
+        try:
+            node[(0,) * len(node.shape)]
+        except RuntimeError as err:
+            refused = re.search(r"Refusing to serve (\S+) because it is outside the readable "
+                                r"storage", str(err))
+            if refused is None:
+                raise
+            path = Path(urllib.parse.unquote(urllib.parse.urlparse(refused[1]).path))
+            allowed = ", ".join(getattr(where, "readable_storage", ())) or "none given"
+            said = (f"Run {plan.run_uid} refers to {path}, outside the directories the run "
+                    f"store may read ({allowed})")
+            location = getattr(where, "location", "DIR")
+            raise ProcessingError(
+                f"{said}: give runs=RunStore({location!r}).reading([{str(path.parent)!r}]) "
+                "(or open_run_store(..., readable_storage=[...])) with the directory of the "
+                "detector files.",
+                cli=f"{said}: pass --readable-storage DIR with the directory of the detector "
+                    f"files (here --readable-storage {path.parent}).",
+            ) from err
 
 
 # ------------------------------------------------------------------ chunks

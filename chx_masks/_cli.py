@@ -1129,40 +1129,6 @@ def _masks_option(values: tuple[str, ...]) -> dict[str, list[str]]:
     return masks
 
 
-def _read_one_pixel(source: Any, plan: Any) -> None:
-    """Read one pixel of each detector: tiled checks every file of the frames then."""
-    from bluesky_callbacks._process import _frames_node
-
-    run = source.open()[plan.run_uid]
-    for detector in plan.detectors:
-        if detector.frames:
-            node = _frames_node(run, plan.stream, detector.data_key)
-            node[(0,) * len(node.shape)]
-
-
-def _readable_files(source: Any, run_uid: str, func: Callable[..., Any], *args: Any,
-                    **kwargs: Any) -> Any:
-    """``func(*args, **kwargs)``; tiled's refusal to read a file outside its readable
-    storage becomes one line."""
-    import re
-    import urllib.parse
-
-    try:
-        return func(*args, **kwargs)
-    except RuntimeError as err:
-        refused = re.search(r"Refusing to serve (\S+) because it is outside the readable "
-                            r"storage", str(err))
-        if refused is None:
-            raise
-        path = Path(urllib.parse.unquote(urllib.parse.urlparse(refused[1]).path))
-        allowed = ", ".join(source.readable_storage) or "none given"
-        raise _Failure(
-            f"Run {run_uid} refers to {path}, outside the directories the run store may "
-            f"read ({allowed}): pass --readable-storage DIR with the directory of the "
-            f"detector files (here --readable-storage {path.parent})."
-        ) from err
-
-
 @main.command()
 @click.argument("run_uids", metavar="RUN_UID...", nargs=-1, required=True)
 @click.option("--runs", metavar="URI|DIR", default=None,
@@ -1230,16 +1196,14 @@ def process(state: _State, run_uids: tuple[str, ...], runs: str | None,
             plan = plan_processing(run_uid, runs=source, registry=state.registry,
                                    masks=masks or None, stream=stream,
                                    frames_per_chunk=frames_per_chunk)
-            # Before a product is begun: a refusal halfway would leave it unfinished.
-            _readable_files(source, run_uid, _read_one_pixel, source, plan)
             chunks = sum(len(d.chunks) for d in plan.detectors)
             with click.progressbar(length=chunks, label=f"run {run_uid[:8]}",
                                    file=sys.stderr) as bar:
                 def progress(done: int, total: int, bar: Any = bar) -> None:
                     bar.update(done - bar.pos)
 
-                product = _readable_files(source, run_uid, write_product, plan, runs=source,
-                                          processed=target, client=client, progress=progress)
+                product = write_product(plan, runs=source, processed=target, client=client,
+                                        progress=progress)
             reports.append({
                 "uid": product.uid, "parent_uid": product.parent_uid,
                 "created": product.created, "frames": product.frames,

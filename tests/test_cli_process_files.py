@@ -192,3 +192,24 @@ def test_expected_failures_are_one_line(site, tmp_path, monkeypatch, case):
         "--dir", str(site["registry"]), "process", uid, "--runs", runs,
         "--processed", str(tmp_path / "processed")])
     assert fragment in _one_line_failure(result)
+
+
+def test_python_callers_get_the_fix_in_python_words_and_nothing_is_written(site, tmp_path):
+    from bluesky_callbacks import ProcessingError, process_run
+
+    processed = tmp_path / "processed"
+    store = RunStore(str(site["runs"])).reading()
+    with MaskRegistry.embedded(site["registry"]) as registry:
+        with pytest.raises(ProcessingError) as refused:
+            process_run(site["far"], runs=store, processed=processed, registry=registry)
+        frames = str(site["far_frames"])
+        assert f"refers to {frames}/" in str(refused.value)
+        assert f".reading([{frames!r}])" in str(refused.value)
+        assert "--readable-storage" not in str(refused.value)
+        assert f"--readable-storage {frames})" in refused.value.cli_message
+        assert not processed.exists() or site["far"] not in list(
+            RunStore(str(processed)).open(runs=False))
+        product = process_run(site["far"], runs=store.reading([frames]), processed=processed,
+                              registry=registry)
+    assert np.array_equal(_product(processed, site["far"]), _raw_times_mask(site, site["far"]))
+    assert product.created
