@@ -277,6 +277,7 @@ class _Static:
     hot: np.ndarray  # flat indices
     weight: np.ndarray  # mean photons per speckle cell, at field resolution
     keep: np.ndarray  # fraction of the field kept per frame, at field resolution
+    fresh: np.ndarray  # weight of the new field drawn per frame: sqrt(1 - keep**2)
     center: tuple[float, float]
 
 
@@ -304,10 +305,12 @@ def _static(pattern: XPCSPattern) -> _Static:
     # |E|^2 decorrelates as keep**(2 lag): keep = exp(-1/tau) gives g2-1 = exp(-2 lag/tau).
     keep = np.exp(-1.0 / tau)
     flagged = np.flatnonzero(pixel_mask)
-    for array in (pixel_mask, flagged, hot, weight, keep):
+    keep = keep.astype(np.float32)
+    fresh = np.sqrt(1.0 - keep**2).astype(np.float32)
+    for array in (pixel_mask, flagged, hot, weight, keep, fresh):
         array.flags.writeable = False
-    return _Static(pixel_mask, flagged, np.sort(hot), weight.astype(np.float32),
-                   keep.astype(np.float32), center)
+    return _Static(pixel_mask, flagged, np.sort(hot), weight.astype(np.float32), keep, fresh,
+                   center)
 
 
 class _FieldState:
@@ -336,12 +339,26 @@ def _field(pattern: XPCSPattern, i: int) -> np.ndarray:
     with state.lock:
         if state.field is None or state.index > i:
             state.field, state.index = _draw(pattern, static.keep.shape, 0), 0
-        keep = static.keep
-        fresh = np.sqrt(1.0 - keep**2).astype(np.float32)
         while state.index < i:
             state.index += 1
-            state.field = keep * state.field + fresh * _draw(pattern, keep.shape, state.index)
+            state.field = (static.keep * state.field
+                           + static.fresh * _draw(pattern, static.keep.shape, state.index))
         return state.field
+
+
+def detector_pixel_mask(pattern: Any) -> np.ndarray:
+    """The ``pixel_mask`` a detector making ``pattern``'s frames writes in its master file.
+
+    An :class:`XPCSPattern` has its own (gaps and dead pixels); for other
+    patterns every bad pixel is flagged (bit 1).
+
+    Examples
+    --------
+    >>> int(detector_pixel_mask(XPCSPattern((514, 1030))).max())
+    2
+    """
+    pixel_mask = getattr(pattern, "pixel_mask", None)
+    return pattern.bad_pixels.astype(np.uint32) if pixel_mask is None else pixel_mask
 
 
 # ------------------------------------------------------------------ writing

@@ -34,7 +34,7 @@ from chx_masks import (
     RegistryUnavailableError,
 )
 
-from ._eiger import EigerSeriesHandler
+from ._eiger import EigerSeriesHandler, decodable
 
 __all__ = [
     "HDF5StreamReader",
@@ -257,6 +257,7 @@ class HDF5StreamReader:
     def __init__(self, root_map: Mapping[str, str] | None = None) -> None:
         self.root_map = dict(root_map or {})
         self._datasets: dict[str, Any] = {}
+        self._decodable: dict[str, bool] = {}
 
     def __call__(self, resource: Mapping[str, Any], start: int, stop: int,
                  shape: Sequence[int]) -> np.ndarray:
@@ -288,6 +289,13 @@ class HDF5StreamReader:
             dataset.refresh()
         return dataset
 
+    def decodable(self, resource: Mapping[str, Any], dataset: Any) -> bool:
+        """Whether a StreamResource's frames decode off HDF5's lock (checked once per file)."""
+        found = self._decodable.get(resource["uid"])
+        if found is None:
+            found = self._decodable[resource["uid"]] = decodable(dataset)
+        return found
+
     def close(self) -> None:
         """Close every file this reader opened."""
         for dataset in self._datasets.values():
@@ -296,6 +304,7 @@ class HDF5StreamReader:
             except Exception:  # a closed or vanished file needs no closing
                 logger.debug("closing an HDF5 file failed", exc_info=True)
         self._datasets.clear()
+        self._decodable.clear()
 
 
 class TiledStreamReader:

@@ -26,7 +26,7 @@ from chx_masks import (
 )
 
 from ._deadline import DEFAULT_TIMEOUT, RegistryBreaker, breaker_for
-from ._eiger import decodable, decode_chunk, decode_pool, decode_threads, raw_chunks
+from ._eiger import decode_chunk, decode_pool, decode_threads, raw_chunks
 from ._frames import (
     HDF5StreamReader,
     handlers,
@@ -241,7 +241,6 @@ class _MaskedRun(DocumentRouter):
         # (even one beats h5py: reading overlaps decoding); pages wait here, in
         # order, until decoded.
         self._threads = decode_threads()
-        self._decoding = True
         self._window = 2 * self._threads
         self._queue: deque[tuple[Any, ...]] = deque()
         self._filler = Filler(
@@ -546,7 +545,7 @@ class _MaskedRun(DocumentRouter):
             return
         start, stop = doc["indices"]["start"], doc["indices"]["stop"]
         seq_num = list(range(doc["seq_nums"]["start"], doc["seq_nums"]["stop"]))
-        if self._router.stream_reader is None and self._decoding:
+        if self._router.stream_reader is None:
             try:
                 if self._decode(resource, key, start, stop, (derived_uid, name, seq_num)):
                     return
@@ -579,7 +578,7 @@ class _MaskedRun(DocumentRouter):
         shape = self._shapes.get(key, ())
         per_index = rows_per_index(shape)
         dataset = self._files.dataset(resource, stop * per_index)
-        if not decodable(dataset):
+        if not self._files.decodable(resource, dataset):
             return False
         frame_shape = tuple(dataset.shape[1:])
         mask = self._mask_in(key, dataset.dtype, frame_shape)

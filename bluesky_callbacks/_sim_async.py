@@ -30,7 +30,7 @@ from ophyd_async.core import (
     soft_signal_r_and_setter,
 )
 
-from ._eiger import DATA_PATH, SeriesWriter, XPCSPattern, data_file_name
+from ._eiger import DATA_PATH, SeriesWriter, XPCSPattern, data_file_name, detector_pixel_mask
 from .sim import EigerPattern, _resolve_shape
 
 __all__ = ["DATA_PATH", "SimAsyncEiger"]
@@ -51,9 +51,7 @@ class _EigerHDF5Writer:
 
     def open(self, directory: Path, prefix: str) -> None:
         self.close()
-        pixel_mask = getattr(self.pattern, "pixel_mask", None)
-        if pixel_mask is None:
-            pixel_mask = self.pattern.bad_pixels.astype(np.uint32)
+        pixel_mask = detector_pixel_mask(self.pattern)
         self.series = SeriesWriter(directory, prefix, self.pattern.shape, self.pattern.dtype,
                                    frames_per_file=self.frames_per_file,
                                    pixel_mask=pixel_mask)

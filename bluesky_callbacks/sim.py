@@ -74,7 +74,14 @@ from ophyd.status import DeviceStatus
 
 from chx_masks import BUILTIN_DETECTORS
 
-from ._eiger import EigerSeriesHandler, SeriesWriter, XPCSPattern, frame_spec, module_gaps
+from ._eiger import (
+    EigerSeriesHandler,
+    SeriesWriter,
+    XPCSPattern,
+    detector_pixel_mask,
+    frame_spec,
+    module_gaps,
+)
 
 if TYPE_CHECKING:
     from ._sim_async import SimAsyncEiger
@@ -360,9 +367,7 @@ class SimEiger(Device):
         """One Eiger series from frame ``first``: DECTRIS files, one Datum (its seq_id)."""
         resource = self._new_resource("AD_EIGER2", {"images_per_file": self.frames_per_file})
         seq_id = first // self.frames_per_trigger + 1
-        pixel_mask = getattr(self.pattern, "pixel_mask", None)
-        if pixel_mask is None:
-            pixel_mask = self.pattern.bad_pixels.astype(np.uint32)
+        pixel_mask = detector_pixel_mask(self.pattern)
         with SeriesWriter(self.save_path, f"{resource['resource_path']}_{seq_id}",
                           self.pattern.shape, self.pattern.dtype,
                           frames_per_file=self.frames_per_file, pixel_mask=pixel_mask) as series:
