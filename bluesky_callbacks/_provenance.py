@@ -6,8 +6,10 @@ once per run (one query per detector) and never reads an array twice.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import time
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -39,6 +41,11 @@ Policy = Literal["raise", "record"]
 
 CHOSEN_BY_RUN = "run metadata"
 CHOSEN_BY_CONFIGURATION = "configuration"
+
+#: Seconds a run start trusts the registry's "nothing changed since" before it
+#: resolves everything again: bounds how long a change whose writer died
+#: before logging it (see MaskRegistry.changed_since) goes unseen.
+TRUST_UNCHANGED_S = 60.0
 
 
 def _check_masks(masks: Mapping[str, Sequence[str]] | None, what: str) -> dict[str, list[str]]:
@@ -202,6 +209,8 @@ class MaskProvenance:
         self.on_unavailable: Policy = on_unavailable
         self.timeout = timeout
         self._breaker = breaker_for(registry)
+        # What the last run start resolved, and the registry change it saw.
+        self._kept: tuple[tuple[int, str], int, float, Any] | None = None
 
     @property
     def registry(self) -> MaskRegistry:
@@ -306,7 +315,35 @@ class MaskProvenance:
     def _resolve(
         self, registry: MaskRegistry, own: Mapping[str, list[str]], devices: list[str]
     ) -> tuple[dict[str, tuple[list[str], str]], list[str], dict[str, Any]]:
-        """All the registry work of a run start: choices, then each composite."""
+        """All the registry work of a run start: one request when nothing changed.
+
+        The answer of the last run start is kept with the number of the
+        registry's last change; while no later change is logged (and for at
+        most :data:`TRUST_UNCHANGED_S`), the same question gets the same answer.
+        """
+        question = (
+            id(registry),
+            json.dumps([own, devices, self.masks, self.active], sort_keys=True, default=str),
+        )
+        kept = self._kept
+        if (
+            kept is not None
+            and kept[0] == question
+            and time.monotonic() - kept[2] < TRUST_UNCHANGED_S
+            and not registry.changed_since(kept[1])
+        ):
+            return kept[3]
+        change = registry.last_change()
+        answer = self._resolve_now(registry, own, devices)
+        # A change logged after ``change`` was read may or may not be in the
+        # answer: the next run start sees it logged and resolves again.
+        self._kept = None if change is None else (question, change, time.monotonic(), answer)
+        return answer
+
+    def _resolve_now(
+        self, registry: MaskRegistry, own: Mapping[str, list[str]], devices: list[str]
+    ) -> tuple[dict[str, tuple[list[str], str]], list[str], dict[str, Any]]:
+        """Choices, then each composite, read from the registry."""
         wanted = self._choices(registry, own)
         used = _used(wanted, own, devices)
         resolved: dict[str, Any] = {}

@@ -6,11 +6,11 @@ Bluesky integration.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -153,6 +153,60 @@ class Explanation:
         return "\n".join(lines)
 
 
+class PackedMasks(Sequence[np.ndarray]):
+    """Bool masks kept as packed bits (an eighth of their size), unpacked on access.
+
+    Each item is a new read-only bool array equal to the mask given.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> a = np.ones((3, 5), bool); a[1, 2] = False
+    >>> packed = PackedMasks([a, ~a])
+    >>> len(packed), bool((packed[0] == a).all()), int((~packed[1]).sum())
+    (2, True, 14)
+    """
+
+    __slots__ = ("_packed", "_shapes")
+
+    def __init__(self, masks: Iterable[np.ndarray]) -> None:
+        masks = list(masks)
+        self._shapes = tuple(m.shape for m in masks)
+        self._packed = tuple(np.packbits(np.asarray(m, dtype=bool), axis=None) for m in masks)
+
+    @classmethod
+    def concat(cls, parts: Iterable[PackedMasks]) -> PackedMasks:
+        """One sequence of the masks of several, without unpacking them."""
+        joined = cls([])
+        parts = list(parts)
+        joined._packed = tuple(p for part in parts for p in part._packed)
+        joined._shapes = tuple(s for part in parts for s in part._shapes)
+        return joined
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    @overload
+    def __getitem__(self, i: int) -> np.ndarray: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> tuple[np.ndarray, ...]: ...
+
+    def __getitem__(self, i: int | slice) -> np.ndarray | tuple[np.ndarray, ...]:
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(*i.indices(len(self))))
+        shape = self._shapes[i]
+        count = int(np.prod(shape, dtype=np.int64))
+        array = np.unpackbits(self._packed[i], count=count).view(np.bool_).reshape(shape)
+        array.flags.writeable = False
+        return array
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (the packed bits)."""
+        return sum(p.nbytes for p in self._packed)
+
+
 @dataclass(frozen=True)
 class CompositeMask:
     """The AND of several masks, with the exact versions that made it.
@@ -167,7 +221,7 @@ class CompositeMask:
     versions: tuple[int | None, ...]
     sha256: str
     mask: np.ndarray = field(repr=False, compare=False, hash=False)
-    components: tuple[np.ndarray, ...] = field(repr=False, compare=False, hash=False)
+    components: Sequence[np.ndarray] = field(repr=False, compare=False, hash=False)
     as_of: datetime | None = None
 
     def explain(self) -> Explanation:

@@ -63,7 +63,7 @@ from ._errors import (
     MaskValidationError,
     RegistryUnavailableError,
 )
-from ._records import ActiveSet, CompositeMask, DetectorRecord, MaskRecord
+from ._records import ActiveSet, CompositeMask, DetectorRecord, MaskRecord, PackedMasks
 
 if TYPE_CHECKING:
     import dask.array
@@ -75,10 +75,12 @@ logger = logging.getLogger(__name__)
 MASKS = "masks"
 DETECTORS = "detectors"
 ACTIVE = "active"
+CHANGES = "changes"
 SCHEMA_VERSION = 1
 MASK_SPEC = "chx_mask"
 SLOT_SPEC = "chx_mask_slot"
 ACTIVE_SPEC = "chx_mask_active_set"
+CHANGE_SPEC = "chx_mask_change"
 LEGACY_SPEC = "mask"
 _MAX_CLAIM_ATTEMPTS = 64
 _PAGE = 300  # tiled's largest page of search results
@@ -192,7 +194,8 @@ class MaskRegistry:
         self._lock = threading.RLock()
         self._nodes: dict[str, Any] = {}
         self._stored: dict[str, _Stored] = {}
-        self._arrays: OrderedDict[str, np.ndarray] = OrderedDict()
+        # Arrays read, as packed bits: a 4M mask holds 0.56 MB here, not 4.5.
+        self._arrays: OrderedDict[str, PackedMasks] = OrderedDict()
         self._composites: OrderedDict[tuple[str, ...], tuple] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._disk = _disk_cache_directory(disk_cache)
@@ -373,6 +376,9 @@ class MaskRegistry:
         registry._owned.append(client.context)
         # In this process, with tiled's in-process key: the user is who writes.
         registry._identity = _local_user()
+        # Opening ends with the catalog's first query, which costs a new
+        # process about 0.2 s, so that a run start does not pay for it.
+        registry.last_change()
         return registry
 
     def close(self) -> None:
@@ -759,6 +765,7 @@ class MaskRegistry:
                     ) from err
                 slots = self._slots(detector, [name]).get(name, [])
                 continue
+            self._record_change(detector, f"{name}@{version}")
             return [*slots, _Slot(name, version, kind, uid, at, slot_md["created_by"])]
         raise ChxMasksError(
             f"Gave up claiming a version of {detector}/{name} after "
@@ -1304,6 +1311,100 @@ class MaskRegistry:
         slots = self._slots(detector, names)
         return tuple(n for n in names if not slots.get(n) or slots[n][-1].kind != "mask")
 
+    def last_change(self) -> int | None:
+        """The number of the last change recorded in the registry's change log.
+
+        Every change that can alter what a name look-up returns (a mask
+        version, a retirement, an active set, a new detector) appends the
+        next number to ``changes/`` once it is stored. A reader that keeps
+        what it resolved with this number can later ask
+        :meth:`changed_since` (one request) instead of resolving again.
+        None for a registry without a change log (never written by this
+        version): then nothing can be kept.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     before = reg.last_change()
+        ...     _ = reg.register_mask("eiger500K_single_image", "gaps",
+        ...                           np.ones((514, 1030), bool))
+        ...     before, reg.last_change(), reg.changed_since(reg.last_change())
+        (None, 1, False)
+        """
+        container = self._container(CHANGES)
+        if container is None:
+            return None
+        with self._translate("reading the change log"):
+            # Sorted on a zero-padded string: catalogs sort JSON numbers as text.
+            last = list(container.sort(("order", -1)).keys().head(1))
+        return int(last[0]) if last else None
+
+    def changed_since(self, change: int) -> bool:
+        """Whether a change was recorded after number ``change`` (one request).
+
+        The log's numbers are consecutive (each is claimed with tiled's 409),
+        so the registry is unchanged exactly when ``change + 1`` is absent.
+        A writer that died between storing a change and logging it leaves
+        that change unlogged until the next one is logged: readers bound how
+        long they trust an unchanged answer.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     a = np.ones((514, 1030), bool)
+        ...     _ = reg.register_mask("eiger500K_single_image", "gaps", a)
+        ...     seen = reg.last_change()
+        ...     _ = reg.activate("eiger500K_single_image", ["gaps"])
+        ...     reg.changed_since(seen)
+        True
+        """
+        with self._lock:
+            cached = self._nodes.get(CHANGES)
+        if cached is None:
+            return self._node(CHANGES, str(change + 1)) is not None
+        try:
+            with self._translate("reading the change log"):
+                cached[str(change + 1)]
+        except KeyError:
+            return False
+        return True
+
+    def _record_change(self, detector: str, key: str) -> None:
+        """Append the next number to the change log, after the change it names."""
+        from tiled.structures.core import Spec
+
+        try:
+            log = self._ensure_container(CHANGES)
+            last = self.last_change()
+            n = 0 if last is None else last + 1
+            for _ in range(_MAX_CLAIM_ATTEMPTS):
+                md = {"n": n, "order": f"{n:015d}", "detector": detector, "key": key,
+                      "at": utcnow().isoformat()}
+                try:
+                    with self._translate("recording the change"):
+                        log.create_container(key=str(n), metadata=md,
+                                             specs=[Spec(CHANGE_SPEC)])
+                except ChxMasksError:
+                    raise
+                except Exception as err:
+                    if _status(err) != 409:
+                        raise
+                    n += 1
+                    continue
+                return
+            raise ChxMasksError("other writers kept taking the next change number")
+        except Exception as err:
+            # The change itself is stored; readers that kept an older answer
+            # see it when the next change is logged, or when they stop
+            # trusting it (MaskProvenance: after a minute).
+            logger.warning(
+                "Stored %s/%s but could not log the change (%s: %s); run starts in "
+                "other processes may take up to a minute to see it.",
+                detector, key, type(err).__name__, err,
+            )
+
     def _active_node(self, detector: str) -> Any | None:
         """The container of a detector's active sets (cached: it is never removed)."""
         cache_key = f"{ACTIVE}/{detector}"
@@ -1343,6 +1444,7 @@ class MaskRegistry:
                 if _status(err) != 409:
                     raise
                 continue
+            self._record_change(detector, f"{ACTIVE}/{version}")
             return _active_from_metadata(md)
         raise ChxMasksError(
             f"Gave up recording the active set of {detector} after "
@@ -1484,10 +1586,10 @@ class MaskRegistry:
             start = self._nodes.get(path[0]) if len(path) > 1 else None
         try:
             with self._translate(f"reading {'/'.join(path)}"):
-                node = self._root if start is None else start
-                for key in path if start is None else path[1:]:
-                    node = node[key]
-                return node
+                # One request for the whole path (tiled walks it server-side).
+                if start is None:
+                    return self._root[path]
+                return start[path[1:]]
         except KeyError:
             return None
 
@@ -1547,6 +1649,7 @@ class MaskRegistry:
                     key=record.name,
                     metadata={"shape": list(record.shape), "metadata": dict(record.metadata)},
                 )
+            self._record_change(record.name, DETECTORS)
         except ChxMasksError:
             raise
         except Exception as err:
@@ -1763,13 +1866,11 @@ class MaskRegistry:
         )
 
     def _remember(self, uid: str, array: np.ndarray) -> None:
-        cached = array.copy()
-        cached.flags.writeable = False
         with self._lock:
-            self._put_array(uid, cached)
+            self._put_array(uid, array)
 
     def _put_array(self, uid: str, array: np.ndarray) -> None:
-        self._arrays[uid] = array
+        self._arrays[uid] = PackedMasks([array])
         self._arrays.move_to_end(uid)
         total = sum(a.nbytes for a in self._arrays.values())
         while total > self._cache_bytes and len(self._arrays) > 1:
@@ -1777,20 +1878,23 @@ class MaskRegistry:
             total -= dropped.nbytes
 
     def _read(self, uid: str) -> np.ndarray:
-        """The verified, read-only NumPy array of a uid (cached: uids are immutable)."""
+        """A verified, read-only NumPy array of a uid (cached: uids are immutable).
+
+        Each call unpacks a new array from the cached bits, so nothing holds
+        it after its caller is done with it.
+        """
         with self._lock:
             if uid in self._arrays:
                 self._arrays.move_to_end(uid)
-                return self._arrays[uid]
+                return self._arrays[uid][0]
         stored = self._stored_for(uid)
         array = self._from_disk(stored)
         if array is None:
             array = self._fetch(uid, stored)
             self._to_disk(stored, array)
-        array = np.ascontiguousarray(array)
-        array.flags.writeable = False
         with self._lock:
             self._put_array(uid, array)
+        array.flags.writeable = False
         return array
 
     def _fetch(self, uid: str, stored: _Stored) -> np.ndarray:
@@ -1883,19 +1987,25 @@ class MaskRegistry:
                     self._stored[key] = stored
                     self._nodes[f"uid:{key}"] = node
 
-    def _and(
-        self, uids: tuple[str, ...]
-    ) -> tuple[np.ndarray, str, tuple[np.ndarray, ...]]:
+    def _and(self, uids: tuple[str, ...]) -> tuple[np.ndarray, str, PackedMasks]:
         """The read-only AND of the uids' masks, its sha256 and the components."""
         with self._lock:
             built = self._composites.get(uids)
         if built is None:
             self._prefetch(uids)
-            components = tuple(self._read(uid) for uid in uids)
-            composite = functools.reduce(np.logical_and, components)
-            if len(components) == 1:
-                composite = composite.copy()
+            composite = None
+            for uid in uids:
+                # One unpacked component at a time: the components are kept
+                # packed (PackedMasks), the composite unpacked.
+                component = self._read(uid)
+                if composite is None:
+                    composite = component.copy()
+                else:
+                    np.logical_and(composite, component, out=composite)
+                del component
+            assert composite is not None
             composite.flags.writeable = False
+            components = PackedMasks.concat(self._packed(uid) for uid in uids)
             built = (composite, mask_sha256(composite), components)
             with self._lock:
                 # Uids are immutable, so the composite of the same uids is the
@@ -1904,6 +2014,11 @@ class MaskRegistry:
                 while len(self._composites) > 16:
                     self._composites.popitem(last=False)
         return built
+
+    def _packed(self, uid: str) -> PackedMasks:
+        with self._lock:
+            kept = self._arrays.get(uid)
+        return kept if kept is not None else PackedMasks([self._read(uid)])
 
     def _read_copy(self, uid: str) -> np.ndarray:
         return self._read(uid).copy()
