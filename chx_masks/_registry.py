@@ -1902,7 +1902,7 @@ class MaskRegistry:
         node = self._nodes.get(f"uid:{uid}") or self._node(MASKS, uid) or self._node(uid)
         try:
             with self._translate(f"reading mask {uid}"):
-                raw = np.asarray(node.read())
+                raw = _read_whole(node)
         except (MaskPermissionError, RegistryUnavailableError):
             raise
         except Exception as err:
@@ -1993,6 +1993,8 @@ class MaskRegistry:
             built = self._composites.get(uids)
         if built is None:
             self._prefetch(uids)
+            with self._lock:
+                fetching = any(uid not in self._arrays for uid in uids)
             composite = None
             for uid in uids:
                 # One unpacked component at a time: the components are kept
@@ -2006,6 +2008,8 @@ class MaskRegistry:
             assert composite is not None
             composite.flags.writeable = False
             components = PackedMasks.concat(self._packed(uid) for uid in uids)
+            if fetching:
+                _return_freed_memory()
             built = (composite, mask_sha256(composite), components)
             with self._lock:
                 # Uids are immutable, so the composite of the same uids is the
@@ -2032,6 +2036,48 @@ class MaskRegistry:
             uid, dask_key_name=f"chx-mask-read-{uid}"
         )
         return da.from_delayed(task, shape=stored.shape, dtype=bool, name=f"chx-mask-{uid}")
+
+
+def _return_freed_memory() -> None:
+    """Give memory freed by transfers back to the OS (glibc keeps it otherwise).
+
+    Reading arrays through tiled frees buffers on several threads (the HTTP
+    client's, and an embedded server's); glibc keeps the freed pages in
+    per-thread arenas, so a long-lived process (a router) would carry tens
+    of MB it no longer uses. ``malloc_trim`` returns them; elsewhere than
+    glibc this does nothing.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
+
+def _read_whole(node: Any) -> np.ndarray:
+    """A stored array in one request, on this thread.
+
+    tiled's ``read()`` builds and computes a dask graph, which costs a thread
+    pool and imports dask.distributed (about 30 MB of a router's memory) to
+    fetch one small array.
+    """
+    links = getattr(node, "item", {}).get("links", {})
+    if "full" not in links:
+        return np.asarray(node.read())
+    structure = node.structure()
+    shape = tuple(structure.shape)
+    response = node.context.http_client.get(
+        links["full"],
+        headers={"Accept": "application/octet-stream"},
+        params={"expected_shape": ",".join(map(str, shape)) or "scalar"},
+    )
+    response.raise_for_status()
+    dtype = structure.data_type.to_numpy_dtype()
+    return np.frombuffer(response.read(), dtype=dtype).reshape(shape).copy()
 
 
 class _ArraysAsMetadata(Mapping[str, Any]):
