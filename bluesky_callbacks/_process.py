@@ -10,7 +10,9 @@ given, on local threads otherwise; a bounded number of chunks is in flight
 at any time, so memory stays bounded however long the run is.
 
 Processing a run twice gives the same product: a finished product is
-returned as it is; an unfinished one (a crash while writing) is replaced.
+returned as it is. A product has one writer at a time, holding a lease in
+the product's metadata: a second caller waits for it, and takes over (and
+completes the product in place) only once the lease has run out.
 
 This module does not need Prefect; :mod:`bluesky_callbacks.workflows` wraps
 it in a Prefect flow.
@@ -19,11 +21,13 @@ it in a Prefect flow.
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +38,10 @@ from chx_masks import ChxMasksError, CompositeMask, MaskNotFoundError, MaskRegis
 from ._frames import prepare_mask
 from ._replay import _stream_node, run_composite
 
-__all__ = ["ProcessedRun", "ProcessingError", "RunStore", "StoreUnavailableError",
+__all__ = ["LeaseLostError", "ProcessedRun", "ProcessingError", "RunStore", "StoreUnavailableError",
            "plan_processing", "process_run", "write_product"]
+
+logger = logging.getLogger(__name__)
 
 #: Raw bytes of one chunk of frames, before masking (bounds worker memory).
 CHUNK_BYTES = 64 << 20
@@ -44,6 +50,8 @@ PROCESSING = "chx_masks.process_run"
 _SPEC = "chx-masks-processed"
 _COMPLETE = "complete"
 _WRITING = "writing"
+#: Seconds a product's writer holds it without renewing (see write_product).
+LEASE_S = 60.0
 
 
 class ProcessingError(ChxMasksError):
@@ -510,6 +518,145 @@ def _as_result(node: Any, created: bool, seconds: float) -> ProcessedRun:
     )
 
 
+def _status(err: BaseException) -> int | None:
+    return getattr(getattr(err, "response", None), "status_code", None)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class LeaseLostError(ProcessingError):
+    """Another caller took over a product this one was writing (its lease had expired)."""
+
+
+@dataclass
+class _Lease:
+    """One writer's hold on a product: the product node, its term, when it runs out.
+
+    Term 0 is the creation of the product node (tiled refuses a second
+    creator with 409); term k > 0 is the creation of the product's child
+    ``lease-<k>``, which only the first of several callers that found the
+    lease expired gets. So a writer still holds the product exactly while
+    ``lease-<term + 1>`` does not exist; the expiry in the product's
+    metadata, renewed while writing, tells others when to take over.
+    """
+
+    product: Any
+    term: int
+    owner: str
+    seconds: float
+    renewed: float = field(default_factory=time.monotonic)
+
+    def record(self) -> dict[str, Any]:
+        from chx_masks._registry import _local_user
+
+        return {
+            "owner": self.owner,
+            "by": f"{_local_user()} pid {os.getpid()}",
+            "term": self.term,
+            "expires": (_now() + timedelta(seconds=self.seconds)).isoformat(),
+        }
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLostError` if another caller has taken the product over."""
+        try:
+            self.product[f"lease-{self.term + 1}"]
+        except KeyError:
+            return
+        raise LeaseLostError(
+            f"Another caller took over the product of run "
+            f"{self.product.metadata['parent_uid']} after this one's lease ran out "
+            f"({self.seconds:g} s without renewal): it completes the product; this one stops."
+        )
+
+    def renew(self, *, force: bool = False) -> None:
+        """Check the hold and push the expiry on, at most every third of the lease."""
+        if not force and time.monotonic() - self.renewed < self.seconds / 3:
+            return
+        self.check()
+        self.product.update_metadata({"lease": self.record()}, drop_revision=True)
+        self.renewed = time.monotonic()
+
+
+def _lease_product(
+    container: Any, plan: ProcessingPlan, metadata: dict[str, Any], lease_s: float,
+    wait: float | None,
+) -> tuple[_Lease | None, Any]:
+    """Hold the run's product for writing, or return the finished one.
+
+    Returns ``(lease, product)``; ``lease`` is None when ``product`` is a
+    finished product made earlier (or meanwhile, by the writer waited for).
+    """
+    from tiled.structures.core import Spec
+
+    owner = str(uuid.uuid4())
+    began = time.monotonic()
+    announced = False
+    while True:
+        node = _existing(container, plan.run_uid)
+        if node is None:
+            lease = _Lease(None, 0, owner, lease_s)
+            try:
+                node = container.create_container(
+                    key=plan.run_uid, metadata={**metadata, "lease": lease.record()},
+                    specs=[Spec(_SPEC)])
+            except Exception as err:
+                if _status(err) != 409:
+                    raise
+                continue  # created by another caller a moment ago: look again
+            lease.product = node
+            return lease, node
+        md = node.metadata
+        if md.get("status") == _COMPLETE:
+            return None, node
+        held = md.get("lease") or {}
+        expires = _parse_time(held.get("expires"))
+        if expires is not None and _now() < expires:
+            waited = time.monotonic() - began
+            if wait is not None and waited >= wait:
+                raise ProcessingError(
+                    f"The product of run {plan.run_uid} is being written by "
+                    f"{held.get('by', 'another caller')} (lease until {held['expires']}); "
+                    f"waited {waited:.0f} s. Run again later to get its product, or wait "
+                    "longer (wait=None waits for it).",
+                    cli=f"The product of run {plan.run_uid} is being written by "
+                    f"{held.get('by', 'another caller')} (lease until {held['expires']}). "
+                    "Run the command again later to get its product.",
+                )
+            if not announced:
+                announced = True
+                logger.warning(
+                    "Waiting for the product of run %s: %s is writing it (lease until %s).",
+                    plan.run_uid, held.get("by", "another caller"), held["expires"])
+            pause = min(1.0, max(0.05, (expires - _now()).total_seconds()))
+            if wait is not None:
+                pause = min(pause, max(0.05, wait - waited))
+            time.sleep(pause)
+            continue
+        # Written by a caller that stopped renewing (it crashed, or the
+        # product predates leases): the first to claim the next term goes on
+        # with it; the others wait for that one.
+        term = int(held.get("term", 0)) + 1
+        try:
+            node.create_container(key=f"lease-{term}", metadata={"owner": owner})
+        except Exception as err:
+            if _status(err) != 409:
+                raise
+            time.sleep(0.2)
+            continue
+        lease = _Lease(node, term, owner, lease_s)
+        node.update_metadata({**metadata, "lease": lease.record()})
+        return lease, node
+
+
+def _parse_time(value: Any) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value) if value else None
+    except (TypeError, ValueError):
+        return None
+
+
 def write_product(
     plan: ProcessingPlan,
     *,
@@ -519,11 +666,17 @@ def write_product(
     flow_run_id: str | None = None,
     window: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    lease_s: float = LEASE_S,
+    wait: float | None = None,
 ) -> ProcessedRun:
     """Mask every chunk of the planned run and store it as a sparse product.
 
-    Idempotent: a finished product of the run is returned unchanged
-    (``created=False``); an unfinished one is replaced.
+    Idempotent and safe to call from several processes at once: a finished
+    product of the run is returned unchanged (``created=False``). A product
+    has one writer at a time, which holds a lease on it (in its metadata,
+    renewed while writing): another caller waits for that writer and returns
+    its product, and takes over only a lease that has run out (a writer
+    that crashed), completing the product in place.
 
     Parameters
     ----------
@@ -542,9 +695,21 @@ def write_product(
         cluster's threads, or 4 locally.
     progress : callable, optional
         Called with (chunks written, chunks in all).
-    """
-    from tiled.structures.core import Spec
+    lease_s : float
+        Seconds the lease lasts without renewal (it is renewed every third
+        of that while chunks are written): how long others wait before
+        taking over from a writer that stopped. Longer than any one chunk
+        takes.
+    wait : float or None
+        Seconds to wait for another caller writing the same product before
+        raising :class:`ProcessingError`; None waits until it finishes or
+        its lease runs out.
 
+    Examples
+    --------
+    >>> plan = plan_processing(uid, runs="/data/runs", registry=reg)  # doctest: +SKIP
+    >>> write_product(plan, runs="/data/runs", processed="/data/processed")  # doctest: +SKIP
+    """
     began = time.perf_counter()
     runs = _store(runs)
     if client is not None and not isinstance(runs, RunStore):
@@ -552,30 +717,19 @@ def write_product(
             "A dask.distributed client needs the run store as a RunStore or path (its "
             "workers open it themselves), not an open tiled client."
         )
+    if not lease_s > 0:
+        raise ProcessingError(f"lease_s must be a positive number of seconds, not {lease_s!r}.")
     container = _client(_store(processed), runs=False)
-    old = _existing(container, plan.run_uid)
-    if old is not None:
-        if old.metadata.get("status") == _COMPLETE:
-            return _as_result(old, False, time.perf_counter() - began)
-        # An earlier attempt stopped while writing: nobody can rely on it.
-        container.delete_contents(plan.run_uid, recursive=True, external_only=False)
     metadata = {
         **plan.provenance(),
         "uid": str(uuid.uuid4()),
         "flow_run_id": flow_run_id,
         "status": _WRITING,
-        "started": datetime.now(timezone.utc).isoformat(),
+        "started": _now().isoformat(),
     }
-    try:
-        product = container.create_container(key=plan.run_uid, metadata=metadata,
-                                             specs=[Spec(_SPEC)])
-    except Exception as err:
-        if getattr(getattr(err, "response", None), "status_code", None) == 409:
-            raise ProcessingError(
-                f"Another process is writing the product of run {plan.run_uid} right now; "
-                "run again once it has finished to get its product."
-            ) from err
-        raise
+    lease, product = _lease_product(container, plan, metadata, lease_s, wait)
+    if lease is None:
+        return _as_result(product, False, time.perf_counter() - began)
     if window is None:
         threads = sum(client.nthreads().values()) if client is not None else 2
         window = max(2, 2 * threads)
@@ -584,6 +738,7 @@ def write_product(
 
     def on_block() -> None:
         written[0] += 1
+        lease.renew()
         if progress is not None:
             progress(written[0], total)
 
@@ -592,9 +747,10 @@ def write_product(
                                            on_block)
         for detector in plan.detectors
     }
+    lease.check()
     product.update_metadata({
         **metadata, "status": _COMPLETE, "nonzero": nonzero,
-        "finished": datetime.now(timezone.utc).isoformat(),
+        "finished": _now().isoformat(), "lease": None,
     })
     return _as_result(container[plan.run_uid], True, time.perf_counter() - began)
 
@@ -616,13 +772,32 @@ def _write_detector(plan: ProcessingPlan, detector: _Detector, runs: Any, produc
         data_type=BuiltinDtype.from_numpy_dtype(np.dtype(detector.dtype)),
         coord_data_type=BuiltinDtype.from_numpy_dtype(np.dtype(width)),
     )
-    node = product.new(
-        StructureFamily.sparse,
-        [DataSource(structure=structure, structure_family=StructureFamily.sparse)],
-        key=detector.data_key,
-        metadata={"parent_uid": plan.run_uid, "masks": detector.record,
-                  "sha256": detector.composite.sha256},
-    )
+    try:
+        node = product.new(
+            StructureFamily.sparse,
+            [DataSource(structure=structure, structure_family=StructureFamily.sparse)],
+            key=detector.data_key,
+            metadata={"parent_uid": plan.run_uid, "masks": detector.record,
+                      "sha256": detector.composite.sha256},
+        )
+    except Exception as err:
+        if _status(err) != 409:
+            raise
+        # Taken over from a writer that stopped: every block is written
+        # again, in the chunking that writer chose.
+        node = product[detector.data_key]
+        existing = node.structure()
+        if (tuple(existing.shape) != shape
+                or existing.data_type.to_numpy_dtype() != np.dtype(detector.dtype)):
+            raise ProcessingError(
+                f"The unfinished product of run {plan.run_uid} holds {detector.data_key} "
+                f"as {existing.data_type.to_numpy_dtype()} {tuple(existing.shape)}, not "
+                f"{np.dtype(detector.dtype)} {shape}; it cannot be completed. Delete it "
+                "from the processed store and run again."
+            ) from err
+        bounds = np.cumsum((0, *existing.chunks[0]))
+        chunks = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        width = existing.coord_data_type.to_numpy_dtype().type
     # Prepared once in the frames' dtype: frame * bool would cast it in every chunk.
     mask = prepare_mask(detector.composite, detector.dtype, detector.event_shape)
     if client is not None:
@@ -653,6 +828,8 @@ def process_run(
     frames_per_chunk: int | None = None,
     flow_run_id: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    lease_s: float = LEASE_S,
+    wait: float | None = None,
 ) -> ProcessedRun:
     """Mask a stored run's frames with its recorded masks and store them sparse.
 
@@ -668,4 +845,5 @@ def process_run(
     plan = plan_processing(run_uid, runs=runs, registry=registry, data_keys=data_keys,
                            masks=masks, stream=stream, frames_per_chunk=frames_per_chunk)
     return write_product(plan, runs=runs, processed=processed, client=client,
-                         flow_run_id=flow_run_id, progress=progress)
+                         flow_run_id=flow_run_id, progress=progress, lease_s=lease_s,
+                         wait=wait)
