@@ -1,11 +1,12 @@
-"""End-of-run pre-processing: the masked frames of a stored run, written back sparse.
+"""End-of-run pre-processing: the masked frames of a stored run, written back.
 
 A run is read from tiled by its uid; the masks its start document recorded
 (or, for older runs, the names given resolved as of its start, and the
-product says so) multiply its detector frames lazily with Dask, chunk by
-chunk; each chunk is stored as one block of a sparse (COO) array in a
-``processed`` container, keyed by the run's uid, with the provenance in its
-metadata. Chunks are computed on a ``dask.distributed`` client when one is
+product says so) multiply its detector frames chunk by chunk; the masked
+frames go to an HDF5 file in the Eiger's encoding (bitshuffle-LZ4, one chunk
+per frame) registered in a ``processed`` container, keyed by the run's uid,
+with the provenance in its metadata (or, where no file can be served, into a
+sparse COO array inside tiled). Chunks are computed on a ``dask.distributed`` client when one is
 given, on local threads otherwise; a bounded number of chunks is in flight
 at any time, so memory stays bounded however long the run is.
 
@@ -29,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -422,6 +423,22 @@ def _masked_chunk(
     return np.stack([c.astype(width) for c in coords]), masked[coords]
 
 
+def _masked_encoded(
+    source: RunStore | Any, run_uid: str, stream: str, data_key: str, start: int, stop: int,
+    mask: np.ndarray,
+) -> tuple[list[bytes], int]:
+    """Frames [start, stop) times ``mask``, each as a bitshuffle-LZ4 chunk; non-zero pixels."""
+    import dask
+
+    from ._eiger import encode_chunk
+
+    run = _client(source, runs=True)[run_uid]
+    with dask.config.set(scheduler="sync"):
+        frames = np.asarray(_frames_node(run, stream, data_key)[start:stop])
+    np.multiply(frames, mask, out=frames)
+    return [encode_chunk(frame) for frame in frames], int(np.count_nonzero(frames))
+
+
 def _in_flight(
     tasks: Sequence[Callable[[], Any]] | Sequence[Any], client: Any, window: int,
 ) -> Iterator[tuple[int, Any]]:
@@ -471,7 +488,7 @@ def _in_flight(
 
 @dataclass(frozen=True)
 class ProcessedRun:
-    """A product: the masked frames of one run, stored sparse, with provenance.
+    """A product: the masked frames of one run, with provenance.
 
     Attributes
     ----------
@@ -499,7 +516,8 @@ class ProcessedRun:
     def dense(self, processed: RunStore | str | Path | Any, data_key: str) -> np.ndarray:
         """The product of ``data_key`` as a dense array (may be large)."""
         node = _client(_store(processed), runs=False)[self.parent_uid][data_key]
-        return node.read().todense()
+        data = node.read()
+        return data.todense() if hasattr(data, "todense") else np.asarray(data)
 
 
 def _existing(container: Any, run_uid: str) -> Any | None:
@@ -569,6 +587,15 @@ class _Lease:
             f"{self.product.metadata['parent_uid']} after this one's lease ran out "
             f"({self.seconds:g} s without renewal): it completes the product; this one stops."
         )
+
+    def release(self) -> None:
+        """Let the next caller take over at once (this one failed); best effort."""
+        try:
+            self.check()
+            record = {**self.record(), "expires": _now().isoformat()}
+            self.product.update_metadata({"lease": record}, drop_revision=True)
+        except Exception:
+            logger.debug("Could not release the lease on %s", self.product, exc_info=True)
 
     def renew(self, *, force: bool = False) -> None:
         """Check the hold and push the expiry on, at most every third of the lease."""
@@ -668,8 +695,9 @@ def write_product(
     progress: Callable[[int, int], None] | None = None,
     lease_s: float = LEASE_S,
     wait: float | None = None,
+    files: str | Path | None | Literal[False] = None,
 ) -> ProcessedRun:
-    """Mask every chunk of the planned run and store it as a sparse product.
+    """Mask every chunk of the planned run and store it as a product.
 
     Idempotent and safe to call from several processes at once: a finished
     product of the run is returned unchanged (``created=False``). A product
@@ -704,6 +732,15 @@ def write_product(
         Seconds to wait for another caller writing the same product before
         raising :class:`ProcessingError`; None waits until it finishes or
         its lease runs out.
+    files : str or Path, optional
+        Directory for the product's files: the masked frames, one
+        bitshuffle-LZ4 chunk per frame (the raw Eiger encoding, so the
+        product is smaller than the raw run), which the processed store
+        serves as external data; it must be in that store's readable
+        storage. A local processed store (a directory) keeps them in its own
+        storage by default. Without files (False, or a tiled server with no
+        ``files`` given) the product is stored inside tiled, sparse (COO),
+        which costs several times the raw run.
 
     Examples
     --------
@@ -719,7 +756,13 @@ def write_product(
         )
     if not lease_s > 0:
         raise ProcessingError(f"lease_s must be a positive number of seconds, not {lease_s!r}.")
-    container = _client(_store(processed), runs=False)
+    processed = _store(processed)
+    container = _client(processed, runs=False)
+    if files is False:
+        files = None
+    elif files is None and isinstance(processed, RunStore) and not processed.remote:
+        # The store's own writable storage, which it serves.
+        files = Path(processed.location).expanduser().absolute() / "data" / "products"
     metadata = {
         **plan.provenance(),
         "uid": str(uuid.uuid4()),
@@ -742,17 +785,127 @@ def write_product(
         if progress is not None:
             progress(written[0], total)
 
-    nonzero = {
-        detector.data_key: _write_detector(plan, detector, runs, product, client, window,
-                                           on_block)
-        for detector in plan.detectors
-    }
+    try:
+        if files is None:
+            nonzero = {
+                detector.data_key: _write_detector(plan, detector, runs, product, client,
+                                                   window, on_block)
+                for detector in plan.detectors
+            }
+        else:
+            where = Path(files).expanduser().absolute() / plan.run_uid / f"term-{lease.term}"
+            nonzero = {
+                detector.data_key: _write_detector_file(plan, detector, runs, product, client,
+                                                        window, on_block, where)
+                for detector in plan.detectors
+            }
+    except LeaseLostError:
+        raise
+    except BaseException:
+        lease.release()
+        raise
     lease.check()
     product.update_metadata({
         **metadata, "status": _COMPLETE, "nonzero": nonzero,
         "finished": _now().isoformat(), "lease": None,
     })
     return _as_result(container[plan.run_uid], True, time.perf_counter() - began)
+
+
+#: How a file-backed product's frames are stored (recorded in its metadata).
+FILE_ENCODING = "hdf5 bitshuffle-lz4, one chunk per frame"
+#: The dataset of a product file.
+PRODUCT_DATASET = "entry/data/data"
+
+
+def _write_detector_file(plan: ProcessingPlan, detector: _Detector, runs: Any, product: Any,
+                         client: Any, window: int, on_block: Callable[[], None],
+                         directory: Path) -> int:
+    """Write one detector's masked frames to an HDF5 file, then register it in the product.
+
+    The node is added only once the file is complete and closed, so a
+    product that has the node has the whole file; a writer that finds it
+    (having taken over from one that stopped after it) leaves it as it is.
+    """
+    import hdf5plugin
+    from tiled.structures.array import ArrayStructure, BuiltinDtype
+    from tiled.structures.core import StructureFamily
+    from tiled.structures.data_source import Asset, DataSource, Management
+
+    from chx_masks._hdf5 import h5py_with_filters
+
+    try:
+        done = product[detector.data_key]
+    except KeyError:
+        done = None
+    if done is not None:
+        for _ in detector.chunks:
+            on_block()
+        return int(done.metadata["nonzero"])
+    h5py = h5py_with_filters()
+    directory.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in detector.data_key)
+    path = directory / f"{safe}.h5"
+    shape = (detector.frames, *detector.event_shape)
+    mask = prepare_mask(detector.composite, detector.dtype, detector.event_shape)
+    if client is not None:
+        [mask] = client.scatter([mask], broadcast=True)
+    args = [(_masked_encoded, (runs, plan.run_uid, plan.stream, detector.data_key, a, b, mask))
+            for a, b in detector.chunks]
+    tasks: Sequence[Any] = args if client is not None else [
+        functools.partial(fn, *a) for fn, a in args]
+    nonzero = 0
+    tail = (0,) * len(detector.event_shape)
+    with h5py.File(path, "w") as f:
+        dataset = f.create_dataset(
+            PRODUCT_DATASET, shape=shape, dtype=np.dtype(detector.dtype),
+            chunks=(1, *detector.event_shape), **hdf5plugin.Bitshuffle(cname="lz4"))
+        dataset.attrs["parent_uid"] = plan.run_uid
+        for index, (encoded, count) in _in_flight(tasks, client, window):
+            first = detector.chunks[index][0]
+            for i, chunk in enumerate(encoded):
+                dataset.id.write_direct_chunk((first + i, *tail), chunk)
+            nonzero += count
+            on_block()
+    structure = ArrayStructure(
+        data_type=BuiltinDtype.from_numpy_dtype(np.dtype(detector.dtype)),
+        shape=shape,
+        chunks=((1,) * detector.frames, *((n,) for n in detector.event_shape)),
+    )
+    source = DataSource(
+        structure_family=StructureFamily.array,
+        mimetype="application/x-hdf5",
+        structure=structure,
+        parameters={"dataset": PRODUCT_DATASET},
+        assets=[Asset(data_uri=path.as_uri().replace("file:///", "file://localhost/", 1),
+                      is_directory=False, parameter="data_uris", num=0)],
+        management=Management.external,
+    )
+    try:
+        node = product.new(
+            StructureFamily.array, [source], key=detector.data_key,
+            metadata={"parent_uid": plan.run_uid, "masks": detector.record,
+                      "sha256": detector.composite.sha256, "nonzero": nonzero,
+                      "encoding": FILE_ENCODING},
+        )
+    except Exception as err:
+        if _status(err) != 409:
+            raise
+        return nonzero  # registered meanwhile by a writer this one took over from
+    try:
+        node[0]
+    except Exception as err:
+        if "readable storage" not in str(err):
+            raise
+        product.delete_contents(detector.data_key, external_only=True)
+        raise ProcessingError(
+            f"The processed store does not serve {path}: it is outside its readable "
+            "storage. Give files= a directory that store reads (its configuration's "
+            "readable_storage).",
+            cli=f"The processed store does not serve {path}: it is outside its readable "
+            "storage. Give --product-files a directory that store reads.",
+        ) from err
+    return nonzero
 
 
 def _write_detector(plan: ProcessingPlan, detector: _Detector, runs: Any, product: Any,
@@ -830,8 +983,9 @@ def process_run(
     progress: Callable[[int, int], None] | None = None,
     lease_s: float = LEASE_S,
     wait: float | None = None,
+    files: str | Path | None | Literal[False] = None,
 ) -> ProcessedRun:
-    """Mask a stored run's frames with its recorded masks and store them sparse.
+    """Mask a stored run's frames with its recorded masks and store them as a product.
 
     :func:`plan_processing` then :func:`write_product`; see those for the
     parameters. Running it again for the same run returns the same product.
@@ -846,4 +1000,4 @@ def process_run(
                            masks=masks, stream=stream, frames_per_chunk=frames_per_chunk)
     return write_product(plan, runs=runs, processed=processed, client=client,
                          flow_run_id=flow_run_id, progress=progress, lease_s=lease_s,
-                         wait=wait)
+                         wait=wait, files=files)

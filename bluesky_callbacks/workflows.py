@@ -1,4 +1,4 @@
-"""The end-of-run Prefect flow: mask a finished run and store the product sparse.
+"""The end-of-run Prefect flow: mask a finished run and store the product.
 
 ``end_of_run_workflow(stop_doc)`` is what a beamline triggers with each
 run's stop document (see ``deploy/prefect.yaml`` and the README). Its tasks:
@@ -7,9 +7,9 @@ run's stop document (see ``deploy/prefect.yaml`` and the README). Its tasks:
    check that it finished with all its frames, resolve the masks its start
    recorded (or the names given, as of its start);
 2. ``write_masked_product``: mask its frames chunk by chunk with Dask (on a
-   ``dask.distributed`` cluster when an address is given) and write them as a
-   sparse array in the processed container, with ``parent_uid``, the
-   ``masks`` record and this flow run's id.
+   ``dask.distributed`` cluster when an address is given) and write them to
+   the processed container (see :func:`~bluesky_callbacks.write_product`),
+   with ``parent_uid``, the ``masks`` record and this flow run's id.
 
 Only failures that may pass on their own (the registry or tiled unreachable)
 are retried; a run without masks or with missing frames fails at once with
@@ -117,7 +117,7 @@ def plan_run(run_uid: str, runs: RunStore, data_keys: Sequence[str] | None = Non
       cache_policy=NO_CACHE, persist_result=False)
 def write_masked_product(plan: ProcessingPlan, runs: RunStore, processed: RunStore,
                          dask_address: str | None = None) -> ProcessedRun:
-    """Mask the frames chunk by chunk and store the sparse product (idempotent)."""
+    """Mask the frames chunk by chunk and store the product (idempotent)."""
     logger = get_run_logger()
     client = None
     if dask_address:
@@ -147,7 +147,7 @@ def end_of_run_workflow(stop_doc: dict, runs: str | None = None,
                         processed: str | None = None,
                         masks: dict[str, list[str]] | None = None,
                         dask_address: str | None = None) -> str:
-    """Mask the run that ``stop_doc`` ends and store it sparse; the product's uid.
+    """Mask the run that ``stop_doc`` ends and store the product; the product's uid.
 
     Parameters
     ----------

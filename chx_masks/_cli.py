@@ -1148,19 +1148,25 @@ def _masks_option(values: tuple[str, ...]) -> dict[str, list[str]]:
 @click.option("--scheduler", metavar="ADDRESS", default=None,
               help="A dask.distributed scheduler (default: threads in this process).")
 @click.option("--frames-per-chunk", type=click.IntRange(1), default=None,
-              help="Frames per chunk and per stored block (default: about 64 MiB).")
+              help="Frames per chunk of work (default: about 64 MiB).")
+@click.option("--product-files", "product_files", metavar="DIR", default=None,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Where the product's HDF5 files go; the processed store must read "
+              "that directory (default: inside a local processed store; a tiled server "
+              "without it stores the product in tiled, sparse, several times larger).")
 @_json_option
 @pass_state
 def process(state: _State, run_uids: tuple[str, ...], runs: str | None,
             processed: str | None, readable: tuple[Path, ...], mask_specs: tuple[str, ...],
             stream: str, scheduler: str | None, frames_per_chunk: int | None,
-            as_json: bool) -> None:
-    """Mask stored runs with the masks they recorded; store the frames sparse.
+            product_files: Path | None, as_json: bool) -> None:
+    """Mask stored runs with the masks they recorded; store the masked frames.
 
     The same processing as the end-of-run Prefect flow, without Prefect. A
-    run processed before is not processed again: its product is reported.
-    Detector files a run refers to are read where they are, if they lie in
-    a directory given with --readable-storage (by default beside the run
+    run processed before is not processed again: its product is reported;
+    a run another process is processing right now is waited for. Detector
+    files a run refers to are read where they are, if they lie in a
+    directory given with --readable-storage (by default beside the run
     store: --runs /data/chx/runs reads files under /data/chx).
     """
     masks = _masks_option(mask_specs)
@@ -1203,7 +1209,7 @@ def process(state: _State, run_uids: tuple[str, ...], runs: str | None,
                     bar.update(done - bar.pos)
 
                 product = write_product(plan, runs=source, processed=target, client=client,
-                                        progress=progress)
+                                        progress=progress, files=product_files)
             reports.append({
                 "uid": product.uid, "parent_uid": product.parent_uid,
                 "created": product.created, "frames": product.frames,

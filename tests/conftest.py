@@ -202,3 +202,9 @@ class Collector:
             if name == "event_page" and key in doc["data"]
             for frame in doc["data"][key]
         ]
+
+
+def dense(node) -> np.ndarray:
+    """A product node's frames as a dense array, whichever way it is stored."""
+    data = node.read()
+    return data.todense() if hasattr(data, "todense") else np.asarray(data)

@@ -25,6 +25,7 @@ from bluesky_callbacks import MaskProvenance, open_run_store
 from bluesky_callbacks._process import RunStore
 from chx_masks import MaskRegistry
 from chx_masks._cli import main
+from conftest import dense
 
 pytestmark = pytest.mark.slow
 
@@ -105,7 +106,7 @@ def _raw_times_mask(site: dict, uid: str) -> np.ndarray:
 
 
 def _product(processed: Path, uid: str) -> np.ndarray:
-    return RunStore(str(processed)).open(runs=False)[uid][DET].read().todense()
+    return dense(RunStore(str(processed)).open(runs=False)[uid][DET])
 
 
 def test_files_outside_are_refused_in_one_line_then_read_with_readable_storage(

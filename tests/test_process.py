@@ -23,6 +23,7 @@ from event_model import compose_run
 
 from bluesky_callbacks import MaskProvenance, open_run_store
 from bluesky_callbacks._process import (
+    FILE_ENCODING,
     ProcessingError,
     RunStore,
     StoreUnavailableError,
@@ -32,7 +33,7 @@ from bluesky_callbacks._process import (
 from bluesky_callbacks.sim import sim_eiger500k
 from chx_masks import MaskNotFoundError, MaskRegistry
 from chx_masks._cli import main
-from conftest import ServerProcess
+from conftest import ServerProcess, dense
 
 pytestmark = pytest.mark.slow
 
@@ -104,12 +105,13 @@ def test_threads_product_equals_raw_times_composite_with_provenance(site, tmp_pa
     assert md["masks"] == start["masks"] and md["mask_uids"] == start["mask_uids"]
     assert md["status"] == "complete" and md["flow_run_id"] is None
     assert md["frames"] == {DET: FRAMES} and "masks_resolved_as_of" not in md
-    sparse = node[DET]
-    assert sparse.structure().chunks[0] == (2, 2, 1)
-    dense = sparse.read().todense()
+    stored = node[DET]
+    assert stored.metadata["encoding"] == FILE_ENCODING  # a local store keeps files
+    assert stored.structure().chunks[0] == (1,) * FRAMES  # one chunk a frame
+    dense_frames = dense(stored)
     expected = _expected(site, uid)
-    assert dense.dtype == expected.dtype == np.uint32
-    np.testing.assert_array_equal(dense, expected)
+    assert dense_frames.dtype == expected.dtype == np.uint32
+    np.testing.assert_array_equal(dense_frames, expected)
     assert product.nonzero[DET] == int(np.count_nonzero(expected))
 
     # Again: the same product, nothing new written.
@@ -242,7 +244,7 @@ def test_runs_and_products_on_a_tiled_server_processed_on_a_cluster(
     assert node[DET].structure().chunks[0] == (3, 1)
     raw = runs_node[uid]["primary"][DET].read()
     gaps = site["registry"].get_mask(DET, "gaps").compute()
-    np.testing.assert_array_equal(node[DET].read().todense(), raw * gaps.astype(raw.dtype))
+    np.testing.assert_array_equal(dense(node[DET]), raw * gaps.astype(raw.dtype))
     root.context.close()
 
 
@@ -282,7 +284,7 @@ def test_prefect_flow_processes_the_run_its_stop_document_ends(
     assert node.metadata["uid"] == product_uid == again  # one product, however often run
     assert node.metadata["flow_run_id"] == str(state.state_details.flow_run_id)
     assert node.metadata["masks"] == site["store"][uid].metadata["start"]["masks"]
-    np.testing.assert_array_equal(node[DET].read().todense(), _expected(site, uid))
+    np.testing.assert_array_equal(dense(node[DET]), _expected(site, uid))
     assert failed.is_failed()
     with pytest.raises(MaskNotFoundError, match="recorded no masks"):
         failed.result()
@@ -338,7 +340,7 @@ def test_process_command(site, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["parent_uid"] == uid and report["created"] is True
-    np.testing.assert_array_equal(_product(processed, uid)[DET].read().todense(),
+    np.testing.assert_array_equal(dense(_product(processed, uid)[DET]),
                                   _expected(site, uid))
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and "already processed" in again.output

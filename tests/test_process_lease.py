@@ -22,6 +22,7 @@ from bluesky_tiled_plugins import TiledWriter
 
 from bluesky_callbacks import MaskProvenance, open_run_store
 from bluesky_callbacks._process import (
+    FILE_ENCODING,
     LeaseLostError,
     ProcessingError,
     RunStore,
@@ -74,7 +75,8 @@ def check_product(site: dict, processed: Path) -> dict:
     node = RunStore(str(processed)).open(runs=False)[site["uid"]]
     md = node.metadata
     assert md["status"] == "complete" and md["lease"] is None
-    np.testing.assert_array_equal(node[DET].read().todense(), site["expected"])
+    assert node[DET].metadata["encoding"] == FILE_ENCODING
+    np.testing.assert_array_equal(node[DET].read(), site["expected"])
     assert md["nonzero"] == {DET: int(np.count_nonzero(site["expected"]))}
     return dict(md)
 
@@ -239,3 +241,32 @@ def test_a_writer_that_stalls_past_its_lease_stops_and_the_product_stays_whole(
     assert isinstance(got["slow"], LeaseLostError), got["slow"]
     assert "took over" in str(got["slow"])
     assert check_product(site, processed)["uid"] == taker.uid
+
+
+def test_product_files_the_store_cannot_serve_are_refused_and_the_next_call_goes_on(
+    site, tmp_path
+):
+    from click.testing import CliRunner
+
+    from chx_masks._cli import main
+
+    processed = tmp_path / "processed"
+    outside = tmp_path / "elsewhere"  # not in the local store's storage
+    with pytest.raises(ProcessingError, match="outside its readable storage.*files="):
+        process_run(site["uid"], runs=site["runs"], processed=processed,
+                    registry=site["registry"], files=outside)
+    # The failed writer let go of its lease: the next call does not wait for it.
+    began = time.monotonic()
+    product = process_run(site["uid"], runs=site["runs"], processed=processed,
+                          registry=site["registry"])
+    assert time.monotonic() - began < 30  # the lease would hold 60 s
+    assert product.created
+    check_product(site, processed)
+
+    result = CliRunner().invoke(main, [
+        "--dir", str(site["root"] / "registry"), "process", site["uid"],
+        "--runs", str(site["runs"]), "--processed", str(tmp_path / "p2"),
+        "--product-files", str(outside)])
+    assert result.exit_code != 0
+    assert "Give --product-files a directory that store reads" in result.output
+    assert "Traceback" not in result.output
