@@ -4,6 +4,7 @@ Imports :mod:`chx_masks`; the registry library itself never imports bluesky.
 """
 
 from ._process import (
+    LeaseLostError,
     ProcessedRun,
     ProcessingError,
     RunStore,
@@ -12,14 +13,17 @@ from ._process import (
     write_product,
 )
 from ._provenance import MaskProvenance, mask_provenance_decorator, mask_provenance_wrapper
+from ._pychx import ProductFrames
 from ._replay import masked_frames, open_run_store, replay_masked, run_composite
 from ._router import MaskingRouter
 
 __all__ = [
+    "LeaseLostError",
     "MaskProvenance",
     "MaskingRouter",
     "ProcessedRun",
     "ProcessingError",
+    "ProductFrames",
     "RunStore",
     "mask_provenance_decorator",
     "mask_provenance_wrapper",
