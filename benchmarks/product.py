@@ -111,10 +111,112 @@ def measure(root: Path, name: str, shape: tuple[int, int], frames: int, reps: in
             "nonzero": product.nonzero[key]}
 
 
+def live(root: Path, frames: int) -> dict[str, float]:
+    """Router rate on a recorded 4M scan: alone, and persisting through TiledWriter."""
+    from bluesky import RunEngine
+    from bluesky.plans import count
+    from bluesky_tiled_plugins import TiledWriter
+    from ophyd_async.plan_stubs import ensure_connected
+
+    from bluesky_callbacks import MaskingRouter, MaskProvenance, open_run_store
+    from bluesky_callbacks._eiger import XPCSPattern
+    from bluesky_callbacks._sim_async import SimAsyncEiger
+    from chx_masks import MaskRegistry
+
+    key = "eiger4m_single_image"
+    shape = (2167, 2070)
+    registry = MaskRegistry.embedded(root / "registry")
+    stop = np.ones(shape, bool)
+    stop[1000:1100, :900] = False
+    registry.register_mask(key, "beamstop", stop)
+    engine = RunEngine({}, context_managers=[])
+    engine.preprocessors.append(MaskProvenance(registry, masks={key: ["beamstop"]},
+                                               active=False))
+    docs: list[tuple[str, dict]] = []
+    engine.subscribe(lambda name, doc: docs.append((name, doc)))
+    det = SimAsyncEiger("eiger4m_single", root / "frames", pattern=XPCSPattern(shape, mean=0.05),
+                        frames_per_file=50)
+    engine(ensure_connected(det))
+    engine(count([det], num=frames))
+    engine.loop.call_soon_threadsafe(engine.loop.stop)
+    engine._th.join(timeout=5)
+
+    def rate(kind: str, rep: int) -> float:
+        if kind == "alone":
+            router = MaskingRouter(registry, lambda n, d: None, strict=True)
+        else:
+            store = open_run_store(root / f"store-{kind}-{rep}",
+                                   readable_storage=[root / "frames", root / "derived"])
+            router = MaskingRouter(registry, TiledWriter(store), strict=True,
+                                   frames="files" if kind == "files" else "inline",
+                                   directory=root / "derived" / f"{rep}")
+        begin = time.perf_counter()
+        for name, doc in docs:
+            router(name, doc)
+        return frames / (time.perf_counter() - begin)
+
+    got: dict[str, list[float]] = {"alone": [], "files": [], "inline": []}
+    for rep in range(3):
+        for kind in got:
+            got[kind].append(rate(kind, rep))
+    registry.close()
+    return {k: statistics.median(v) for k, v in got.items()}
+
+
+def proc_status(field: str) -> int:
+    """Bytes of a /proc/self/status field (VmRSS, VmHWM)."""
+    for row in Path("/proc/self/status").read_text().splitlines():
+        if row.startswith(field + ":"):
+            return int(row.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def child_memory(root: str, uid: str, frames_dir: str, out: str) -> None:
+    """In a fresh process: peak RSS growth of one process_run (files product)."""
+    import gc
+    import json
+
+    from bluesky_callbacks import RunStore, process_run
+    from chx_masks import MaskRegistry
+
+    registry = MaskRegistry.embedded(Path(root) / "registry")
+    runs = RunStore(str(Path(root) / "runs")).reading([frames_dir])
+    runs.open()
+    RunStore(out).open(runs=False)
+    gc.collect()
+    baseline = proc_status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    process_run(uid, runs=runs, processed=out, registry=registry)
+    print(json.dumps({"extra": proc_status("VmHWM") - baseline}))
+
+
+def memory_growth(root: Path, short: int, long_: int) -> dict[int, int]:
+    """Peak RSS growth of process_run on a 500K run of ``short`` and ``long_`` frames."""
+    import json
+    import subprocess
+
+    extra = {}
+    for n in (short, long_):
+        _registry, store, uid, frames_dir, _key = record(root, "eiger500K_single", (514, 1030),
+                                                        n)
+        _registry.close()
+        store.context.close()
+        got = subprocess.run(
+            [sys.executable, __file__, "--child", str(root), uid, str(frames_dir),
+             str(root / f"processed-memory-{n}")],
+            capture_output=True, text=True, check=True)
+        extra[n] = json.loads(got.stdout.strip().splitlines()[-1])["extra"]
+    return extra
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        child_memory(*args.child)
+        return 0
     warnings.filterwarnings("ignore", message=".*httpx.*starlette.*")
     os.environ.setdefault("CHX_MASKS_CACHE_DIR", tempfile.mkdtemp())
     cases = [("eiger500K_single", (514, 1030), 40 if args.quick else 150),
@@ -146,6 +248,30 @@ def main() -> int:
                 print(f"    {label:32s} {ratio:7.3f}  target {target:7s} {verdict}")
                 if ok is not None:
                     verdicts.append(ok)
+        n = 20 if args.quick else 100
+        fps = live(Path(tmp) / "live", n)
+        print(f"eiger4m_single, {n}-frame live scan (bitshuffle-LZ4, 0.05 photons/px), router "
+              f"frames/s: alone {fps['alone']:.1f}; with TiledWriter, frames as files "
+              f"{fps['files']:.1f}; frames inline {fps['inline']:.1f}")
+        for label, ratio, target in (
+            ("router files+TiledWriter / alone", fps["files"] / fps["alone"], 0.7),
+            ("router inline+TiledWriter / alone", fps["inline"] / fps["alone"], None),
+        ):
+            ok = None if target is None else ratio >= target
+            print(f"    {label:32s} {ratio:7.3f}  target "
+                  f"{'-' if target is None else '>= ' + str(target):7s} "
+                  f"{'' if ok is None else ('PASS' if ok else 'FAIL')}")
+            if ok is not None:
+                verdicts.append(ok)
+        short, long_ = (10, 40) if args.quick else (20, 80)
+        extra = memory_growth(Path(tmp) / "memory", short, long_)
+        growth = extra[long_] / extra[short]
+        print(f"eiger500K_single, process_run peak RSS growth: {short} frames "
+              f"+{extra[short] / 2**20:.1f} MiB, {long_} frames +{extra[long_] / 2**20:.1f} MiB")
+        ok = growth <= 1.3
+        print(f"    {'peak RSS ' + str(long_) + ' / ' + str(short) + ' frames':32s} "
+              f"{growth:7.3f}  target <= 1.3   {'PASS' if ok else 'FAIL'}")
+        verdicts.append(ok)
     print(f"{sum(verdicts)}/{len(verdicts)} targets met")
     return 0
 

@@ -8,11 +8,13 @@ replayed frames are identical.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -111,6 +113,18 @@ class MaskingRouter:
         StreamDatum frames; by default HDF5 files are read with h5py. Replay
         from tiled passes one that asks tiled, which reads any format it
         serves (HDF5, .npy sequences, TIFF) where the files live.
+    frames : {"inline", "files"}
+        How the derived run carries masked frames. "inline" (default): in
+        its event pages, for in-process consumers and small detectors.
+        "files": written to HDF5 files under ``directory`` in the Eiger's
+        encoding (bitshuffle-LZ4, one chunk per frame, encoded on the decode
+        threads) and referenced with StreamResource/StreamDatum, as
+        ophyd-async detectors do, so a TiledWriter downstream stores
+        references instead of every frame.
+    directory : str or Path, optional
+        Where ``frames="files"`` writes: ``<directory>/<derived run uid>/
+        <data key>.h5``. The run store a TiledWriter writes to must read it
+        (its ``readable_storage``).
     timeout : float or None
         Seconds a run start may wait for the registry (default 20); past
         that the run's detectors are reported unresolved and their frames
@@ -151,11 +165,22 @@ class MaskingRouter:
         unmasked_streams: Literal["pass", "drop"] = "pass",
         stream_reader: StreamReader | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
+        frames: Literal["inline", "files"] = "inline",
+        directory: str | os.PathLike[str] | None = None,
     ) -> None:
         if unmasked_streams not in ("pass", "drop"):
             raise ValueError(
                 f"unmasked_streams must be 'pass' or 'drop', not {unmasked_streams!r}."
             )
+        if frames not in ("inline", "files"):
+            raise ValueError(f"frames must be 'inline' or 'files', not {frames!r}.")
+        if frames == "files" and directory is None:
+            raise ValueError(
+                "frames='files' needs directory=: where to write the masked frames (a "
+                "directory the run store that stores the derived runs reads)."
+            )
+        self.frames = frames
+        self.directory = None if directory is None else Path(directory).expanduser().absolute()
         _check_options(registry, timeout)
         self._registry = registry
         self.downstream = _as_callables(downstream)
@@ -249,6 +274,10 @@ class _MaskedRun(DocumentRouter):
         self._derived_start_uid: str | None = None
         self._unknown: str | None = None
         self._raw_start = raw_start
+        # frames="files": derived descriptor uid -> (its document, masked keys);
+        # one open file per masked key.
+        self._derived: dict[str, tuple[dict, frozenset[str]]] = {}
+        self._frame_files: dict[str, _FramesFile] = {}
 
     # ---------------------------------------------------------------- helpers
 
@@ -440,6 +469,8 @@ class _MaskedRun(DocumentRouter):
         for key in (*sorted(masked), *sorted(passed)):
             data_key = dict(data_keys[key])
             data_key.pop("external", None)
+            if key in masked and self._router.frames == "files":
+                data_key["external"] = "STREAM:"
             derived_keys[key] = data_key
         derived = self._bundle.compose_descriptor(
             data_keys=derived_keys,
@@ -452,6 +483,7 @@ class _MaskedRun(DocumentRouter):
             },
         ).descriptor_doc
         self._streams[doc["uid"]] = (derived["uid"], masked, passed, stream)
+        self._derived[derived["uid"]] = (derived, masked)
         self._emit("descriptor", derived)
 
     def event(self, doc: dict) -> None:
@@ -507,6 +539,13 @@ class _MaskedRun(DocumentRouter):
         *,
         queued: bool = False,
     ) -> None:
+        send = self._send if queued else self._emit
+        if self._router.frames == "files":
+            try:
+                data, timestamps = self._to_files(descriptor, seq_num, data, timestamps, send)
+            except Exception as err:
+                self._fail(f"cannot write frames of seq_num {list(seq_num)}", err)
+                return
         page = {
             "uid": [str(uuid.uuid4()) for _ in seq_num],
             "descriptor": descriptor,
@@ -517,10 +556,41 @@ class _MaskedRun(DocumentRouter):
             "filled": {},
         }
         self._counts[stream] = self._counts.get(stream, 0) + len(seq_num)
-        if queued:
-            self._send("event_page", page)
-        else:
-            self._emit("event_page", page)
+        send("event_page", page)
+
+    def _to_files(self, descriptor: str, seq_num: Sequence[int], data: dict[str, list],
+                  timestamps: dict[str, list], send: Callable[[str, dict], None],
+                  ) -> tuple[dict[str, list], dict[str, list]]:
+        """Write the page's masked frames to files; StreamDatum for them; the rest."""
+        doc, masked = self._derived[descriptor]
+        for key in [k for k in data if k in masked]:
+            frames = data.pop(key)
+            timestamps.pop(key, None)
+            out = self._frame_files.get(key)
+            if out is None:
+                assert self._router.directory is not None and self._derived_start_uid
+                out = self._frame_files[key] = _FramesFile(
+                    self._router.directory / self._derived_start_uid, key,
+                    np.asarray(frames[0]).shape, np.asarray(frames[0]).dtype)
+                resource = self._bundle.compose_stream_resource(
+                    mimetype="application/x-hdf5", uri=out.uri, data_key=key,
+                    parameters={"dataset": _FramesFile.DATASET,
+                                "chunk_shape": (1, *out.frame_shape)})
+                out.resource = resource
+                send("stream_resource", resource.stream_resource_doc)
+            first = out.count
+            out.write(frames, decode_pool(self._threads))
+            # One StreamDatum per run of consecutive seq_nums (usually the page).
+            begin = 0
+            for i in range(1, len(seq_num) + 1):
+                if i == len(seq_num) or seq_num[i] != seq_num[i - 1] + 1:
+                    datum = out.resource.compose_stream_datum(
+                        indices={"start": first + begin, "stop": first + i},
+                        seq_nums={"start": seq_num[begin], "stop": seq_num[i - 1] + 1},
+                        descriptor=doc)
+                    send("stream_datum", datum)
+                    begin = i
+        return data, timestamps
 
     def resource(self, doc: dict) -> None:
         self._filler("resource", doc)
@@ -617,6 +687,11 @@ class _MaskedRun(DocumentRouter):
         self._drain(everything=True)
         self._router._runs.pop(self._raw_start.get("uid"), None)
         self._files.close()
+        for key, out in self._frame_files.items():
+            try:
+                out.close()
+            except Exception as err:
+                self._fail(f"cannot close the frames file of {key}", err)
         exit_status = doc.get("exit_status", "success")
         reason = doc.get("reason", "")
         if self._errors:
@@ -632,6 +707,51 @@ class _MaskedRun(DocumentRouter):
             "masking_errors": list(self._errors),
         }
         self._emit("stop", stop)
+
+
+class _FramesFile:
+    """One masked data key's frames of a derived run, in an HDF5 file (SWMR).
+
+    The Eiger's layout and encoding: ``/entry/data/data``, bitshuffle-LZ4,
+    one chunk per frame; flushed after every page, so a reader (tiled) sees
+    every frame written so far.
+    """
+
+    DATASET = "/entry/data/data"
+
+    def __init__(self, directory: Path, key: str, frame_shape: tuple[int, ...],
+                 dtype: np.dtype) -> None:
+        import hdf5plugin
+
+        from chx_masks._hdf5 import h5py_with_filters
+
+        h5py = h5py_with_filters()
+        directory.mkdir(parents=True, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+        self.path = directory / f"{safe}.h5"
+        self.uri = "file://localhost" + str(self.path)
+        self.frame_shape = tuple(int(n) for n in frame_shape)
+        self.count = 0
+        self.resource: Any = None
+        self._file = h5py.File(self.path, "w", libver="latest")
+        self._dataset = self._file.create_dataset(
+            self.DATASET, shape=(0, *self.frame_shape), maxshape=(None, *self.frame_shape),
+            dtype=dtype, chunks=(1, *self.frame_shape), **hdf5plugin.Bitshuffle(cname="lz4"))
+        self._file.swmr_mode = True
+
+    def write(self, frames: Sequence[np.ndarray], pool: Any) -> None:
+        from ._eiger import encode_chunk
+
+        chunks = list(pool.map(encode_chunk, frames))
+        self._dataset.resize(self.count + len(chunks), axis=0)
+        tail = (0,) * len(self.frame_shape)
+        for i, chunk in enumerate(chunks):
+            self._dataset.id.write_direct_chunk((self.count + i, *tail), chunk)
+        self.count += len(chunks)
+        self._dataset.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _unreachable_at_open(start: Mapping[str, Any]) -> str | None:
