@@ -29,6 +29,10 @@
 #   CHX_MASKS_RUNS_URI (+ CHX_MASKS_RUNS_API_KEY)  tiled container for the
 #       masked runs; default: a local store in <CHX_MASKS_DIR or
 #       ~/.local/share/chx-masks>/runs.
+#   CHX_MASKS_FRAMES_DIR  where the masked frames are written (HDF5 files,
+#       bitshuffle-LZ4; the runs store holds references); default: inside a
+#       local runs store. A runs server reads them only from its
+#       readable_storage; without this variable it gets the frames inline.
 # and the settings below.
 #
 # A registry server that is down: IPython start waits at most
@@ -204,6 +208,23 @@ def _chx_masks_runs_location():
         "chx-masks", appauthor=False
     )
     return Path(base).expanduser() / "runs"
+
+
+def _chx_masks_frames_dir():
+    """Where the router writes masked frames (None: inline in the derived run).
+
+    CHX_MASKS_FRAMES_DIR if set (for a runs server: a directory it reads),
+    else inside the local runs store (which serves its own storage); a runs
+    server without CHX_MASKS_FRAMES_DIR gets the frames inline.
+    """
+    import os
+    from pathlib import Path
+
+    given = os.environ.get("CHX_MASKS_FRAMES_DIR")
+    if given:
+        return Path(given).expanduser()
+    where = _chx_masks_runs_location()
+    return None if isinstance(where, str) else where / "data" / "masked-frames"
 
 
 def masked_run(raw_uid):
@@ -503,7 +524,10 @@ def _chx_masks_install(RE):
             if writer["open"] is not None and not writer["skip"]:
                 writer["open"](name, doc)
 
-        router = MaskingRouter(_chx_masks_open, write_masked_run, timeout=CHX_MASKS_TIMEOUT)
+        frames_dir = _chx_masks_frames_dir()
+        router = MaskingRouter(_chx_masks_open, write_masked_run, timeout=CHX_MASKS_TIMEOUT,
+                               frames="inline" if frames_dir is None else "files",
+                               directory=frames_dir)
 
         # Run again (e.g. %run of this file): replace, do not add, the wiring.
         previous = globals().get("chx_masks_provenance")
@@ -552,7 +576,8 @@ else:
           "run after the startup file that creates the RunEngine RE.")
     del (CHX_MASKS_FALLBACK, CHX_MASKS_ON_UNAVAILABLE, CHX_MASKS_TIMEOUT,
          CHX_MASKS_START_TIMEOUT, _chx_masks_state, _chx_masks_open, _chx_masks_location,
-         chx_masks_registry, chx_masks_runs, _chx_masks_runs_location, masked_run,
+         chx_masks_registry, chx_masks_runs, _chx_masks_runs_location,
+         _chx_masks_frames_dir, masked_run,
          _chx_masks_table, masks_list, mask_show, mask_register, masks_activate,
          masks_active, _chx_masks_log_lines)
 del _chx_masks_install
