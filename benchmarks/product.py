@@ -147,13 +147,24 @@ def live(root: Path, frames: int) -> dict[str, float]:
         else:
             store = open_run_store(root / f"store-{kind}-{rep}",
                                    readable_storage=[root / "frames", root / "derived"])
-            router = MaskingRouter(registry, TiledWriter(store), strict=True,
+            writer = TiledWriter(store)
+            inline = [0]
+
+            def persist(name: str, doc: dict, writer=writer, inline=inline) -> None:
+                if name == "event_page" and key in doc["data"]:
+                    inline[0] += len(doc["data"][key])
+                writer(name, doc)
+
+            router = MaskingRouter(registry, persist, strict=True,
                                    frames="files" if kind == "files" else "inline",
                                    directory=root / "derived" / f"{rep}")
         begin = time.perf_counter()
         for name, doc in docs:
             router(name, doc)
-        return frames / (time.perf_counter() - begin)
+        seconds = time.perf_counter() - begin
+        if kind == "files" and inline[0]:
+            raise AssertionError(f"{inline[0]} frames went inline with frames='files'")
+        return frames / seconds
 
     got: dict[str, list[float]] = {"alone": [], "files": [], "inline": []}
     for rep in range(3):

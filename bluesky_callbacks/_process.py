@@ -516,8 +516,17 @@ class ProcessedRun:
     def dense(self, processed: RunStore | str | Path | Any, data_key: str) -> np.ndarray:
         """The product of ``data_key`` as a dense array (may be large)."""
         node = _client(_store(processed), runs=False)[self.parent_uid][data_key]
-        data = node.read()
-        return data.todense() if hasattr(data, "todense") else np.asarray(data)
+        structure = node.structure()
+        shape = tuple(structure.shape)
+        itemsize = np.dtype(structure.data_type.to_numpy_dtype()).itemsize
+        # In slices of about CHUNK_BYTES: tiled refuses responses past 300 MB.
+        step = max(1, CHUNK_BYTES // max(1, int(np.prod(shape[1:], dtype=np.int64)) * itemsize))
+        parts = []
+        for start in range(0, shape[0], step):
+            data = node[start : start + step]
+            parts.append(data.todense() if hasattr(data, "todense") else np.asarray(data))
+        return np.concatenate(parts) if parts else np.zeros(shape, structure.data_type
+                                                           .to_numpy_dtype())
 
 
 def _existing(container: Any, run_uid: str) -> Any | None:

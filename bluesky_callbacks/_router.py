@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -569,9 +570,10 @@ class _MaskedRun(DocumentRouter):
             out = self._frame_files.get(key)
             if out is None:
                 assert self._router.directory is not None and self._derived_start_uid
+                first_frame = frames[0]
                 out = self._frame_files[key] = _FramesFile(
                     self._router.directory / self._derived_start_uid, key,
-                    np.asarray(frames[0]).shape, np.asarray(frames[0]).dtype)
+                    first_frame.shape, first_frame.dtype)
                 resource = self._bundle.compose_stream_resource(
                     mimetype="application/x-hdf5", uri=out.uri, data_key=key,
                     parameters={"dataset": _FramesFile.DATASET,
@@ -658,8 +660,15 @@ class _MaskedRun(DocumentRouter):
         outs = [self._buffers.take(event_shape, dataset.dtype) for _ in range(stop - start)]
         rows = [out.reshape(-1, *frame_shape) for out in outs]
         pool = decode_pool(self._threads)
-        futures = [pool.submit(decode_chunk, chunk, rows[i // per_index][i % per_index], mask)
-                   for i, chunk in enumerate(chunks)]
+        if self._router.frames == "files" and per_index == 1:
+            # Decoded, masked and encoded again in one task: the page then
+            # carries the file's chunks (the frames never leave the thread).
+            futures = [pool.submit(_masked_chunk, chunk, rows[i][0], mask)
+                       for i, chunk in enumerate(chunks)]
+            outs = [_Encoded(f, event_shape, dataset.dtype) for f in futures]
+        else:
+            futures = [pool.submit(decode_chunk, chunk, rows[i // per_index][i % per_index],
+                                   mask) for i, chunk in enumerate(chunks)]
         self._queue.append((futures, outs, key, start, stop, page))
         self._drain(everything=False)
         return True
@@ -709,6 +718,22 @@ class _MaskedRun(DocumentRouter):
         self._emit("stop", stop)
 
 
+@dataclass(frozen=True)
+class _Encoded:
+    """A masked frame already encoded as its file chunk (on a decode thread)."""
+
+    future: Any
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def _masked_chunk(chunk: bytes, out: np.ndarray, mask: np.ndarray) -> bytes:
+    """Decode a raw chunk into ``out`` times ``mask``; that frame as a chunk again."""
+    from ._eiger import encode_chunk
+
+    return encode_chunk(decode_chunk(chunk, out, mask))
+
+
 class _FramesFile:
     """One masked data key's frames of a derived run, in an HDF5 file (SWMR).
 
@@ -739,10 +764,14 @@ class _FramesFile:
             dtype=dtype, chunks=(1, *self.frame_shape), **hdf5plugin.Bitshuffle(cname="lz4"))
         self._file.swmr_mode = True
 
-    def write(self, frames: Sequence[np.ndarray], pool: Any) -> None:
+    def write(self, frames: Sequence[Any], pool: Any) -> None:
+        """Append frames (arrays, encoded here on ``pool``, or :class:`_Encoded` chunks)."""
         from ._eiger import encode_chunk
 
-        chunks = list(pool.map(encode_chunk, frames))
+        if frames and isinstance(frames[0], _Encoded):
+            chunks = [frame.future.result() for frame in frames]
+        else:
+            chunks = list(pool.map(encode_chunk, frames))
         self._dataset.resize(self.count + len(chunks), axis=0)
         tail = (0,) * len(self.frame_shape)
         for i, chunk in enumerate(chunks):
