@@ -51,6 +51,7 @@ def product(tmp_path_factory):
     (uid,) = engine(count([det], num=FRAMES))
     engine.loop.call_soon_threadsafe(engine.loop.stop)
     engine._th.join(timeout=5)
+    engine.loop.close()
     from bluesky_callbacks import process_run
 
     process_run(uid, runs=RunStore(str(root / "runs")).reading([root / "frames"]),
@@ -58,6 +59,7 @@ def product(tmp_path_factory):
     raw = np.asarray(store[uid]["primary"][DET].read())
     node = RunStore(str(root / "processed")).open(runs=False)[uid][DET]
     yield {"node": node, "raw": raw, "mask": mask, "pattern": pattern}
+    store.context.close()
     registry.close()
 
 
