@@ -175,7 +175,9 @@ def located_store(location: str | None, kind: str, directory: Path | None = None
     return RunStore(str(Path(directory).expanduser() / kind))
 
 
-@functools.lru_cache(maxsize=16)
+# Not bounded: an evicted client would be dropped with its connections open
+# (or closed under a caller still using it). A process uses a few stores.
+@functools.cache
 def _open_store(store: RunStore, runs: bool) -> Any:
     from tiled.client import from_uri
 
