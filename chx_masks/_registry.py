@@ -1360,21 +1360,27 @@ class MaskRegistry:
         ...     reg.changed_since(seen)
         True
         """
-        with self._lock:
-            cached = self._nodes.get(CHANGES)
-        if cached is None:
-            return self._node(CHANGES, str(change + 1)) is not None
+        # One request: _node starts from the cached ``changes`` container.
+        return self._node(CHANGES, str(change + 1)) is not None
+
+    def _create_new(self, parent: Any, key: str, metadata: dict[str, Any], spec: str,
+                    action: str) -> bool:
+        """Create the container ``key``; False if it exists already (tiled's 409)."""
+        from tiled.structures.core import Spec
+
         try:
-            with self._translate("reading the change log"):
-                cached[str(change + 1)]
-        except KeyError:
+            with self._translate(action):
+                parent.create_container(key=key, metadata=metadata, specs=[Spec(spec)])
+        except ChxMasksError:
+            raise
+        except Exception as err:
+            if _status(err) != 409:
+                raise
             return False
         return True
 
     def _record_change(self, detector: str, key: str) -> None:
         """Append the next number to the change log, after the change it names."""
-        from tiled.structures.core import Spec
-
         try:
             log = self._ensure_container(CHANGES)
             last = self.last_change()
@@ -1382,18 +1388,9 @@ class MaskRegistry:
             for _ in range(_MAX_CLAIM_ATTEMPTS):
                 md = {"n": n, "order": f"{n:015d}", "detector": detector, "key": key,
                       "at": utcnow().isoformat()}
-                try:
-                    with self._translate("recording the change"):
-                        log.create_container(key=str(n), metadata=md,
-                                             specs=[Spec(CHANGE_SPEC)])
-                except ChxMasksError:
-                    raise
-                except Exception as err:
-                    if _status(err) != 409:
-                        raise
-                    n += 1
-                    continue
-                return
+                if self._create_new(log, str(n), md, CHANGE_SPEC, "recording the change"):
+                    return
+                n += 1
             raise ChxMasksError("other writers kept taking the next change number")
         except Exception as err:
             # The change itself is stored; readers that kept an older answer
@@ -1420,7 +1417,6 @@ class MaskRegistry:
     def _claim_active(
         self, node: Any, detector: str, names: tuple[str, ...], note: str | None
     ) -> ActiveSet:
-        from tiled.structures.core import Spec
 
         for _ in range(_MAX_CLAIM_ATTEMPTS):
             last = self.active_set(detector)
@@ -1434,15 +1430,8 @@ class MaskRegistry:
                 "at": at.isoformat(),
                 "created_by": self.identity,
             }
-            try:
-                with self._translate(f"recording the active set of {detector}"):
-                    node.create_container(key=str(version), metadata=md,
-                                          specs=[Spec(ACTIVE_SPEC)])
-            except ChxMasksError:
-                raise
-            except Exception as err:
-                if _status(err) != 409:
-                    raise
+            if not self._create_new(node, str(version), md, ACTIVE_SPEC,
+                                    f"recording the active set of {detector}"):
                 continue
             self._record_change(detector, f"{ACTIVE}/{version}")
             return _active_from_metadata(md)
