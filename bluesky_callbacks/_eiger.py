@@ -596,6 +596,34 @@ def decode_chunk(chunk: bytes, out: np.ndarray, mask: np.ndarray | None = None) 
     return np.multiply(frame, mask, out=out)
 
 
+def file_stem(name: str) -> str:
+    """``name`` (a data key) with only letters, digits, ``-``, ``_`` and ``.``, for a file name.
+
+    Examples
+    --------
+    >>> file_stem("eiger4m_single_image")
+    'eiger4m_single_image'
+    >>> file_stem("a/b c")
+    'a_b_c'
+    """
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def frames_dataset(file: Any, frame_shape: tuple[int, ...], dtype: Any,
+                   frames: int | None = None) -> Any:
+    """``DATA_PATH`` in an open HDF5 file: bitshuffle-LZ4, one chunk per frame.
+
+    ``frames`` frames, or none yet and growing along the first axis if None.
+    Chunks are written with ``write_direct_chunk`` and :func:`encode_chunk`.
+    """
+    frame_shape = tuple(int(n) for n in frame_shape)
+    grows = frames is None
+    return file.create_dataset(
+        DATA_PATH, shape=(0 if grows else frames, *frame_shape),
+        maxshape=(None, *frame_shape) if grows else None, dtype=np.dtype(dtype),
+        chunks=(1, *frame_shape), **_bitshuffle_lz4())
+
+
 def encode_chunk(frame: np.ndarray) -> bytes:
     """One frame as a bitshuffle-LZ4 HDF5 chunk, for ``dataset.id.write_direct_chunk``.
 

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import numpy as np
 
 from chx_masks import ChxMasksError, CompositeMask, MaskNotFoundError, MaskRegistry
+from chx_masks._registry import _status
 
 from ._frames import prepare_mask
 from ._replay import _stream_node, run_composite
@@ -407,18 +408,25 @@ def _check_readable(where: RunStore | Any, run: Any, plan: ProcessingPlan) -> No
 # ------------------------------------------------------------------ chunks
 
 
-def _masked_chunk(
+def _chunk_frames(
     source: RunStore | Any, run_uid: str, stream: str, data_key: str, start: int, stop: int,
-    mask: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """COO (coords, data) of frames [start, stop) times ``mask``, coords in the chunk."""
+) -> np.ndarray:
+    """Frames [start, stop) of a stored run, read in a task."""
     import dask
 
     run = _client(source, runs=True)[run_uid]
     # tiled reads through dask: here, inside a task, that must not go back
     # to the cluster (on a distributed worker it would by default).
     with dask.config.set(scheduler="sync"):
-        frames = np.asarray(_frames_node(run, stream, data_key)[start:stop])
+        return np.asarray(_frames_node(run, stream, data_key)[start:stop])
+
+
+def _masked_chunk(
+    source: RunStore | Any, run_uid: str, stream: str, data_key: str, start: int, stop: int,
+    mask: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """COO (coords, data) of frames [start, stop) times ``mask``, coords in the chunk."""
+    frames = _chunk_frames(source, run_uid, stream, data_key, start, stop)
     masked = frames * mask  # mask: 0/1 in the frames' dtype, prepared once per detector
     coords = np.nonzero(masked)
     width = np.uint16 if max(masked.shape, default=0) <= np.iinfo(np.uint16).max else np.uint32
@@ -430,13 +438,9 @@ def _masked_encoded(
     mask: np.ndarray,
 ) -> tuple[list[bytes], int]:
     """Frames [start, stop) times ``mask``, each as a bitshuffle-LZ4 chunk; non-zero pixels."""
-    import dask
-
     from ._eiger import encode_chunk
 
-    run = _client(source, runs=True)[run_uid]
-    with dask.config.set(scheduler="sync"):
-        frames = np.asarray(_frames_node(run, stream, data_key)[start:stop])
+    frames = _chunk_frames(source, run_uid, stream, data_key, start, stop)
     np.multiply(frames, mask, out=frames)
     return [encode_chunk(frame) for frame in frames], int(np.count_nonzero(frames))
 
@@ -545,10 +549,6 @@ def _as_result(node: Any, created: bool, seconds: float) -> ProcessedRun:
         masks=dict(md["masks"]), frames=dict(md["frames"]),
         nonzero=dict(md.get("nonzero") or {}), seconds=seconds,
     )
-
-
-def _status(err: BaseException) -> int | None:
-    return getattr(getattr(err, "response", None), "status_code", None)
 
 
 def _now() -> datetime:
@@ -825,8 +825,6 @@ def write_product(
 
 #: How a file-backed product's frames are stored (recorded in its metadata).
 FILE_ENCODING = "hdf5 bitshuffle-lz4, one chunk per frame"
-#: The dataset of a product file.
-PRODUCT_DATASET = "entry/data/data"
 
 
 def _write_detector_file(plan: ProcessingPlan, detector: _Detector, runs: Any, product: Any,
@@ -838,12 +836,13 @@ def _write_detector_file(plan: ProcessingPlan, detector: _Detector, runs: Any, p
     product that has the node has the whole file; a writer that finds it
     (having taken over from one that stopped after it) leaves it as it is.
     """
-    import hdf5plugin
     from tiled.structures.array import ArrayStructure, BuiltinDtype
     from tiled.structures.core import StructureFamily
     from tiled.structures.data_source import Asset, DataSource, Management
 
     from chx_masks._hdf5 import h5py_with_filters
+
+    from ._eiger import DATA_PATH, file_stem, frames_dataset
 
     try:
         done = product[detector.data_key]
@@ -855,8 +854,7 @@ def _write_detector_file(plan: ProcessingPlan, detector: _Detector, runs: Any, p
         return int(done.metadata["nonzero"])
     h5py = h5py_with_filters()
     directory.mkdir(parents=True, exist_ok=True)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in detector.data_key)
-    path = directory / f"{safe}.h5"
+    path = directory / f"{file_stem(detector.data_key)}.h5"
     shape = (detector.frames, *detector.event_shape)
     mask = prepare_mask(detector.composite, detector.dtype, detector.event_shape)
     if client is not None:
@@ -868,9 +866,7 @@ def _write_detector_file(plan: ProcessingPlan, detector: _Detector, runs: Any, p
     nonzero = 0
     tail = (0,) * len(detector.event_shape)
     with h5py.File(path, "w") as f:
-        dataset = f.create_dataset(
-            PRODUCT_DATASET, shape=shape, dtype=np.dtype(detector.dtype),
-            chunks=(1, *detector.event_shape), **hdf5plugin.Bitshuffle(cname="lz4"))
+        dataset = frames_dataset(f, detector.event_shape, detector.dtype, detector.frames)
         dataset.attrs["parent_uid"] = plan.run_uid
         for index, (encoded, count) in _in_flight(tasks, client, window):
             first = detector.chunks[index][0]
@@ -887,7 +883,7 @@ def _write_detector_file(plan: ProcessingPlan, detector: _Detector, runs: Any, p
         structure_family=StructureFamily.array,
         mimetype="application/x-hdf5",
         structure=structure,
-        parameters={"dataset": PRODUCT_DATASET},
+        parameters={"dataset": DATA_PATH},
         assets=[Asset(data_uri=path.as_uri().replace("file:///", "file://localhost/", 1),
                       is_directory=False, parameter="data_uris", num=0)],
         management=Management.external,

@@ -29,7 +29,15 @@ from chx_masks import (
 )
 
 from ._deadline import DEFAULT_TIMEOUT, RegistryBreaker, breaker_for
-from ._eiger import decode_chunk, decode_pool, decode_threads, raw_chunks
+from ._eiger import (
+    DATA_PATH,
+    decode_chunk,
+    decode_pool,
+    decode_threads,
+    file_stem,
+    frames_dataset,
+    raw_chunks,
+)
 from ._frames import (
     HDF5StreamReader,
     handlers,
@@ -576,7 +584,7 @@ class _MaskedRun(DocumentRouter):
                     first_frame.shape, first_frame.dtype)
                 resource = self._bundle.compose_stream_resource(
                     mimetype="application/x-hdf5", uri=out.uri, data_key=key,
-                    parameters={"dataset": _FramesFile.DATASET,
+                    parameters={"dataset": DATA_PATH,
                                 "chunk_shape": (1, *out.frame_shape)})
                 out.resource = resource
                 send("stream_resource", resource.stream_resource_doc)
@@ -742,26 +750,19 @@ class _FramesFile:
     every frame written so far.
     """
 
-    DATASET = "/entry/data/data"
-
     def __init__(self, directory: Path, key: str, frame_shape: tuple[int, ...],
                  dtype: np.dtype) -> None:
-        import hdf5plugin
-
         from chx_masks._hdf5 import h5py_with_filters
 
         h5py = h5py_with_filters()
         directory.mkdir(parents=True, exist_ok=True)
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
-        self.path = directory / f"{safe}.h5"
+        self.path = directory / f"{file_stem(key)}.h5"
         self.uri = "file://localhost" + str(self.path)
         self.frame_shape = tuple(int(n) for n in frame_shape)
         self.count = 0
         self.resource: Any = None
         self._file = h5py.File(self.path, "w", libver="latest")
-        self._dataset = self._file.create_dataset(
-            self.DATASET, shape=(0, *self.frame_shape), maxshape=(None, *self.frame_shape),
-            dtype=dtype, chunks=(1, *self.frame_shape), **hdf5plugin.Bitshuffle(cname="lz4"))
+        self._dataset = frames_dataset(self._file, self.frame_shape, dtype)
         self._file.swmr_mode = True
 
     def write(self, frames: Sequence[Any], pool: Any) -> None:
