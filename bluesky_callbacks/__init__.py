@@ -16,8 +16,10 @@ from ._provenance import MaskProvenance, mask_provenance_decorator, mask_provena
 from ._pychx import ProductFrames
 from ._replay import masked_frames, open_run_store, replay_masked, run_composite
 from ._router import MaskingRouter
+from ._stream import EigerSeriesToStream
 
 __all__ = [
+    "EigerSeriesToStream",
     "LeaseLostError",
     "MaskProvenance",
     "MaskingRouter",

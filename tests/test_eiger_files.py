@@ -23,6 +23,7 @@ from bluesky_tiled_plugins import TiledWriter
 from event_model import Filler
 
 from bluesky_callbacks import (
+    EigerSeriesToStream,
     MaskingRouter,
     MaskProvenance,
     masked_frames,
@@ -239,6 +240,82 @@ def test_stored_stream_resource_run_replays_processes_and_reads_lazily_as_raw_ti
         assert product.masks[EIGER500K]["sha256"] == composite.sha256
     finally:
         store.context.close()
+
+
+@pytest.mark.parametrize(("per_trigger", "per_file"), [(5, 2), (4, 4), (3, 100)])
+def test_stored_ad_eiger2_run_replays_processes_and_reads_lazily_as_raw_times_mask(
+    RE, reg, tmp_path, per_trigger, per_file
+):
+    # NSLS-II's ophyd Eiger (Resource/Datum, one series per trigger) stored through
+    # EigerSeriesToStream: every reading path serves it, bit-identical to raw x mask.
+    composite = _composite(reg)
+    store = open_run_store(tmp_path / "runs", readable_storage=[tmp_path / "frames"])
+    try:
+        RE.preprocessors.append(MaskProvenance(reg, masks={EIGER500K: ["gaps", "hot"]}))
+        det = SimEiger("eiger500K_single", mode="eiger", save_path=tmp_path / "frames",
+                       frames_per_trigger=per_trigger, frames_per_file=per_file)
+        live = Collector()
+        RE.subscribe(EigerSeriesToStream(TiledWriter(store)))
+        RE.subscribe(MaskingRouter(reg, live, strict=True))
+        (uid,) = RE(count([det], num=3))
+        n = 3 * per_trigger
+        expected = _expected(det, composite, n)
+        np.testing.assert_array_equal(np.concatenate(live.frames(EIGER500K)), expected)
+
+        run = store[uid]
+        stored = run["primary"][EIGER500K]
+        assert stored.shape == (3, per_trigger, *SHAPE_500K)  # events of one series each
+        np.testing.assert_array_equal(
+            stored.read().reshape(n, *SHAPE_500K),
+            np.stack([det.expected_frame(i) for i in range(n)]))
+        assert run.metadata["start"]["masks"][EIGER500K]["sha256"] == composite.sha256
+
+        replayed = Collector()
+        replay_masked(run, replayed, registry=reg)
+        assert replayed.stop()["exit_status"] == "success"
+        np.testing.assert_array_equal(
+            np.concatenate([f.reshape(-1, *SHAPE_500K) for f in replayed.frames(EIGER500K)]),
+            expected)
+
+        lazy = masked_frames(run, EIGER500K, registry=reg, frames_per_chunk=2)
+        np.testing.assert_array_equal(np.asarray(lazy.compute()).reshape(expected.shape),
+                                      expected)
+
+        product = process_run(uid, runs=store, processed=tmp_path / "processed",
+                              registry=reg, frames_per_chunk=2)
+        dense = product.dense(tmp_path / "processed", EIGER500K)
+        np.testing.assert_array_equal(dense.reshape(expected.shape), expected)
+        assert product.masks[EIGER500K]["sha256"] == composite.sha256
+    finally:
+        store.context.close()
+
+
+def test_eiger_series_documents_become_one_stream_resource_per_data_file(RE, tmp_path):
+    det = SimEiger("eiger500K_single", mode="eiger", save_path=tmp_path,
+                   frames_per_trigger=5, frames_per_file=2)
+    out = Collector()
+    RE.subscribe(EigerSeriesToStream(out))
+    RE(count([det], num=2))
+    names = [name for name, _ in out.docs]
+    assert "resource" not in names and "datum" not in names
+    assert names.count("stream_resource") == 6  # 3 data files per series
+    (descriptor,) = [doc for name, doc in out.docs if name == "descriptor"]
+    assert descriptor["data_keys"][EIGER500K]["external"] == "STREAM:"
+    assert all(EIGER500K not in doc["data"] for name, doc in out.docs if name == "event")
+    files = [Path(doc["uri"].removeprefix("file://")) for name, doc in out.docs
+             if name == "stream_resource"]
+    assert all(path.exists() for path in files)
+    assert [path.name.rsplit("_", 3)[1:] for path in files[:3]] == [
+        ["1", "data", "000001.h5"], ["1", "data", "000002.h5"], ["1", "data", "000003.h5"]]
+    ranges = [(doc["indices"]["start"], doc["indices"]["stop"]) for name, doc in out.docs
+              if name == "stream_datum"]
+    assert ranges == [(0, 0), (0, 0), (0, 1), (1, 1), (1, 1), (1, 2)]
+    # Any other detector's documents pass through unchanged.
+    other = Collector()
+    files_det = SimEiger("eiger500K_single", mode="files", save_path=tmp_path / "npy")
+    RE.subscribe(EigerSeriesToStream(other))
+    RE(count([files_det], num=2))
+    assert [name for name, _ in other.docs].count("datum") == 2
 
 
 def test_ad_eiger2_documents_replay_as_they_were_masked_live(RE, reg, tmp_path):

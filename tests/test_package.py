@@ -48,6 +48,36 @@ def test_exported_members_are_exactly_the_public_api():
         assert getattr(chx_masks, name) is not None
 
 
+BLUESKY_PUBLIC = {
+    "EigerSeriesToStream",
+    "LeaseLostError",
+    "MaskProvenance",
+    "MaskingRouter",
+    "ProcessedRun",
+    "ProcessingError",
+    "ProductFrames",
+    "RunStore",
+    "mask_provenance_decorator",
+    "mask_provenance_wrapper",
+    "masked_frames",
+    "open_run_store",
+    "plan_processing",
+    "process_run",
+    "replay_masked",
+    "run_composite",
+    "write_product",
+}
+
+
+def test_bluesky_callbacks_exports_exactly_its_public_api():
+    import bluesky_callbacks
+
+    assert set(bluesky_callbacks.__all__) == BLUESKY_PUBLIC
+    assert len(bluesky_callbacks.__all__) == len(BLUESKY_PUBLIC)
+    for name in BLUESKY_PUBLIC:
+        assert getattr(bluesky_callbacks, name) is not None
+
+
 def test_error_tree_inherits_builtins():
     import chx_masks as c
 
