@@ -21,6 +21,7 @@ it in a Prefect flow.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -230,6 +231,18 @@ class _Detector:
     dtype: str
     frames_per_chunk: int
     resolved_as_of: str | None = None
+    #: The detector files (path, dataset, frames) in order, where this process
+    #: may read them itself (the store serves them: see _direct_files).
+    files: tuple[tuple[str, str, int], ...] | None = None
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        return tuple(self.event_shape[-2:])
+
+    @property
+    def per_event(self) -> int:
+        """Frames in one stored row: 1, or an Eiger series' frames."""
+        return int(np.prod(self.event_shape[:-2], dtype=np.int64))
 
     @property
     def chunks(self) -> list[tuple[int, int]]:
@@ -342,9 +355,10 @@ def plan_processing(
         )
     expected = (stop.get("num_events") or {}).get(stream)
     detectors = []
+    nodes = {}
     for key in keys:
         composite = run_composite(start, key, registry=registry, masks=masks)
-        node = _frames_node(run, stream, key)
+        node = nodes[key] = _frames_node(run, stream, key)
         shape = tuple(int(n) for n in node.shape)
         if expected is not None and shape[0] != expected:
             raise ProcessingError(
@@ -366,11 +380,13 @@ def plan_processing(
                                    dtype.str, step, resolved))
     plan = ProcessingPlan(run_uid, stream, tuple(detectors), float(start["time"]))
     # Before a product is begun: a file refused halfway would leave it unfinished.
-    _check_readable(where, run, plan)
-    return plan
+    _check_readable(where, plan, nodes)
+    return dataclasses.replace(plan, detectors=tuple(
+        dataclasses.replace(d, files=_direct_files(nodes[d.data_key], d))
+        for d in plan.detectors))
 
 
-def _check_readable(where: RunStore | Any, run: Any, plan: ProcessingPlan) -> None:
+def _check_readable(where: RunStore | Any, plan: ProcessingPlan, nodes: Mapping[str, Any]) -> None:
     """Read one pixel of each detector: tiled checks every file of its frames then.
 
     A local store refuses a detector file outside its readable storage with
@@ -383,7 +399,7 @@ def _check_readable(where: RunStore | Any, run: Any, plan: ProcessingPlan) -> No
     for detector in plan.detectors:
         if not detector.frames:
             continue
-        node = _frames_node(run, plan.stream, detector.data_key)
+        node = nodes[detector.data_key]
         try:
             node[(0,) * len(node.shape)]
         except RuntimeError as err:
@@ -403,6 +419,53 @@ def _check_readable(where: RunStore | Any, run: Any, plan: ProcessingPlan) -> No
                 cli=f"{said}: pass --readable-storage DIR with the directory of the detector "
                     f"files (here --readable-storage {path.parent}).",
             ) from err
+
+
+def _direct_files(node: Any, detector: _Detector) -> tuple[tuple[str, str, int], ...] | None:
+    """The HDF5 files behind ``node`` if this process can read them as the store does.
+
+    Only once the store has agreed to serve them (``_check_readable``), so
+    reading them here grants nothing the store would refuse. None (read
+    through tiled) for anything but plain HDF5 datasets of whole frames
+    whose frame counts add up to the stored rows.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        (source,) = node.data_sources()
+    except Exception:  # no data sources (an older server), or several
+        return None
+    parameters = dict(source.parameters or {})
+    if (source.mimetype != "application/x-hdf5" or not parameters.get("dataset")
+            or parameters.get("slice") or parameters.get("squeeze")):
+        return None
+    assets = sorted((a for a in source.assets if a.parameter == "data_uris"),
+                    key=lambda a: a.num or 0)
+    paths = []
+    for asset in assets:
+        uri = urlsplit(asset.data_uri)
+        path = unquote(uri.path)
+        if uri.scheme != "file" or uri.netloc not in ("", "localhost") \
+                or not os.access(path, os.R_OK):
+            return None
+        paths.append(path)
+    from chx_masks._hdf5 import h5py_with_filters
+
+    h5py = h5py_with_filters()
+    files = []
+    try:
+        for path in paths:
+            with h5py.File(path, "r") as f:
+                dataset = f[parameters["dataset"]]
+                if (tuple(dataset.shape[1:]) != detector.frame_shape
+                        or dataset.dtype != np.dtype(detector.dtype)):
+                    return None
+                files.append((path, parameters["dataset"], int(dataset.shape[0])))
+    except (OSError, KeyError):
+        return None
+    if not files or sum(n for *_, n in files) != detector.frames * detector.per_event:
+        return None
+    return tuple(files)
 
 
 # ------------------------------------------------------------------ chunks
@@ -437,12 +500,53 @@ def _masked_encoded(
     source: RunStore | Any, run_uid: str, stream: str, data_key: str, start: int, stop: int,
     mask: np.ndarray,
 ) -> tuple[list[bytes], int]:
-    """Frames [start, stop) times ``mask``, each as a bitshuffle-LZ4 chunk; non-zero pixels."""
+    """Rows [start, stop) times ``mask``, each frame a bitshuffle-LZ4 chunk; non-zero pixels."""
     from ._eiger import encode_chunk
 
     frames = _chunk_frames(source, run_uid, stream, data_key, start, stop)
     np.multiply(frames, mask, out=frames)
-    return [encode_chunk(frame) for frame in frames], int(np.count_nonzero(frames))
+    flat = frames.reshape(-1, *frames.shape[-2:])
+    return [encode_chunk(frame) for frame in flat], int(np.count_nonzero(frames))
+
+
+def _direct_encoded(
+    files: tuple[tuple[str, str, int], ...], start: int, stop: int, mask: np.ndarray,
+    dtype: str,
+) -> tuple[list[bytes], int]:
+    """Frames [start, stop) of ``files`` (concatenated) times ``mask``, each a chunk.
+
+    Read from the detector files themselves, one frame at a time: a
+    bitshuffle-LZ4 chunk is decoded, masked and encoded again off HDF5's
+    lock (so tasks run in parallel on threads), and only the encoded frames
+    are kept, so a task holds one decoded frame however many it covers.
+    """
+    from chx_masks._hdf5 import h5py_with_filters
+
+    from ._eiger import decodable, decode_chunk, encode_chunk
+
+    h5py = h5py_with_filters()
+    out = np.empty(mask.shape, dtype)
+    chunks: list[bytes] = []
+    nonzero = 0
+    first = 0
+    for path, name, count in files:
+        a, b = max(start, first), min(stop, first + count)
+        if a < b:
+            with h5py.File(path, "r") as f:
+                dataset = f[name]
+                raw = decodable(dataset)
+                for i in range(a - first, b - first):
+                    if raw:
+                        decode_chunk(dataset.id.read_direct_chunk((i, 0, 0))[1], out, mask)
+                    else:
+                        dataset.read_direct(out, np.s_[i])
+                        np.multiply(out, mask, out=out)
+                    chunks.append(encode_chunk(out))
+                    nonzero += int(np.count_nonzero(out))
+        first += count
+        if first >= stop:
+            break
+    return chunks, nonzero
 
 
 def _in_flight(
@@ -856,28 +960,38 @@ def _write_detector_file(plan: ProcessingPlan, detector: _Detector, runs: Any, p
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{file_stem(detector.data_key)}.h5"
     shape = (detector.frames, *detector.event_shape)
-    mask = prepare_mask(detector.composite, detector.dtype, detector.event_shape)
+    per_event = detector.per_event
+    direct = detector.files is not None and client is None
+    mask = prepare_mask(detector.composite, detector.dtype,
+                        detector.frame_shape if direct else detector.event_shape)
     if client is not None:
         [mask] = client.scatter([mask], broadcast=True)
-    args = [(_masked_encoded, (runs, plan.run_uid, plan.stream, detector.data_key, a, b, mask))
-            for a, b in detector.chunks]
+    if direct:
+        args = [(_direct_encoded, (detector.files, a * per_event, b * per_event, mask,
+                                   detector.dtype)) for a, b in detector.chunks]
+    else:
+        args = [(_masked_encoded, (runs, plan.run_uid, plan.stream, detector.data_key, a, b,
+                                   mask)) for a, b in detector.chunks]
     tasks: Sequence[Any] = args if client is not None else [
         functools.partial(fn, *a) for fn, a in args]
     nonzero = 0
-    tail = (0,) * len(detector.event_shape)
+    # The file holds frames, (rows x frames per row, rows, cols), one chunk each,
+    # as the Eiger writes them; tiled serves it in the run's shape.
     with h5py.File(path, "w") as f:
-        dataset = frames_dataset(f, detector.event_shape, detector.dtype, detector.frames)
+        dataset = frames_dataset(f, detector.frame_shape, detector.dtype,
+                                 detector.frames * per_event)
         dataset.attrs["parent_uid"] = plan.run_uid
         for index, (encoded, count) in _in_flight(tasks, client, window):
-            first = detector.chunks[index][0]
+            first = detector.chunks[index][0] * per_event
             for i, chunk in enumerate(encoded):
-                dataset.id.write_direct_chunk((first + i, *tail), chunk)
+                dataset.id.write_direct_chunk((first + i, 0, 0), chunk)
             nonzero += count
             on_block()
     structure = ArrayStructure(
         data_type=BuiltinDtype.from_numpy_dtype(np.dtype(detector.dtype)),
         shape=shape,
-        chunks=((1,) * detector.frames, *((n,) for n in detector.event_shape)),
+        chunks=((1,) * detector.frames, *((1,) * n for n in detector.event_shape[:-2]),
+                *((n,) for n in detector.frame_shape)),
     )
     source = DataSource(
         structure_family=StructureFamily.array,

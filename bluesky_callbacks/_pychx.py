@@ -101,14 +101,18 @@ class ProductFrames:
 
             h5 = h5py_with_filters().File(self.filename, "r")
             dataset = h5[self.node.data_sources()[0].parameters["dataset"]]
-            self._dataset = (h5, dataset, decodable(dataset) and self._one_per_chunk)
-        _, dataset, fast = self._dataset
+            # Products hold frames, (frames, rows, cols); older ones the run's shape.
+            flat = dataset.ndim == 3
+            self._dataset = (h5, dataset, flat,
+                             decodable(dataset) and (flat or self._one_per_chunk))
+        _, dataset, flat, fast = self._dataset
+        where = (n,) if flat else index
         if fast:
             from ._eiger import decode_chunk
 
-            chunk = dataset.id.read_direct_chunk((index[0],) + (0,) * (dataset.ndim - 1))[1]
+            chunk = dataset.id.read_direct_chunk((where[0],) + (0,) * (dataset.ndim - 1))[1]
             return decode_chunk(chunk, self._buffer)
-        dataset.read_direct(self._buffer, index)
+        dataset.read_direct(self._buffer, where)
         return self._buffer
 
     def rdrawframe(self, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -28,6 +28,7 @@ from bluesky_callbacks import (
     MaskProvenance,
     masked_frames,
     open_run_store,
+    plan_processing,
     process_run,
     replay_masked,
 )
@@ -281,13 +282,27 @@ def test_stored_ad_eiger2_run_replays_processes_and_reads_lazily_as_raw_times_ma
         np.testing.assert_array_equal(np.asarray(lazy.compute()).reshape(expected.shape),
                                       expected)
 
+        # Processing in this process reads the data files themselves, in series order.
+        (planned,) = plan_processing(uid, runs=store, registry=reg).detectors
+        names = [Path(path).name.split("_", 3)[-1] for path, _, _ in planned.files]
+        assert names == [f"{seq}_data_{k:06d}.h5" for seq in (1, 2, 3)
+                         for k in range(1, -(-per_trigger // per_file) + 1)]
+        assert sum(count for *_, count in planned.files) == n
         product = process_run(uid, runs=store, processed=tmp_path / "processed",
                               registry=reg, frames_per_chunk=2)
         dense = product.dense(tmp_path / "processed", EIGER500K)
         np.testing.assert_array_equal(dense.reshape(expected.shape), expected)
         assert product.masks[EIGER500K]["sha256"] == composite.sha256
+        with h5py.File(product_file(tmp_path / "processed", uid), "r") as f:
+            assert f[DATA_PATH].shape == (n, *SHAPE_500K)  # frames, one chunk each
+            assert f[DATA_PATH].chunks == (1, *SHAPE_500K)
     finally:
         store.context.close()
+
+
+def product_file(processed, uid):
+    (path,) = Path(processed, "data", "products", uid).rglob("*.h5")
+    return path
 
 
 def test_eiger_series_documents_become_one_stream_resource_per_data_file(RE, tmp_path):

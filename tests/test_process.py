@@ -108,6 +108,9 @@ def test_threads_product_equals_raw_times_composite_with_provenance(site, tmp_pa
     stored = node[DET]
     assert stored.metadata["encoding"] == FILE_ENCODING  # a local store keeps files
     assert stored.structure().chunks[0] == (1,) * FRAMES  # one chunk a frame
+    # Inline frames (stored inside tiled) are read through tiled, not as files.
+    assert all(d.files is None for d in plan_processing(
+        uid, runs=site["runs"], registry=site["registry"]).detectors)
     dense_frames = dense(stored)
     expected = _expected(site, uid)
     assert dense_frames.dtype == expected.dtype == np.uint32
