@@ -118,6 +118,89 @@ def check_name(value: Any, what: str = "mask name") -> str:
 
 #: The largest metadata (as JSON) stored with one mask version.
 MAX_METADATA_BYTES = 256 * 1024
+#: The deepest nesting of dicts and lists kept in metadata.
+MAX_METADATA_DEPTH = 32
+#: Integers that every catalog (SQLite, PostgreSQL) stores and serves back: int64.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: Floats from this magnitude on come back from PostgreSQL's JSON as integers
+#: (it writes 1e+20 as 100000000000000000000), and past 2**64 not at all.
+FLOAT_MAX = 1e16
+
+
+def check_storable(value: Any, where: str = "metadata") -> None:
+    """Refuse, naming where, a JSON value that some catalog would not serve back equal.
+
+    Every catalog must give back what was stored: integers within int64,
+    floats below 1e16 in magnitude (larger ones come back from PostgreSQL as
+    integers, or not at all), strings of valid Unicode without NUL (which
+    PostgreSQL refuses), string keys at every level, at most
+    :data:`MAX_METADATA_DEPTH` levels of nesting. Other types are left to the
+    JSON check that follows.
+
+    Examples
+    --------
+    >>> check_storable({"flux": 2e12, "runs": [1, 2**40]})
+    >>> try:
+    ...     check_storable({"flux": 1e20})
+    ... except ValueError as err:
+    ...     print(str(err)[:49])
+    metadata['flux'] = 1e+20 cannot be stored exactly
+    """
+    # (value, where it is, depth, where its top-level entry is); no recursion, so
+    # any depth is refused, not a RecursionError.
+    stack: list[tuple[Any, str, int, str]] = [(value, where, 0, where)]
+    while stack:
+        item, at, depth, top = stack.pop()
+        if depth == 1:
+            top = at
+        if isinstance(item, Mapping) or isinstance(item, (list, tuple)):
+            if depth >= MAX_METADATA_DEPTH:
+                raise MaskValidationError(
+                    f"{top} is nested more than {MAX_METADATA_DEPTH} levels deep: flatten it "
+                    "(or store it as a string)."
+                )
+            if isinstance(item, Mapping):
+                for key, child in item.items():
+                    if not isinstance(key, str):
+                        raise MaskValidationError(
+                            f"{at} has key {key!r} of type {type(key).__name__}: keys must be "
+                            "strings at every level."
+                        )
+                    _check_text(key, f"the key {key!r} of {at}")
+                    stack.append((child, f"{at}[{key!r}]", depth + 1, top))
+            else:
+                stack.extend((child, f"{at}[{i}]", depth + 1, top)
+                             for i, child in enumerate(item))
+        elif isinstance(item, str):
+            _check_text(item, at)
+        elif isinstance(item, bool) or item is None:
+            continue
+        elif isinstance(item, int):
+            if not INT64_MIN <= item <= INT64_MAX:
+                raise MaskValidationError(
+                    f"{at} = {item} is outside the integers every catalog stores (int64, "
+                    f"{INT64_MIN} to {INT64_MAX}). Store it as a string or in other units."
+                )
+        elif isinstance(item, float) and math.isfinite(item) and abs(item) >= FLOAT_MAX:
+            raise MaskValidationError(
+                f"{at} = {item!r} cannot be stored exactly: numbers must be integers within "
+                f"int64 or floats below 1e16 in magnitude. Store it as a string ('{item!r}') "
+                "or in other units."
+            )
+
+
+def _check_text(text: str, at: str) -> None:
+    if "\x00" in text:
+        raise MaskValidationError(
+            f"{at} contains a NUL character (\\x00), which the catalog cannot store: remove it."
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise MaskValidationError(
+            f"{at} is not valid Unicode (a lone surrogate {text[err.start]!r} at position "
+            f"{err.start}); decode the bytes it came from with the right encoding."
+        ) from None
 
 
 def check_metadata(metadata: Any) -> dict[str, Any]:
@@ -152,6 +235,7 @@ def check_metadata(metadata: Any) -> dict[str, Any]:
                 cli=f"{said} in searches, so give a JSON object instead, e.g. "
                 "-m 'sample={\"name\": \"silica\"}'.",
             )
+    check_storable(dict(metadata))
     try:
         text = json.dumps(dict(metadata), allow_nan=False)
     except (TypeError, ValueError) as err:
@@ -284,7 +368,13 @@ def to_datetime(value: Any, what: str = "as_of") -> datetime:
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise MaskValidationError(f"{what}={value!r} is not a finite time.")
-        return datetime.fromtimestamp(value, timezone.utc)
+        try:
+            return datetime.fromtimestamp(value, timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            raise MaskValidationError(
+                f"{what}={value!r} seconds is outside the times a datetime holds (years 1 "
+                "to 9999): give a time such as '2026-11-25T10:00:00'."
+            ) from None
     elif isinstance(value, str):
         try:
             dt = datetime.fromisoformat(value)
@@ -299,6 +389,12 @@ def to_datetime(value: Any, what: str = "as_of") -> datetime:
             f"{what} must be a datetime, ISO 8601 string or POSIX seconds, not "
             f"{type(value).__name__}."
         )
-    if dt.tzinfo is None:
-        dt = dt.astimezone()
-    return dt.astimezone(timezone.utc)
+    try:
+        if dt.tzinfo is None:
+            dt = dt.astimezone()
+        return dt.astimezone(timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        raise MaskValidationError(
+            f"{what}={value!r} cannot be converted to UTC (too close to year 1 or 9999): "
+            "give a time such as '2026-11-25T10:00:00'."
+        ) from None

@@ -45,6 +45,7 @@ import numpy as np
 from ._content import (
     check_metadata,
     check_name,
+    check_storable,
     coerce_mask,
     mask_sha256,
     shape_str,
@@ -1189,6 +1190,7 @@ class MaskRegistry:
             self._resolve(detector, names)
         if note is not None and not isinstance(note, str):
             raise MaskValidationError(f"note must be a string, not {type(note).__name__}.")
+        check_storable(note, "note")
         container = self._ensure_container(ACTIVE)
         node = self._active_node(detector)
         if node is None:
@@ -2118,9 +2120,16 @@ def check_query(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
         raise MaskValidationError(
             f"metadata must be a dict of key: value to match, not {type(metadata).__name__}."
         )
-    for key in metadata:
+    for key, value in metadata.items():
         if not isinstance(key, str) or not key.strip():
             raise MaskValidationError(f"Search keys must be non-empty strings, not {key!r}.")
+        if isinstance(value, Mapping):
+            raise MaskValidationError(
+                f"Search value for {key!r} is a dict; a search compares single values: "
+                f"reach into it with dotted keys, e.g. {{'{key}.{next(iter(value), 'name')}': "
+                "...}."
+            )
+        check_storable(value, f"the search value for {key!r}")
     try:
         json.dumps(dict(metadata), allow_nan=False)
     except (TypeError, ValueError) as err:

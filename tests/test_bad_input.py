@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from metadata_cases import KEPT as KEPT_METADATA
+from metadata_cases import REFUSED as REFUSED_METADATA
+from metadata_cases import nested
 
 from chx_masks import (
     ChxMasksError,
@@ -667,6 +670,78 @@ def test_unparseable_as_of(registry, base):
             for as_of in ("yesterday", "2026-13-45", "2026-11-25 25:00")
         ],
     )
+
+
+def test_as_of_outside_the_calendar(registry, base):
+    import datetime
+
+    check_refusals(
+        registry,
+        [
+            (
+                f"{lookup} {as_of!r}",
+                MaskValidationError,
+                lambda lookup=lookup, as_of=as_of: getattr(registry, lookup)(
+                    DET, ["base"] if "composite" in lookup else "base", as_of=as_of
+                ),
+                "as_of=",
+                "'2026-11-25T10:00:00'",
+            )
+            for lookup in ("get_mask", "get_mask_uid", "resolve_composite")
+            for as_of in (1e20, -1e20, 2**70, datetime.datetime(1, 1, 1),
+                          "0001-01-01T00:00:00")
+        ],
+    )
+    # The calendar's last minute is a time like any other.
+    late = registry.get_mask_uid(DET, "base", as_of=datetime.datetime(
+        9999, 12, 31, 23, 59, tzinfo=datetime.timezone.utc))
+    assert late == base
+
+
+def test_search_values_that_cannot_be_compared_are_refused(registry, base):
+    check_refusals(
+        registry,
+        [
+            (label, MaskValidationError,
+             lambda query=query: registry.search(metadata=query), fragment)
+            for label, query, fragment in (
+                ("nested dict", {"sample": {"name": "x"}}, "'sample.name'"),
+                ("huge int", {"n": 2**70}, "int64"),
+                ("huge float", {"flux": 1e300}, "1e16"),
+                ("NUL", {"note": "a\x00"}, "NUL"),
+                ("lone surrogate", {"note": "\udc80"}, "surrogate"),
+                ("deep list", {"a": nested(300)}, "levels"),
+                ("set", {"a": {1, 2}}, "JSON values"),
+            )
+        ],
+    )
+    assert [r.uid for r in registry.search(metadata={"n": 2**63 - 1})] == []
+
+
+def test_metadata_at_the_edges_is_refused_and_writes_nothing(registry, base):
+    check_refusals(
+        registry,
+        [
+            (label, MaskValidationError,
+             lambda md=md: registry.register_mask(DET, "edge", ones(), metadata=md),
+             "metadata", fragment)
+            for label, md, fragment in REFUSED_METADATA
+        ],
+    )
+
+
+def test_metadata_at_the_edges_reads_back_exactly_from_the_embedded_catalog(embedded_dir):
+    from chx_masks import MaskRegistry
+
+    with MaskRegistry.embedded(embedded_dir) as writer:
+        uids = {label: writer.register_mask(DET, f"kept{i}", random_mask(seed=i),
+                                            metadata=md)
+                for i, (label, md) in enumerate(KEPT_METADATA)}
+    with MaskRegistry.embedded(embedded_dir, disk_cache=False) as reader:
+        wrong = {label: reader.describe(uids[label]).metadata
+                 for label, md in KEPT_METADATA
+                 if dict(reader.describe(uids[label]).metadata) != md}
+    assert not wrong
 
 
 def test_version_and_as_of_together(registry, base):

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import metadata_cases
 import numpy as np
 import pytest
 import servers
@@ -316,6 +317,47 @@ BAD_INPUTS = [
     ("register an existing name", MaskExistsError,
      lambda r, n: r.register_mask(DET, n, servers.numbered_mask(1)), "<name>"),
 ]
+
+
+def test_metadata_at_the_edges_reads_back_exactly_or_is_refused_on_every_catalog(deployed):
+    """What a writer registers reads back equal from SQLite and PostgreSQL, or is refused.
+
+    PostgreSQL turns 1e20 into the integer 100000000000000000000 and cannot
+    serve integers past 2**64 at all: such values must never be stored.
+    """
+    writer = deployed.registry(deployed.writer_key)
+    reader = deployed.registry(deployed.reader_key)
+    prefix = unique("edge")
+    uids = {label: writer.register_mask(DET, f"{prefix}-{i}", servers.numbered_mask(50 + i),
+                                        metadata=md)
+            for i, (label, md) in enumerate(metadata_cases.KEPT)}
+    changed = {label: dict(reader.describe(uids[label]).metadata)
+               for label, md in metadata_cases.KEPT
+               if dict(reader.describe(uids[label]).metadata) != md}
+    found = reader.search(metadata={"n": 2**63 - 1})
+    failures = []
+    before = _state(writer, f"{prefix}-0")
+    for label, md, fragment in metadata_cases.REFUSED:
+        try:
+            writer.register_mask(DET, f"{prefix}-refused", servers.numbered_mask(1),
+                                 metadata=md)
+        except MaskValidationError as err:
+            if fragment not in str(err):
+                failures.append(f"{label}: message lacks {fragment!r}: {err}")
+        except Exception as err:
+            failures.append(f"{label}: {type(err).__name__} instead of MaskValidationError")
+        else:
+            failures.append(f"{label}: stored")
+    assert _state(writer, f"{prefix}-0") == before
+    with pytest.raises(MaskNotFoundError):
+        reader.get_mask_uid(DET, f"{prefix}-refused")
+    writer.close()
+    reader.close()
+    assert not changed, changed
+    assert not failures, "\n".join(failures)
+    assert [r.uid for r in found] == [uids["int64 max"]]
+    _figures(deployed.backend)["metadata edge cases kept / refused"] = (
+        f"{len(metadata_cases.KEPT)} / {len(metadata_cases.REFUSED)}")
 
 
 def test_bad_input_on_the_shared_server_is_refused_and_writes_nothing(deployed):
