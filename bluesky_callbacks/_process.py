@@ -90,11 +90,23 @@ class RunStore:
     RunStore(location='/data/chx/runs', readable_storage=())
     >>> RunStore("http://127.0.0.1:8000/api/v1/runs", api_key="s3cret")
     RunStore(location='http://127.0.0.1:8000/api/v1/runs', readable_storage=())
+    >>> RunStore("http://127.0.0.1:8000/api/v1/runs?api_key=s3cret")
+    RunStore(location='http://127.0.0.1:8000/api/v1/runs', readable_storage=())
     """
 
     location: str
     api_key: str | None = field(default=None, repr=False)
     readable_storage: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # A key given in the URI (``?api_key=``, as $CHX_MASKS_RUNS_URI may hold it)
+        # moves to api_key, so that no repr, message or log line shows it.
+        if self.remote:
+            from chx_masks._registry import _split_api_key
+
+            location, api_key = _split_api_key(self.location, self.api_key)
+            object.__setattr__(self, "location", location)
+            object.__setattr__(self, "api_key", api_key)
 
     @property
     def remote(self) -> bool:

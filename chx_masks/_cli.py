@@ -55,6 +55,21 @@ class _Group(click.Group):
             raise _Failure(message) from err
 
 
+def _read_key_file(path: Path) -> str:
+    """The first line of ``path``, stripped: an API key kept out of the process list."""
+    try:
+        lines = path.expanduser().read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise click.BadParameter(f"cannot read {path}: {err.__class__.__name__}: "
+                                 f"{getattr(err, 'strerror', None) or err}",
+                                 param_hint="--api-key-file") from None
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise click.BadParameter(f"{path} is empty; put the API key on its first line.",
+                                 param_hint="--api-key-file")
+    return key
+
+
 class _State:
     """The options every command shares; the registry opens on first use."""
 
@@ -112,20 +127,27 @@ pass_state = click.make_pass_decorator(_State)
 @click.option("--uri", metavar="URI", default=None,
               help="tiled URI of the registry container (default: $CHX_MASKS_URI).")
 @click.option("--api-key", metavar="KEY", default=None,
-              help="API key for --uri (default: $CHX_MASKS_API_KEY).")
+              help="API key for --uri (default: $CHX_MASKS_API_KEY). Other users of the "
+              "machine see it in `ps`: prefer $CHX_MASKS_API_KEY or --api-key-file.")
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Read the API key for --uri from this file (its first line).")
 @click.option("--profile", metavar="NAME", default=None,
               help="A tiled profile naming the registry (default: $CHX_MASKS_PROFILE).")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="An embedded registry in this directory "
               "(default: $CHX_MASKS_DIR or the user data directory).")
 @click.pass_context
-def main(ctx: click.Context, uri: str | None, api_key: str | None, profile: str | None,
-         directory: Path | None) -> None:
+def main(ctx: click.Context, uri: str | None, api_key: str | None,
+         api_key_file: Path | None, profile: str | None, directory: Path | None) -> None:
     """Detector masks for CHX: a versioned registry on tiled.
 
     A mask is True where a pixel is kept. Every version has a uid that
     resolves forever; names are (detector, name) lineages with versions.
     """
+    if api_key_file is not None:
+        if api_key is not None:
+            raise click.UsageError("Give --api-key or --api-key-file, not both.")
+        api_key = _read_key_file(api_key_file)
     state = _State(uri, api_key, profile, directory)
     ctx.obj = state
     ctx.call_on_close(state.close)
@@ -1070,7 +1092,8 @@ def generate_polygon(state: _State, detector: str, name: str,
               "deploy/tiled-config.yml: PostgreSQL, accounts, API keys with scopes).")
 @click.option("--api-key", "server_key", metavar="KEY", envvar="TILED_SINGLE_USER_API_KEY",
               show_envvar=True, default=None,
-              help="The key clients must give (default: generated and printed once).")
+              help="The key clients must give (default: generated and printed once). "
+              "Given as a flag it shows in `ps`: prefer the environment variable.")
 @click.option("--public", is_flag=True,
               help="Anyone who can connect may read without a key (writing still needs one).")
 @pass_state
