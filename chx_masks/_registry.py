@@ -831,7 +831,8 @@ class MaskRegistry:
             names = [detector]
         else:
             container = self._container(DETECTORS)
-            names = [] if container is None else list(self._keys(container))
+            with self._translate("listing detectors"):
+                names = [] if container is None else list(self._keys(container))
         rows: list[tuple[datetime, str, str]] = []
         for det in names:
             for name, slots in self._slots(det).items():

@@ -195,3 +195,78 @@ def test_outage_costs_a_scan_one_timeout_and_runs_are_masked_once_it_answers(
     finally:
         factory.close()
         server.stop()
+
+
+def test_every_registry_call_on_a_frozen_server_fails_in_the_error_tree(tmp_path, monkeypatch,
+                                                                       capsys):
+    """A server stopped mid-session (SIGSTOP): each public call gives up with a ChxMasksError.
+
+    The bound on such a call is tiled's own retry budget ($TILED_RETRY_TIMEOUT,
+    45 s by default), shortened here so that the table runs in a minute.
+    """
+    import os
+    import signal
+
+    import tiled.client.utils
+
+    from chx_masks import ChxMasksError, RegistryUnavailableError
+    from conftest import ServerProcess
+
+    budget = 2.0
+    monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_TIMEOUT", budget)
+    server = ServerProcess(tmp_path / "server")
+    try:
+        from tiled.client import from_uri
+
+        root = from_uri(server.uri, api_key=server.api_key)
+        root.create_container(key="reg")
+        root.context.close()
+        reg = MaskRegistry.from_uri(f"{server.uri}/metadata/reg", api_key=server.api_key,
+                                    timeout=TIMEOUT, disk_cache=False)
+        uid = reg.register_mask(EIGER500K, "a", random_mask(seed=1))
+        reg.activate(EIGER500K, ["a"])
+        os.kill(server.process.pid, signal.SIGSTOP)
+        ones = np.ones((514, 1030), bool)
+        calls = {
+            "get_mask": lambda: reg.get_mask(EIGER500K, "a"),
+            "get_mask_uid": lambda: reg.get_mask_uid(EIGER500K, "a"),
+            "get_mask_by_uid": lambda: reg.get_mask_by_uid(uid).compute(),
+            "describe": lambda: reg.describe(uid),
+            "history": lambda: reg.history(EIGER500K, "a"),
+            "search": lambda: reg.search(detector=EIGER500K),
+            "get_masks": lambda: reg.get_masks(),
+            "register_mask": lambda: reg.register_mask(EIGER500K, "b", ones),
+            "update_mask": lambda: reg.update_mask(EIGER500K, "a", ones),
+            "delete_mask": lambda: reg.delete_mask(EIGER500K, "a"),
+            "activate": lambda: reg.activate(EIGER500K, ["a"]),
+            "active_set": lambda: reg.active_set(EIGER500K),
+            "resolve_composite": lambda: reg.resolve_composite(EIGER500K, ["a"]),
+            "composite_from_uids": lambda: reg.composite_from_uids([uid]),
+            "detectors": lambda: reg.detectors(),
+            "register_detector": lambda: reg.register_detector("pilatus_x_image", (5, 6)),
+            "from_uri": lambda: MaskRegistry.from_uri(f"{server.uri}/metadata/reg",
+                                                      api_key=server.api_key, timeout=TIMEOUT),
+        }
+        wrong, slowest = [], 0.0
+        for name, call in calls.items():
+            began = time.monotonic()
+            try:
+                call()
+            except ChxMasksError as err:
+                if not isinstance(err, RegistryUnavailableError):
+                    wrong.append(f"{name}: {type(err).__name__}: {err}")
+            except Exception as err:  # noqa: BLE001 - the table reports what escaped
+                wrong.append(f"{name}: outside the tree: {type(err).__name__}: {err}")
+            else:
+                wrong.append(f"{name}: returned")
+            slowest = max(slowest, time.monotonic() - began)
+        reg.close()
+        assert not wrong, "\n".join(wrong)
+        # Each request waits its timeout once per attempt within tiled's budget.
+        assert slowest < budget + 2 * TIMEOUT + 2.0, slowest
+        SUMMARY.setdefault("frozen server (SIGSTOP), every public call", {}).update(
+            {"calls": len(calls), "slowest s": round(slowest, 2),
+             "TILED_RETRY_TIMEOUT s": budget})
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+        server.stop()
