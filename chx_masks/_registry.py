@@ -30,6 +30,7 @@ import operator
 import os
 import re
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -225,9 +226,11 @@ class MaskRegistry:
         api_key : str, optional
             A tiled API key; never shown in messages, reprs or logs.
         timeout : float
-            Seconds to wait for any one request, and for the connection as a
-            whole (tiled's retries of a server that does not answer
-            included), before giving up.
+            Seconds to wait for any one request, for the connection as a
+            whole, and for each step of a call once the server has stopped
+            answering (tiled's own retries, up to ``$TILED_RETRY_TIMEOUT``,
+            stop there), before giving up with RegistryUnavailableError. A
+            server that answers, however slowly, is waited for.
         disk_cache : path, None or False
             Local copies of arrays read before (see `MaskRegistry`).
 
@@ -268,6 +271,7 @@ class MaskRegistry:
                             "--api-key on the command line) to a key from the facility."
                         )
                     client = from_context(context, node_path_parts=path, remember_me=False)
+                    _bound_retries(context, timeout)
             except BaseException as err:
                 if isinstance(context, Context):
                     context.close()
@@ -2302,15 +2306,87 @@ def _detail(err: Any) -> str:
     return detail.strip().rstrip(".") if isinstance(detail, str) else ""
 
 
+class _Step:
+    """One registry step on this thread: when it began, and whether a request failed."""
+
+    __slots__ = ("began", "failed")
+
+    def __init__(self) -> None:
+        self.began = time.monotonic()
+        self.failed = False
+
+
+_steps = threading.local()
+
+
+class _GaveUp(Exception):
+    """A retry refused: the step already failed and ran past the registry's timeout.
+
+    Not an ``httpx.HTTPError``, so tiled does not retry it in turn.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no answer within {seconds:g} s")
+        self.seconds = seconds
+
+
+class _BoundedTransport:
+    """The HTTP transport of a server registry: retries stop at the registry's timeout.
+
+    tiled retries a server that does not answer for up to its own budget
+    ($TILED_RETRY_TIMEOUT, 45 s). Once a request of the current step has
+    failed (no connection, no answer) and the step has lasted ``timeout``
+    seconds, the next attempt is refused, so that every call gives up
+    within about ``timeout`` plus one request. A server that answers, however
+    slowly, is never cut off.
+    """
+
+    def __init__(self, inner: Any, timeout: float) -> None:
+        self.inner, self.timeout = inner, timeout
+
+    def handle_request(self, request: Any) -> Any:
+        import httpx
+
+        step = getattr(_steps, "current", None)
+        if step is not None and step.failed and time.monotonic() - step.began >= self.timeout:
+            raise _GaveUp(self.timeout)
+        try:
+            return self.inner.handle_request(request)
+        except (httpx.TimeoutException, httpx.NetworkError):
+            if step is not None:
+                step.failed = True
+            raise
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _bound_retries(context: Any, timeout: float) -> None:
+    """Put :class:`_BoundedTransport` under tiled's caching transport of ``context``."""
+    outer = getattr(context.http_client, "_transport", None)
+    inner = getattr(outer, "transport", None)
+    if inner is not None and hasattr(inner, "handle_request"):
+        outer.transport = _BoundedTransport(inner, timeout)
+
+
 @contextmanager
 def _translate(action: str, location: str) -> Iterator[None]:
     """Turn transport and authorization failures into registry errors."""
     import httpx
 
+    outermost = getattr(_steps, "current", None) is None
+    if outermost:
+        _steps.current = _Step()
     try:
         yield
     except ChxMasksError:
         raise
+    except _GaveUp as err:
+        raise RegistryUnavailableError(
+            f"Cannot reach the mask registry at {location} while {action} (no answer "
+            f"within {err.seconds:g} s). Check that the tiled server at {location} is "
+            "running and reachable."
+        ) from None
     except httpx.HTTPStatusError as err:
         code = _status(err)
         if code in (401, 403):
@@ -2329,3 +2405,6 @@ def _translate(action: str, location: str) -> Iterator[None]:
             f"({type(err).__name__}). Check that the tiled server at {location} is "
             "running and reachable."
         ) from err
+    finally:
+        if outermost:
+            _steps.current = None
