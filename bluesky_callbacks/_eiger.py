@@ -647,6 +647,23 @@ def encode_chunk(frame: np.ndarray) -> bytes:
     return header + body.tobytes()
 
 
+def remask_chunk(chunk: bytes, out: np.ndarray, mask: np.ndarray) -> bytes:
+    """Decode a raw chunk into ``out`` times ``mask``; that frame as a chunk again.
+
+    The GIL is released in each step, so frames are re-encoded in parallel.
+
+    Examples
+    --------
+    >>> frame = np.arange(12, dtype=np.uint32).reshape(3, 4)
+    >>> mask = np.ones_like(frame); mask[0] = 0
+    >>> out = np.empty_like(frame)
+    >>> again = remask_chunk(encode_chunk(frame), out, mask)
+    >>> int(out.sum()), bool((decode_chunk(again, np.empty_like(frame)) == out).all())
+    (60, True)
+    """
+    return encode_chunk(decode_chunk(chunk, out, mask))
+
+
 def raw_chunks(dataset: Any, start: int, stop: int) -> list[bytes]:
     """The stored chunks of frames ``start:stop`` (read in order, not decoded)."""
     tail = (0,) * (len(dataset.shape) - 1)

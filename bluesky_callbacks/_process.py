@@ -534,7 +534,7 @@ def _direct_encoded(
     """
     from chx_masks._hdf5 import h5py_with_filters
 
-    from ._eiger import decodable, decode_chunk, encode_chunk
+    from ._eiger import decodable, encode_chunk, raw_chunks, remask_chunk
 
     h5py = h5py_with_filters()
     out = np.empty(mask.shape, dtype)
@@ -542,22 +542,20 @@ def _direct_encoded(
     nonzero = 0
     first = 0
     for path, name, count in files:
-        a, b = max(start, first), min(stop, first + count)
-        if a < b:
-            with h5py.File(path, "r") as f:
-                dataset = f[name]
-                raw = decodable(dataset)
-                for i in range(a - first, b - first):
-                    if raw:
-                        decode_chunk(dataset.id.read_direct_chunk((i, 0, 0))[1], out, mask)
-                    else:
-                        dataset.read_direct(out, np.s_[i])
-                        np.multiply(out, mask, out=out)
-                    chunks.append(encode_chunk(out))
-                    nonzero += int(np.count_nonzero(out))
+        a, b = max(start, first) - first, min(stop, first + count) - first
         first += count
-        if first >= stop:
-            break
+        if a >= b:
+            continue
+        with h5py.File(path, "r") as f:
+            dataset = f[name]
+            stored = raw_chunks(dataset, a, b) if decodable(dataset) else None
+            for i in range(a, b):
+                if stored is not None:
+                    chunks.append(remask_chunk(stored[i - a], out, mask))
+                else:
+                    dataset.read_direct(out, np.s_[i])
+                    chunks.append(encode_chunk(np.multiply(out, mask, out=out)))
+                nonzero += int(np.count_nonzero(out))
     return chunks, nonzero
 
 

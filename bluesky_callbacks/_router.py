@@ -37,6 +37,7 @@ from ._eiger import (
     file_stem,
     frames_dataset,
     raw_chunks,
+    remask_chunk,
 )
 from ._frames import (
     HDF5StreamReader,
@@ -671,7 +672,7 @@ class _MaskedRun(DocumentRouter):
         if self._router.frames == "files" and per_index == 1:
             # Decoded, masked and encoded again in one task: the page then
             # carries the file's chunks (the frames never leave the thread).
-            futures = [pool.submit(_masked_chunk, chunk, rows[i][0], mask)
+            futures = [pool.submit(remask_chunk, chunk, rows[i][0], mask)
                        for i, chunk in enumerate(chunks)]
             outs = [_Encoded(f, event_shape, dataset.dtype) for f in futures]
         else:
@@ -733,13 +734,6 @@ class _Encoded:
     future: Any
     shape: tuple[int, ...]
     dtype: np.dtype
-
-
-def _masked_chunk(chunk: bytes, out: np.ndarray, mask: np.ndarray) -> bytes:
-    """Decode a raw chunk into ``out`` times ``mask``; that frame as a chunk again."""
-    from ._eiger import encode_chunk
-
-    return encode_chunk(decode_chunk(chunk, out, mask))
 
 
 class _FramesFile:

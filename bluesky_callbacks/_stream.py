@@ -9,7 +9,6 @@ ophyd Eigers) is stored as tiled arrays that every reading path serves:
 from __future__ import annotations
 
 import math
-import uuid
 from collections.abc import Callable
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
@@ -58,11 +57,6 @@ def eiger_data_files(prefix: str, seq_id: int, frames: int,
     count = math.ceil(frames / images_per_file)
     return [(f"{prefix}_{seq_id}_data_{k + 1:06d}.h5",
              min(images_per_file, frames - k * images_per_file)) for k in range(count)]
-
-
-def _file_uri(path: str, semantics: str) -> str:
-    pure = PureWindowsPath(path) if semantics == "windows" else PurePosixPath(path)
-    return pure.as_uri()
 
 
 class EigerSeriesToStream(DocumentRouter):
@@ -190,27 +184,24 @@ class EigerSeriesToStream(DocumentRouter):
         frames = shape[0] if len(shape) == 3 else 1
         kwargs = resource.get("resource_kwargs", {})
         per_file = kwargs.get("images_per_file") or kwargs.get("frame_per_point") or frames
-        root = resource.get("root") or ""
-        prefix = (str(PurePosixPath(root, resource["resource_path"]))
-                  if resource.get("path_semantics", "posix") == "posix"
-                  else str(PureWindowsPath(root, resource["resource_path"])))
+        pure = PureWindowsPath if resource.get("path_semantics") == "windows" else PurePosixPath
+        prefix = str(pure(resource.get("root") or "", resource["resource_path"]))
         files = eiger_data_files(prefix, datum["datum_kwargs"]["seq_id"], frames,
                                  int(per_file))
         row = self._rows.get((descriptor["uid"], key), 0)
         # One chunk per frame, as the file writer stores them: (event, frame) or (event).
         chunks = [1, 1] if len(shape) == 3 else [1]
+        run_start = {"run_start": resource["run_start"]} if resource.get("run_start") else {}
         for k, (path, _) in enumerate(files):
             last = k == len(files) - 1
             stream_resource = {
-                "uid": f"{datum['datum_id']}/{k + 1}-{uuid.uuid4().hex[:8]}",
-                "run_start": resource.get("run_start", ""),
+                "uid": f"{datum['datum_id']}/{k + 1}",  # datum ids are unique in a run
+                **run_start,
                 "data_key": key,
                 "mimetype": "application/x-hdf5",
-                "uri": _file_uri(path, resource.get("path_semantics", "posix")),
+                "uri": pure(path).as_uri(),
                 "parameters": {"dataset": DATA_PATH, "chunk_shape": chunks, "swmr": True},
             }
-            if not stream_resource["run_start"]:
-                del stream_resource["run_start"]
             self.emit("stream_resource", stream_resource)
             stop = row + 1 if last else row
             self.emit("stream_datum", {

@@ -153,7 +153,7 @@ def check_storable(value: Any, where: str = "metadata") -> None:
         item, at, depth, top = stack.pop()
         if depth == 1:
             top = at
-        if isinstance(item, Mapping) or isinstance(item, (list, tuple)):
+        if isinstance(item, (Mapping, list, tuple)):
             if depth >= MAX_METADATA_DEPTH:
                 raise MaskValidationError(
                     f"{top} is nested more than {MAX_METADATA_DEPTH} levels deep: flatten it "

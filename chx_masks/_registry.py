@@ -735,8 +735,6 @@ class MaskRegistry:
         version: int | None = None,
     ) -> list[_Slot]:
         """Claim the next slot (or exactly ``version``); return the slots after it."""
-        from tiled.structures.core import Spec
-
         exact = version
         for _ in range(_MAX_CLAIM_ATTEMPTS):
             check(slots)
@@ -754,20 +752,12 @@ class MaskRegistry:
                 "at": at.isoformat(),
                 "created_by": self.identity,
             }
-            try:
-                with self._translate(f"recording {detector}/{name} v{version}"):
-                    node.create_container(
-                        key=f"{name}@{version}", metadata=slot_md, specs=[Spec(SLOT_SPEC)]
-                    )
-            except ChxMasksError:
-                raise
-            except Exception as err:
-                if _status(err) != 409:
-                    raise
+            if not self._create_new(node, f"{name}@{version}", slot_md, SLOT_SPEC,
+                                    f"recording {detector}/{name} v{version}"):
                 if exact is not None:
                     raise MaskExistsError(
                         f"{detector}/{name} version {exact} was taken by another writer."
-                    ) from err
+                    )
                 slots = self._slots(detector, [name]).get(name, [])
                 continue
             self._record_change(detector, f"{name}@{version}")
@@ -1424,7 +1414,6 @@ class MaskRegistry:
     def _claim_active(
         self, node: Any, detector: str, names: tuple[str, ...], note: str | None
     ) -> ActiveSet:
-
         for _ in range(_MAX_CLAIM_ATTEMPTS):
             last = self.active_set(detector)
             version = last.version + 1 if last else 0

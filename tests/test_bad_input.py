@@ -653,45 +653,33 @@ def test_as_of_before_first_version(registry, base):
     )
 
 
+def _as_of_refusals(registry, values, *fragments) -> list[Case]:
+    """Each ``as_of`` value given to each lookup of DET/base, refused naming ``fragments``."""
+    return [
+        (
+            f"{lookup} {as_of!r}",
+            MaskValidationError,
+            lambda lookup=lookup, as_of=as_of: getattr(registry, lookup)(
+                DET, ["base"] if "composite" in lookup else "base", as_of=as_of
+            ),
+            *(repr(as_of) if f is repr else f for f in fragments),
+        )
+        for lookup in ("get_mask", "get_mask_uid", "resolve_composite")
+        for as_of in values
+    ]
+
+
 def test_unparseable_as_of(registry, base):
-    check_refusals(
-        registry,
-        [
-            (
-                f"{lookup} {as_of!r}",
-                MaskValidationError,
-                lambda lookup=lookup, as_of=as_of: getattr(registry, lookup)(
-                    DET, ["base"] if "composite" in lookup else "base", as_of=as_of
-                ),
-                repr(as_of),
-                "ISO 8601",
-            )
-            for lookup in ("get_mask", "get_mask_uid", "resolve_composite")
-            for as_of in ("yesterday", "2026-13-45", "2026-11-25 25:00")
-        ],
-    )
+    check_refusals(registry, _as_of_refusals(
+        registry, ("yesterday", "2026-13-45", "2026-11-25 25:00"), repr, "ISO 8601"))
 
 
 def test_as_of_outside_the_calendar(registry, base):
     import datetime
 
-    check_refusals(
-        registry,
-        [
-            (
-                f"{lookup} {as_of!r}",
-                MaskValidationError,
-                lambda lookup=lookup, as_of=as_of: getattr(registry, lookup)(
-                    DET, ["base"] if "composite" in lookup else "base", as_of=as_of
-                ),
-                "as_of=",
-                "'2026-11-25T10:00:00'",
-            )
-            for lookup in ("get_mask", "get_mask_uid", "resolve_composite")
-            for as_of in (1e20, -1e20, 2**70, datetime.datetime(1, 1, 1),
-                          "0001-01-01T00:00:00")
-        ],
-    )
+    check_refusals(registry, _as_of_refusals(
+        registry, (1e20, -1e20, 2**70, datetime.datetime(1, 1, 1), "0001-01-01T00:00:00"),
+        "as_of=", "'2026-11-25T10:00:00'"))
     # The calendar's last minute is a time like any other.
     late = registry.get_mask_uid(DET, "base", as_of=datetime.datetime(
         9999, 12, 31, 23, 59, tzinfo=datetime.timezone.utc))

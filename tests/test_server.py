@@ -319,6 +319,17 @@ BAD_INPUTS = [
 ]
 
 
+def _refusal_problem(label: str, error: type[Exception], fragment: str, call) -> str | None:
+    """What is wrong with how ``call`` is refused (``error`` naming ``fragment``), or None."""
+    try:
+        call()
+    except error as err:
+        return None if fragment in str(err) else f"{label}: message lacks {fragment!r}: {err}"
+    except Exception as err:
+        return f"{label}: {type(err).__name__} instead of {error.__name__}: {err}"
+    return f"{label}: not refused"
+
+
 def test_metadata_at_the_edges_reads_back_exactly_or_is_refused_on_every_catalog(deployed):
     """What a writer registers reads back equal from SQLite and PostgreSQL, or is refused.
 
@@ -335,19 +346,12 @@ def test_metadata_at_the_edges_reads_back_exactly_or_is_refused_on_every_catalog
                for label, md in metadata_cases.KEPT
                if dict(reader.describe(uids[label]).metadata) != md}
     found = reader.search(metadata={"n": 2**63 - 1})
-    failures = []
     before = _state(writer, f"{prefix}-0")
-    for label, md, fragment in metadata_cases.REFUSED:
-        try:
-            writer.register_mask(DET, f"{prefix}-refused", servers.numbered_mask(1),
-                                 metadata=md)
-        except MaskValidationError as err:
-            if fragment not in str(err):
-                failures.append(f"{label}: message lacks {fragment!r}: {err}")
-        except Exception as err:
-            failures.append(f"{label}: {type(err).__name__} instead of MaskValidationError")
-        else:
-            failures.append(f"{label}: stored")
+    failures = [problem for label, md, fragment in metadata_cases.REFUSED
+                if (problem := _refusal_problem(
+                    label, MaskValidationError, fragment,
+                    lambda md=md: writer.register_mask(DET, f"{prefix}-refused",
+                                                       servers.numbered_mask(1), metadata=md)))]
     assert _state(writer, f"{prefix}-0") == before
     with pytest.raises(MaskNotFoundError):
         reader.get_mask_uid(DET, f"{prefix}-refused")
@@ -370,15 +374,9 @@ def test_bad_input_on_the_shared_server_is_refused_and_writes_nothing(deployed):
     for label, error, call, fragment in BAD_INPUTS:
         fragment = name if fragment == "<name>" else fragment
         before = _state(writer, name)
-        try:
-            call(writer, name)
-        except error as err:
-            if fragment not in str(err):
-                failures.append(f"{label}: message lacks {fragment!r}: {err}")
-        except Exception as err:
-            failures.append(f"{label}: {type(err).__name__} instead of {error.__name__}: {err}")
-        else:
-            failures.append(f"{label}: not refused")
+        problem = _refusal_problem(label, error, fragment, lambda call=call: call(writer, name))
+        if problem:
+            failures.append(problem)
         if _state(writer, name) != before:
             failures.append(f"{label}: the registry changed")
     fresh = deployed.registry(deployed.reader_key)
