@@ -14,6 +14,7 @@ import json
 import uuid
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from bluesky.plans import count
@@ -207,6 +208,32 @@ def test_distributed_local_cluster_gives_the_same_product(site, tmp_path, cluste
     with pytest.raises(ProcessingError, match="needs the run store as a RunStore or path"):
         process_run(uid, runs=site["store"], processed=tmp_path / "other",
                     registry=site["registry"], client=cluster_client)
+
+
+def test_dask_workers_read_compressed_eiger_files(RE, tmp_path, cluster_client, site):
+    """Worker processes that imported nothing but the task read bitshuffle-LZ4 frames."""
+    from ophyd_async.plan_stubs import ensure_connected
+
+    from bluesky_callbacks.sim import SimAsyncEiger
+
+    registry = site["registry"]
+    store = open_run_store(tmp_path / "runs", readable_storage=[tmp_path / "frames"])
+    RE.preprocessors.append(MaskProvenance(registry, masks={DET: ["gaps", "beamstop"]}))
+    RE.subscribe(TiledWriter(store))
+    det = SimAsyncEiger("eiger500K_single", tmp_path / "frames", frames_per_file=2)
+    RE(ensure_connected(det))
+    (uid,) = RE(count([det], num=3))
+    with h5py.File(next((tmp_path / "frames").rglob("*_data_000001.h5")), "r") as f:
+        assert f["/entry/data/data"].id.get_create_plist().get_filter(0)[0] == 32008
+    runs = RunStore(str(tmp_path / "runs")).reading([tmp_path / "frames"])
+    product = process_run(uid, runs=runs, processed=tmp_path / "processed", registry=registry,
+                          client=cluster_client, frames_per_chunk=1)
+    composite = registry.composite_from_uids(store[uid].metadata["start"]["mask_uids"])
+    expected = np.stack([det.pattern.frame(i) for i in range(3)])
+    expected = expected * composite.mask.astype(expected.dtype)
+    dense = product.dense(tmp_path / "processed", DET)
+    np.testing.assert_array_equal(dense.reshape(expected.shape), expected)
+    store.context.close()
 
 
 @pytest.fixture
