@@ -770,6 +770,57 @@ def export(state: _State, detector: str, name: str, file: Path, version: int | N
 
 
 @main.command()
+@click.option("--repair", is_flag=True,
+              help="Remove orphans of interrupted registrations (never a sealed mask) and "
+              "seal registered masks whose seal was interrupted.")
+@_json_option
+@pass_state
+@click.pass_context
+def verify(ctx: click.Context, state: _State, repair: bool, as_json: bool) -> None:
+    """Check the whole registry: every array's sha256, every record, slot and active set.
+
+    Exit status 0 only when nothing is wrong (after --repair, if given).
+    """
+    from ._verify import verify_registry
+
+    reg = state.registry
+    bar: Any = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None and total:
+            bar = click.progressbar(length=total, label="Checking mask arrays",
+                                    file=sys.stderr)
+            bar.__enter__()
+        if bar is not None:
+            bar.update(done - bar.pos)
+
+    try:
+        report = verify_registry(reg, repair=repair, progress=progress)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        counts = ", ".join(f"{n} {what}" for what, n in report.counts.items())
+        for problem in report.repaired:
+            click.echo(f"repaired  {problem.kind:<13} {problem.where}: {problem.detail}")
+        for problem in report.problems:
+            click.echo(f"PROBLEM   {problem.kind:<13} {problem.where}: {problem.detail}")
+        if report.clean:
+            click.echo(f"Registry at {reg.location} is clean ({counts}).")
+        else:
+            fixable = [p for p in report.problems if p.kind in ("orphan", "unsealed")]
+            advice = " `chx-masks verify --repair` fixes the orphans and seals." if (
+                fixable and not repair) else ""
+            click.echo(f"Registry at {reg.location}: {len(report.problems)} problem(s) "
+                       f"({counts}).{advice}")
+    if not report.clean:
+        ctx.exit(1)
+
+
+@main.command()
 @click.argument("detector")
 @click.argument("names", nargs=-1)
 @click.option("--as-of", default=None, metavar="TIME",

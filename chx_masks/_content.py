@@ -38,8 +38,14 @@ RESERVED_KEYS = frozenset(
         "superseded_at",
         "retired_at",
         "chx_masks",
+        "sealed",
     }
 )
+
+# The metadata key that marks a stored mask's record as complete: False while
+# its array is being written, True once it is written and claimed (see
+# chx_masks.policy). It is left out of the record's hash.
+SEALED = "sealed"
 
 # Characters that tiled cannot carry in a node key through a URL path.
 _FORBIDDEN_NAME_CHARS = frozenset("/\\?#%")
@@ -70,6 +76,36 @@ def mask_sha256(mask: np.ndarray) -> str:
     h.update(struct.pack("<" + "Q" * mask.ndim, *mask.shape))
     h.update(np.packbits(np.ascontiguousarray(mask), bitorder="little").tobytes())
     return h.hexdigest()
+
+
+def record_sha256(metadata: Mapping[str, Any]) -> str:
+    """Hash of a stored mask's metadata record, as the slot that claims it keeps it.
+
+    Numbers are hashed by value (an integral float as the integer), keys in
+    sorted order and ``sealed`` left out, so the record hashes the same
+    before and after it is sealed and on every catalog (PostgreSQL hands
+    ``1e15`` back as ``1000000000000000``).
+
+    Examples
+    --------
+    >>> record_sha256({"a": 1.0, "b": [2, "x"]}) == record_sha256({"b": [2, "x"], "a": 1})
+    True
+    >>> record_sha256({"a": 1}) == record_sha256({"a": 1, "sealed": True})
+    True
+    """
+    canonical = {k: v for k, v in metadata.items() if k != SEALED}
+    text = json.dumps(_canonical(canonical), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
 
 
 def check_name(value: Any, what: str = "mask name") -> str:

@@ -44,11 +44,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 
 from ._content import (
+    SEALED,
     check_metadata,
     check_name,
     check_storable,
     coerce_mask,
     mask_sha256,
+    record_sha256,
     shape_str,
     to_datetime,
     utcnow,
@@ -97,6 +99,7 @@ class _Slot:
     uid: str | None
     at: datetime
     created_by: str | None = None
+    record_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ class _Stored:
     metadata: Mapping[str, Any]
     legacy_version: int | None = None
     legacy_key: str | None = None
+    record_sha256: str | None = None
 
 
 def _redact(uri: str) -> str:
@@ -195,7 +199,10 @@ class MaskRegistry:
         self._owned: list[Any] = []
         self._lock = threading.RLock()
         self._nodes: dict[str, Any] = {}
+        # Records checked against the slot that claims them, and records read
+        # (in one query for several) but not checked yet.
         self._stored: dict[str, _Stored] = {}
+        self._unchecked: dict[str, _Stored] = {}
         # Arrays read, as packed bits: a 4M mask holds 0.56 MB here, not 4.5.
         self._arrays: OrderedDict[str, PackedMasks] = OrderedDict()
         self._composites: OrderedDict[tuple[str, ...], tuple] = OrderedDict()
@@ -701,26 +708,66 @@ class MaskRegistry:
             "created_by": self.identity,
             "chx_masks": SCHEMA_VERSION,
         }
-        from tiled.structures.core import Spec
-
-        with self._translate(f"writing mask {record.name}/{name}"):
-            masks.write_array(
-                array, key=uid, metadata=stored_md, specs=[Spec(MASK_SPEC)]
-            )
         check = (
             functools.partial(self._refuse_active, record.name, name)
             if action == "register"
             else functools.partial(self._refuse_inactive, record.name, name)
         )
+        self._store_mask(masks, uid, array, stored_md, f"writing mask {record.name}/{name}")
+        self._claim_and_seal(node, masks, record.name, name, slots, uid, stored_md, check)
+        self._remember(uid, array)
+        return uid
+
+    def _store_mask(self, masks: Any, uid: str, array: np.ndarray,
+                    metadata: dict[str, Any], action: str) -> None:
+        """Write a new, unsealed mask node and its array (steps 1 and 2)."""
+        from tiled.structures.core import Spec
+
+        with self._translate(action):
+            masks.write_array(array, key=uid, metadata={**metadata, SEALED: False},
+                              specs=[Spec(MASK_SPEC)])
+
+    def _claim_and_seal(
+        self,
+        node: Any,
+        masks: Any,
+        detector: str,
+        name: str,
+        slots: list[_Slot],
+        uid: str,
+        metadata: dict[str, Any],
+        check: Any,
+        version: int | None = None,
+    ) -> None:
+        """Claim the slot naming ``uid`` (step 3), then seal its node (step 4).
+
+        See :mod:`chx_masks.policy` for what a crash between the steps leaves.
+        """
         try:
-            self._claim(node, record.name, name, slots, kind="mask", uid=uid, check=check)
+            self._claim(node, detector, name, slots, kind="mask", uid=uid, check=check,
+                        version=version, record=record_sha256(metadata))
         except BaseException:
             # The slot was not claimed, so nobody can know this uid: remove it
             # so that a refused call leaves nothing behind.
             self._discard(masks, uid)
             raise
-        self._remember(uid, array)
-        return uid
+        self._seal(masks, uid, metadata)
+
+    def _seal(self, masks: Any, uid: str, metadata: dict[str, Any], *,
+              strict: bool = False) -> None:
+        try:
+            with self._translate(f"sealing mask {uid}"):
+                masks[uid].replace_metadata(metadata={**metadata, SEALED: True},
+                                            specs=[MASK_SPEC], drop_revision=True)
+        except Exception as err:
+            if strict:
+                raise
+            # The version is complete and served (bytes and record are
+            # checked on every read); only the seal is missing.
+            logger.warning(
+                "Registered mask %s but could not seal it (%s); `chx-masks verify "
+                "--repair` seals it.", uid, type(err).__name__,
+            )
 
     def _claim(
         self,
@@ -733,8 +780,13 @@ class MaskRegistry:
         uid: str | None,
         check: Any,
         version: int | None = None,
+        record: str | None = None,
     ) -> list[_Slot]:
-        """Claim the next slot (or exactly ``version``); return the slots after it."""
+        """Claim the next slot (or exactly ``version``); return the slots after it.
+
+        ``record`` is the hash of the claimed mask node's metadata
+        (:func:`record_sha256`), kept in the slot so that reads can check it.
+        """
         exact = version
         for _ in range(_MAX_CLAIM_ATTEMPTS):
             check(slots)
@@ -752,6 +804,8 @@ class MaskRegistry:
                 "at": at.isoformat(),
                 "created_by": self.identity,
             }
+            if record is not None:
+                slot_md["record_sha256"] = record
             if not self._create_new(node, f"{name}@{version}", slot_md, SLOT_SPEC,
                                     f"recording {detector}/{name} v{version}"):
                 if exact is not None:
@@ -761,7 +815,7 @@ class MaskRegistry:
                 slots = self._slots(detector, [name]).get(name, [])
                 continue
             self._record_change(detector, f"{name}@{version}")
-            return [*slots, _Slot(name, version, kind, uid, at, slot_md["created_by"])]
+            return [*slots, _Slot(name, version, kind, uid, at, slot_md["created_by"], record)]
         raise ChxMasksError(
             f"Gave up claiming a version of {detector}/{name} after "
             f"{_MAX_CLAIM_ATTEMPTS} attempts: other writers kept taking it. Try again."
@@ -1125,7 +1179,7 @@ class MaskRegistry:
         with self._lock:
             # What a mask's node says of itself never changes: the records
             # below need not ask for each one again.
-            self._stored.update((s.uid, s) for s in found if s.legacy_key is None)
+            self._unchecked.update((s.uid, s) for s in found if s.legacy_key is None)
         by_detector: dict[str, set[str]] = {}
         for stored in found:
             by_detector.setdefault(stored.detector, set()).add(stored.name)
@@ -1234,7 +1288,10 @@ class MaskRegistry:
             return None
         with self._translate(f"reading the active set of {detector}"):
             try:
-                child = node.sort(("version", -1)).values().first()
+                # The newest node is the latest version: each version is
+                # created only after the one before exists. (Sorting on the
+                # "version" metadata is text order on SQLite: "9" > "10".)
+                child = node.sort(("", -1)).values().first()
             except IndexError:
                 return None
         return _active_from_metadata(child.metadata)
@@ -1503,7 +1560,6 @@ class MaskRegistry:
         version: int,
     ) -> bool:
         """Adopt one legacy mask; False if another process adopted it first."""
-        from tiled.structures.core import Spec
 
         node = self._ensure_detector_node(record)
         masks = self._ensure_container(MASKS)
@@ -1520,25 +1576,17 @@ class MaskRegistry:
             "chx_masks": SCHEMA_VERSION,
         }
         try:
-            with self._translate(f"adopting legacy mask {stored.uid}"):
-                masks.write_array(
-                    array, key=stored.uid, metadata=stored_md, specs=[Spec(MASK_SPEC)]
-                )
+            self._store_mask(masks, stored.uid, array, stored_md,
+                             f"adopting legacy mask {stored.uid}")
         except ChxMasksError:
             raise
         except Exception as err:
             if _status(err) != 409:
                 raise
             return False  # adopted concurrently by another process
-        try:
-            # Keep the legacy version number, even where older ones are missing.
-            self._claim(
-                node, record.name, stored.name, slots, kind="mask", uid=stored.uid,
-                check=lambda _slots: None, version=version,
-            )
-        except BaseException:
-            self._discard(masks, stored.uid)
-            raise
+        # Keep the legacy version number, even where older ones are missing.
+        self._claim_and_seal(node, masks, record.name, stored.name, slots, stored.uid,
+                             stored_md, lambda _slots: None, version=version)
         return True
 
     def _legacy_record(self, stored: _Stored) -> MaskRecord:
@@ -1676,8 +1724,13 @@ class MaskRegistry:
         results = node if names is None else node.search(In("name", list(names)))
         found: dict[str, list[_Slot]] = {}
         with self._translate(f"looking up masks of {detector}"):
-            for _key, child in results.items():
+            for key, child in results.items():
                 md = child.metadata
+                if key != f"{md.get('name')}@{md.get('version')}":
+                    # Not a slot the registry wrote (its key is the claim).
+                    logger.warning("Ignoring %s/%s: its key does not match its name "
+                                   "and version.", detector, key)
+                    continue
                 slot = _Slot(
                     md["name"],
                     int(md["version"]),
@@ -1685,6 +1738,7 @@ class MaskRegistry:
                     md.get("uid"),
                     datetime.fromisoformat(md["at"]),
                     md.get("created_by"),
+                    md.get("record_sha256"),
                 )
                 found.setdefault(slot.name, []).append(slot)
         for slots in found.values():
@@ -1734,12 +1788,16 @@ class MaskRegistry:
                     f"Registered for {detector}: {registered}."
                 )
             chosen.append(_select(detector, name, slots, version, when))
+        # Each record against the slot that claims it, before any is used.
+        self._prefetch([slot.uid for slot in chosen])
+        for slot in chosen:
+            self._stored_for(slot.uid, slot)
         return chosen
 
     def _record_at(self, slots: list[_Slot], i: int) -> MaskRecord:
         slot = slots[i]
         assert slot.uid is not None
-        stored = self._stored_for(slot.uid)
+        stored = self._stored_for(slot.uid, slot)
         following = slots[i + 1] if i + 1 < len(slots) else None
         retired_at = superseded_at = None
         if following is not None:
@@ -1762,12 +1820,22 @@ class MaskRegistry:
             created_by=slot.created_by,
         )
 
-    def _stored_for(self, uid: str) -> _Stored:
+    def _stored_for(self, uid: str, slot: _Slot | None = None) -> _Stored:
+        """A uid's record, checked against the slot that claims it (looked up if not given)."""
         if not isinstance(uid, str):
             raise MaskNotFoundError(f"A uid is a string, not {type(uid).__name__}.")
         with self._lock:
             if uid in self._stored:
-                return self._stored[uid]
+                stored = self._stored[uid]
+                if slot is not None:
+                    self._check_record(stored, slot)
+                return stored
+            stored = self._unchecked.pop(uid, None)
+        if stored is not None:
+            self._check_record(stored, slot)
+            with self._lock:
+                self._stored[uid] = stored
+            return stored
         try:
             uuid.UUID(uid)
         except ValueError as err:
@@ -1794,11 +1862,43 @@ class MaskRegistry:
                 )
         stored = self._stored_from_node(uid, node)
         if stored.legacy_key is None:
+            self._check_record(stored, slot)
             # Only registry records are immutable; a legacy one changes when
             # any process adopts it.
             with self._lock:
                 self._stored[uid] = stored
         return stored
+
+    def _check_record(self, stored: _Stored, slot: _Slot | None) -> None:
+        """Refuse a record that is not what its slot says was registered."""
+        from tiled.queries import Eq
+
+        if slot is None:
+            node = self._detector_node(stored.detector)
+            claims: list[Any] = []
+            if node is not None:
+                with self._translate(f"looking up the version of {stored.uid}"):
+                    claims = [md for key, md in
+                              ((k, c.metadata) for k, c in
+                               node.search(Eq("uid", stored.uid)).items())
+                              if key == f"{md.get('name')}@{md.get('version')}"]
+            if not claims:
+                raise MaskNotFoundError(
+                    f"uid {stored.uid} holds a mask array but was never registered under "
+                    f"{stored.detector}/{stored.name} (an interrupted registration); it "
+                    "has no version and was never handed out."
+                )
+            expected = claims[0].get("record_sha256")
+        else:
+            expected = slot.record_sha256
+        if expected is not None and expected != stored.record_sha256:
+            raise MaskIntegrityError(
+                f"Mask {stored.uid} ({stored.detector}/{stored.name}) fails its integrity "
+                "check: its metadata record is not the one registered (the slot that "
+                "claims it keeps the record's hash). It was rewritten after "
+                "registration; it is not served. Run `chx-masks verify` and restore the "
+                "registry from a backup."
+            )
 
     def _uid_from_prefix(self, prefix: str) -> str:
         """The one registered uid that starts with ``prefix`` (one query)."""
@@ -1848,6 +1948,7 @@ class MaskRegistry:
             shape=tuple(md["shape"]),
             masked_pixels=int(md["masked_pixels"]),
             metadata=user,
+            record_sha256=record_sha256(md),
         )
 
     def _remember(self, uid: str, array: np.ndarray) -> None:
@@ -1956,7 +2057,7 @@ class MaskRegistry:
     def _prefetch(self, uids: Sequence[str]) -> None:
         """Learn what the registry says of several uids in one query, not one each."""
         with self._lock:
-            missing = [u for u in uids if u not in self._stored]
+            missing = [u for u in uids if u not in self._stored and u not in self._unchecked]
         masks = self._container(MASKS) if len(missing) > 1 else None
         if masks is None:
             return
@@ -1969,7 +2070,7 @@ class MaskRegistry:
             stored = self._stored_from_node(key, node)
             if stored.uid == key:
                 with self._lock:
-                    self._stored[key] = stored
+                    self._unchecked[key] = stored
                     self._nodes[f"uid:{key}"] = node
 
     def _and(self, uids: tuple[str, ...]) -> tuple[np.ndarray, str, PackedMasks]:
@@ -2102,7 +2203,7 @@ _UID_PREFIX = re.compile(r"[0-9a-fA-F][0-9a-fA-F-]{7,34}")
 _LEGACY_KEYS = frozenset({"spec", "name", "detector", "version", "uid"})
 _STORED_KEYS = frozenset(
     {"uid", "detector", "name", "sha256", "shape", "masked_pixels", "created_at", "created_by",
-     "chx_masks"}
+     "chx_masks", SEALED}
 )
 
 

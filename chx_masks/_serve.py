@@ -202,9 +202,13 @@ def plan_directory(
                 f"Cannot open the catalog {redact(uri)} ({type(err).__name__}): check "
                 "that the database server is running and the database exists."
             ) from None
+    from .policy import AppendOnlyPolicy, validation_registry
+
     app = build_app(
         tree,
         authentication=Authentication(single_user_api_key=key, allow_anonymous_access=public),
+        access_policy=AppendOnlyPolicy(),
+        validation_registry=validation_registry(),
     )
     return Plan(
         app=app, host=host, port=port, catalogs=(redact(uri),), storage=(str(data),),
@@ -307,6 +311,7 @@ def plan_config(
             catalogs.append(redact(str(args["uri"])))
         for location in args.get("writable_storage") or []:
             storage.append(redact(str(location)))
+    _enforce_append_only(config)
     app = build_app_from_config(config)
     return Plan(
         app=app,
@@ -319,6 +324,20 @@ def plan_config(
         root_path=config.root_path,
         generated_key=generated,
     )
+
+
+def _enforce_append_only(config: Any) -> None:
+    """The registry's access policy and validators, unless the file names its own."""
+    from tiled.config import ValidationSpec
+
+    from .policy import VALIDATORS, AppendOnlyPolicy
+
+    if config.access_policy is None:
+        config.access_policy = AppendOnlyPolicy()
+    declared = {spec.spec for spec in config.specs}
+    for spec, validator in VALIDATORS.items():
+        if spec not in declared:
+            config.specs.append(ValidationSpec(spec=spec, validator=validator))
 
 
 def _config_error_fields(err: Exception) -> str:

@@ -92,6 +92,16 @@ def test_concurrent_activations_each_get_their_own_version(registry):
     assert [s.version for s in registry.active_history(EIGER500K)] == [0, 1, 2, 3]
 
 
+def test_the_current_active_set_is_the_latest_past_ten_versions(registry):
+    """Version 10 and later: "10" sorts before "9" as text, never as the current set."""
+    _seed(registry)
+    for i in range(12):
+        registry.activate(EIGER500K, ["gaps"] if i % 2 else ["hot"], note=f"set {i}")
+    current = registry.active_set(EIGER500K)
+    assert (current.version, current.note, current.names) == (11, "set 11", ("gaps",))
+    assert registry.active_set(EIGER500K, as_of=current.at).version == 11
+
+
 def _start_doc(RE, plan):
     starts = []
     token = RE.subscribe(lambda name, doc: starts.append(doc), "start")

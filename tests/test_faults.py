@@ -25,10 +25,15 @@ What must hold:
 
 from __future__ import annotations
 
+import json
 import secrets
 import signal
 import socket
+import subprocess
+import sys
 import time
+import uuid
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -225,3 +230,82 @@ def test_server_killed_mid_scan_then_back(RE, lifeline):
     figures["masks lost or changed"] = sum(
         1 for uid, digest in before["sha256"].items() if after["sha256"].get(uid) != digest)
     figures["runs that finished / started"] = "3 / 3"
+
+
+# A process that registers new masks as fast as it can, printing each uid it
+# was handed, until the server goes away under it.
+_REGISTER_LOOP = """
+import sys, uuid
+import numpy as np
+from chx_masks import MaskRegistry
+reg = MaskRegistry.from_uri(sys.argv[1], api_key=sys.argv[2], timeout=5, disk_cache=False)
+rng = np.random.default_rng(int(sys.argv[3]))
+while True:
+    mask = rng.random((514, 1030)) >= 0.01
+    uid = reg.register_mask("eiger500K_single_image", "crash-" + uuid.uuid4().hex[:8], mask)
+    print(uid, flush=True)
+"""
+
+
+def _verify(lifeline: Lifeline, *args: str) -> tuple[int, dict[str, Any]]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "chx_masks", "--uri", lifeline.uri, "verify", "--json", *args],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600,
+        env={**lifeline.env, "CHX_MASKS_API_KEY": lifeline.key},
+    )
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_server_killed_during_registrations_leaves_only_orphans_that_repair_removes(lifeline):
+    """kill -9 of the server while masks are registered, three times; then the scrub."""
+    figures = SUMMARY.setdefault(
+        f"registry server killed during registrations ({lifeline.backend} catalog)", {})
+    handed_out: list[str] = []
+    for round_ in range(3):
+        loop = subprocess.Popen(
+            [sys.executable, "-c", _REGISTER_LOOP, lifeline.uri, lifeline.key, str(round_)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            text=True, env=lifeline.env)
+        assert loop.stdout is not None
+        got = [loop.stdout.readline().strip() for _ in range(2)]
+        assert all(got), "the registering process did not start"
+        time.sleep(0.05 * round_)  # a different step of a registration each time
+        lifeline.kill()
+        rest, _ = loop.communicate(timeout=120)
+        handed_out += got + rest.split()
+        lifeline.start()
+
+    # An interrupted registration made on purpose too (steps 1-2 of
+    # MaskRegistry._write_version, no claim), so an orphan is always there.
+    registry = MaskRegistry.from_uri(lifeline.uri, api_key=lifeline.key, disk_cache=False)
+    masks = registry._ensure_container("masks")
+    orphan = str(uuid.uuid4())
+    registry._store_mask(masks, orphan, np.ones(servers.SHAPE, bool), {
+        "uid": orphan, "detector": DET, "name": "never-claimed", "sha256": "0" * 64,
+        "shape": list(servers.SHAPE), "masked_pixels": 0, "created_at": "2026-12-01"},
+        "an interrupted registration")
+    claimed = {r.uid for det, name in registry.get_masks() for r in registry.history(det, name)}
+    assert set(handed_out) <= claimed
+    registry.close()
+
+    code, report = _verify(lifeline)
+    kinds = Counter(p["kind"] for p in report["problems"])
+    figures["registrations handed out before three kills"] = len(handed_out)
+    figures["verify after the kills (problems by kind)"] = dict(kinds)
+    assert code == 1 and set(kinds) <= {"orphan", "unsealed"}, report
+    assert f"masks/{orphan}" in {p["where"] for p in report["problems"]}
+
+    code, repaired = _verify(lifeline, "--repair")
+    assert code == 0 and repaired["clean"], repaired
+    assert Counter(p["kind"] for p in repaired["repaired"]) == kinds
+    code, again = _verify(lifeline)
+    assert code == 0 and again["problems"] == [] and again["repaired"] == []
+
+    # Nothing handed out was touched: every uid still resolves to its record.
+    registry = MaskRegistry.from_uri(lifeline.uri, api_key=lifeline.key, disk_cache=False)
+    after = {r.uid for det, name in registry.get_masks() for r in registry.history(det, name)}
+    assert after == claimed
+    for uid in handed_out:
+        assert registry.get_mask_by_uid(uid).compute().shape == servers.SHAPE
+    assert orphan not in set(registry._root["masks"])
+    registry.close()

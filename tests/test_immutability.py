@@ -96,17 +96,21 @@ def fingerprint(world: World) -> dict[str, Any]:
     assert files, f"no array files for {uid} under {folder}"
     # A fresh registry on the same client: no array, record or disk cache.
     fresh = MaskRegistry(world.registry._root, disk_cache=False)
-    array = fresh.get_mask_by_uid(uid).compute()
-    record = fresh.describe(uid)
+    try:
+        array_sha256 = mask_sha256(fresh.get_mask_by_uid(uid).compute())
+        record = fresh.describe(uid)
+        fields = _as_plain({f: str(getattr(record, f)) if f == "registered_at"
+                            else getattr(record, f) for f in IMMUTABLE_FIELDS})
+    except MaskIntegrityError as err:  # what a changed record gets
+        array_sha256 = fields = f"refused: {type(err).__name__}"
     # One request each: a path, not a walk from the root.
     node = world.registry._root[f"masks/{uid}"]
     slot = world.registry._root[f"detectors/{DET}/{NAME}@0"]
     return {
         "files": files,
-        "mask_sha256": mask_sha256(array),
+        "mask_sha256": array_sha256,
         "raw": _digest(np.asarray(node.read())),
-        "record": _as_plain({f: str(getattr(record, f)) if f == "registered_at"
-                             else getattr(record, f) for f in IMMUTABLE_FIELDS}),
+        "record": fields,
         "node_metadata": _as_plain(dict(node.metadata)),
         "slot": _as_plain(dict(slot.metadata)),
     }
@@ -493,8 +497,8 @@ def test_bytes_rewritten_through_the_raw_tiled_client_are_not_served(
     assert np.asarray(node.read())[0, 0] != mask[0, 0]
     _refuses_to_serve(registry, uid)
     # So the fingerprint of the write-path test cannot pass over such a change.
-    with pytest.raises(MaskIntegrityError):
-        fingerprint(World(registry, embedded_dir, tmp_path, uid, mask))
+    seen = fingerprint(World(registry, embedded_dir, tmp_path, uid, mask))
+    assert seen["mask_sha256"] == "refused: MaskIntegrityError"
 
 
 def test_fingerprint_sees_metadata_rewritten_through_the_raw_tiled_client(
@@ -507,7 +511,9 @@ def test_fingerprint_sees_metadata_rewritten_through_the_raw_tiled_client(
     node = registry._root["masks"][uid]
     node.update_metadata(metadata={**node.metadata, "sample": "tampered"})
     after = fingerprint(world)
-    assert {k for k in before if before[k] != after[k]} == {"record", "node_metadata"}
+    assert {k for k in before if before[k] != after[k]} == {"mask_sha256", "record",
+                                                            "node_metadata"}
+    assert after["record"] == "refused: MaskIntegrityError"
 
 
 def test_bytes_rewritten_on_disk_are_not_served(stored: Stored, embedded_dir: Path) -> None:
@@ -531,13 +537,6 @@ def test_truncated_array_file_is_not_served(stored: Stored, embedded_dir: Path) 
     _refuses_to_serve(registry, uid)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chx_masks/_registry.py:_stored_from_node trusts a mask node's metadata as it "
-    "is now: tiled's update_metadata rewrites a registered version's metadata (even its "
-    "sha256) and describe() serves the new values; nothing compares them with what was "
-    "registered (tiled keeps metadata_revisions that could show it)",
-)
 def test_metadata_rewritten_through_the_raw_tiled_client_is_not_served(stored: Stored) -> None:
     registry, uid, _ = stored
     node = registry._root["masks"][uid]
@@ -546,3 +545,25 @@ def test_metadata_rewritten_through_the_raw_tiled_client_is_not_served(stored: S
     fresh = MaskRegistry(registry._root, disk_cache=False)
     with pytest.raises(MaskIntegrityError, match=uid):
         fresh.describe(uid)
+
+
+def test_bytes_and_sha256_forged_together_are_not_served(stored: Stored,
+                                                         embedded_dir: Path) -> None:
+    """A forgery that keeps the bytes and their sha256 consistent: the slot's record hash."""
+    import zarr
+
+    registry, uid, mask = stored
+    forged = mask.copy()
+    forged[:8] = False
+    zarr.open_array(str(embedded_dir / "data" / "masks" / uid), mode="r+")[...] = forged
+    node = registry._root["masks"][uid]
+    node.update_metadata(metadata={**node.metadata, "sha256": mask_sha256(forged),
+                                   "masked_pixels": int(forged.size - forged.sum())})
+    for call in (lambda r: r.get_mask_by_uid(uid).compute(),
+                 lambda r: r.composite_from_uids([uid]),
+                 lambda r: r.resolve_composite(DET, [NAME]),
+                 lambda r: r.get_mask(DET, NAME).compute(),
+                 lambda r: r.history(DET, NAME)):
+        fresh = MaskRegistry(registry._root, disk_cache=False)
+        with pytest.raises(MaskIntegrityError, match=uid):
+            call(fresh)

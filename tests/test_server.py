@@ -607,6 +607,186 @@ def test_eight_processes_update_one_lineage_at_once(deployed, crew):
 # ---------------------------------------------------------------- integrity
 
 
+def _registry_state(registry: MaskRegistry) -> dict[str, Any]:
+    """A full listing, every history, every describe and every active set, as plain data."""
+    lineages = registry.get_masks(include_retired=True)
+    histories = {f"{det}/{name}": [repr(r) for r in registry.history(det, name)]
+                 for det, name in lineages}
+    uids = sorted(mask_uids(registry))
+    return {
+        "lineages": lineages,
+        "histories": histories,
+        "described": {uid: repr(registry.describe(uid)) for uid in uids},
+        "arrays": {uid: mask_sha256(registry.get_mask_by_uid(uid).compute()) for uid in uids},
+        "active": {det: [repr(a) for a in registry.active_history(det)]
+                   for det in sorted({det for det, _ in lineages})},
+        "detectors": sorted(d.name for d in registry.detectors()),
+    }
+
+
+def _write_attacks(deployed: Deployment, victim: dict[str, Any]) -> dict[str, Any]:
+    """Every write path a writer key has through tiled, aimed at registered records.
+
+    Each value sends one request with the writer key (raw HTTP, as any script
+    could) and returns the response.
+    """
+    det, name, uid, other = victim["detector"], victim["name"], victim["uid"], victim["other"]
+    slot, active = f"detectors/{det}/{name}@0", f"active/{det}/{victim['active']}"
+    mask_md = victim["mask_md"]
+    mask_bytes = (~victim["mask"]).tobytes()
+    merge = "application/merge-patch+json"
+    at = "2100-01-01T00:00:00+00:00"
+
+    def slot_md(**change: Any) -> dict[str, Any]:
+        return {"detector": det, "name": name, "version": victim["next"], "kind": "mask",
+                "uid": other, "at": at, "created_by": "attacker", **change}
+
+    def create(parent: str, key: str, metadata: dict, spec: str) -> Any:
+        return lambda h: h.post(f"/metadata/{parent}", json={
+            "id": key, "structure_family": "container", "metadata": metadata,
+            "specs": [{"name": spec}], "data_sources": []})
+
+    def patch(path: str, **body: Any) -> Any:
+        return lambda h: h.patch(f"/metadata/{path}",
+                                 json={"content-type": merge, "specs": None, **body})
+
+    octet = {"Content-Type": "application/octet-stream"}
+    return {
+        "metadata update (merge patch) of a mask": patch(f"masks/{uid}",
+                                                         metadata={"sample": "forged"}),
+        "sha256 rewrite of a mask": patch(f"masks/{uid}", metadata={"sha256": "0" * 64}),
+        "metadata replace (PUT) of a mask": lambda h: h.put(
+            f"/metadata/masks/{uid}", json={"metadata": {**mask_md, "sample": "forged"},
+                                             "specs": [{"name": "chx_mask"}]}),
+        "spec removal of a mask": patch(f"masks/{uid}", specs=[]),
+        "unsealing a mask": patch(f"masks/{uid}", metadata={"sealed": False}),
+        "array write of a mask": lambda h: h.put(f"/array/full/masks/{uid}",
+                                                 content=mask_bytes, headers=octet),
+        "block write of a mask": lambda h: h.put(f"/array/block/masks/{uid}?block=0,0",
+                                                 content=mask_bytes, headers=octet),
+        "delete of a mask": lambda h: h.delete(f"/metadata/masks/{uid}",
+                                               params={"external_only": False}),
+        "revision delete of a mask": lambda h: h.delete(f"/revisions/masks/{uid}",
+                                                        params={"number": 1}),
+        "metadata update of a slot": patch(slot, metadata={"uid": other}),
+        "delete of a slot": lambda h: h.delete(f"/metadata/{slot}"),
+        "detector shape rewrite": patch(f"detectors/{det}", metadata={"shape": [1, 1]}),
+        "active set rewrite": patch(active, metadata={"names": [], "note": "forged"}),
+        "delete of an active set": lambda h: h.delete(f"/metadata/{active}"),
+        "registry container metadata rewrite": patch("masks", metadata={"chx_masks": 99}),
+        "recursive delete of a detector": lambda h: h.delete(
+            f"/metadata/detectors/{det}", params={"recursive": True, "external_only": False}),
+        "recursive delete of all detectors": lambda h: h.delete(
+            "/metadata/detectors", params={"recursive": True, "external_only": False}),
+        "recursive delete of all masks": lambda h: h.delete(
+            "/metadata/masks", params={"recursive": True, "external_only": False}),
+        "bogus slot: another lineage's mask as the next version": create(
+            f"detectors/{det}", f"{name}@{victim['next']}", slot_md(), "chx_mask_slot"),
+        "bogus slot: a version out of sequence": create(
+            f"detectors/{det}", f"{name}@{victim['next'] + 5}",
+            slot_md(version=victim["next"] + 5, uid=uid), "chx_mask_slot"),
+        "bogus slot: a uid that does not exist": create(
+            f"detectors/{det}", f"{name}@{victim['next']}",
+            slot_md(uid=str(uuid.uuid4()), record_sha256="0" * 64), "chx_mask_slot"),
+        "bogus slot: back in time": create(
+            f"detectors/{det}", f"{name}@{victim['next']}",
+            slot_md(uid=uid, at="2000-01-01T00:00:00+00:00",
+                    record_sha256=victim["record"]), "chx_mask_slot"),
+        "bogus active set: a version out of sequence": create(
+            f"active/{det}", str(victim["active"] + 3),
+            {"detector": det, "version": victim["active"] + 3, "names": [],
+             "note": "forged", "at": at}, "chx_mask_active_set"),
+        "bogus active set: another detector's": create(
+            f"active/{det}", str(victim["active"] + 1),
+            {"detector": "pilatus1m", "version": victim["active"] + 1, "names": [],
+             "note": "forged", "at": at}, "chx_mask_active_set"),
+    }
+
+
+def test_writer_key_cannot_rewrite_or_delete_the_registry_through_tiled(deployed):
+    """Each write path of a writer key, through raw HTTP: 403, and nothing changes."""
+    writer = deployed.registry(deployed.writer_key)
+    name, other_name = unique("victim"), unique("bystander")
+    mask = servers.numbered_mask(300)
+    uid = writer.register_mask(DET, name, mask, metadata={"sample": "silica"})
+    other = writer.register_mask(DET, other_name, servers.numbered_mask(301))
+    writer.activate(DET, [name, other_name], note="before the attacks")
+    node_md = dict(writer._root["masks"][uid].metadata)
+    from chx_masks._content import record_sha256
+
+    victim = {"detector": DET, "name": name, "uid": uid, "other": other, "mask": mask,
+              "mask_md": node_md, "record": record_sha256(node_md), "next": 1,
+              "active": writer.active_set(DET).version}
+    assert node_md["sealed"] is True
+    writer.close()
+    reader = deployed.registry(deployed.reader_key)
+    before = _registry_state(reader)
+    reader.close()
+
+    outcomes = {}
+    with httpx.Client(base_url=deployed.uri, trust_env=False, timeout=60,
+                      headers={"Authorization": f"Apikey {deployed.writer_key}"}) as http:
+        for label, attack in _write_attacks(deployed, victim).items():
+            response = attack(http)
+            outcomes[label] = response.status_code
+            assert_no_secret(deployed, response.text)
+    print(f"\n{deployed.backend}: {len(outcomes)} write attacks with a writer key:",
+          dict(Counter(outcomes.values())))
+    assert {label: code for label, code in outcomes.items() if code != 403} == {}
+
+    reader = deployed.registry(deployed.reader_key)
+    after = _registry_state(reader)
+    reader.close()
+    assert after == before
+    # The registry itself still writes through the same policy.
+    writer = deployed.registry(deployed.writer_key)
+    newer = writer.update_mask(DET, name, servers.numbered_mask(302))
+    assert writer.describe(newer).version == 1
+    writer.close()
+
+
+
+
+def test_verify_is_clean_after_sixteen_concurrent_writers(deployed):
+    """16 writers at once (new lineages, one shared lineage, active sets); then the scrub."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from chx_masks._verify import verify_registry
+
+    shared = unique("shared")
+    first = deployed.registry(deployed.writer_key)
+    first.register_mask(DET, shared, servers.numbered_mask(400))
+    first.close()
+    writers = [deployed.registry(deployed.writer_key) for _ in range(16)]
+    barrier = threading.Barrier(len(writers))
+
+    def work(i: int) -> tuple[str, str]:
+        registry = writers[i]
+        barrier.wait()
+        own = registry.register_mask(DET, unique(f"w{i}"), servers.numbered_mask(401 + i))
+        newer = registry.update_mask(DET, shared, servers.numbered_mask(420 + i))
+        registry.activate(DET, [shared], note=f"writer {i}")
+        return own, newer
+
+    with ThreadPoolExecutor(len(writers)) as pool:
+        done = list(pool.map(work, range(len(writers))))
+    for registry in writers:
+        registry.close()
+    reader = deployed.registry(deployed.reader_key)
+    versions = sorted(r.version for r in reader.history(DET, shared))
+    assert versions == list(range(17)), versions
+    assert len({uid for pair in done for uid in pair}) == 32
+    report = verify_registry(reader)
+    reader.close()
+    print(f"\n{deployed.backend}: verify after 16 writers: {report.counts}")
+    assert report.problems == []
+    cli = CliRunner().invoke(main, ["--uri", deployed.uri, "verify", "--json"],
+                             env={"CHX_MASKS_API_KEY": deployed.reader_key})
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(cli.stdout)["clean"] is True
+
+
 def test_array_changed_on_the_servers_disk_is_refused(deployed):
     writer = deployed.registry(deployed.writer_key)
     name_a, name_b = unique("damaged"), unique("intact")
