@@ -755,19 +755,26 @@ class MaskRegistry:
 
     def _seal(self, masks: Any, uid: str, metadata: dict[str, Any], *,
               strict: bool = False) -> None:
-        try:
-            with self._translate(f"sealing mask {uid}"):
-                masks[uid].replace_metadata(metadata={**metadata, SEALED: True},
-                                            specs=[MASK_SPEC], drop_revision=True)
-        except Exception as err:
-            if strict:
-                raise
-            # The version is complete and served (bytes and record are
-            # checked on every read); only the seal is missing.
-            logger.warning(
-                "Registered mask %s but could not seal it (%s); `chx-masks verify "
-                "--repair` seals it.", uid, type(err).__name__,
-            )
+        for attempt in range(3):
+            try:
+                with self._translate(f"sealing mask {uid}"):
+                    node = masks[uid]
+                    if node.metadata.get(SEALED, True) is True:
+                        return  # sealed already (an earlier attempt got through)
+                    node.replace_metadata(metadata={**metadata, SEALED: True},
+                                          specs=[MASK_SPEC], drop_revision=True)
+                return
+            except Exception as err:
+                if attempt < 2:
+                    continue
+                if strict:
+                    raise
+                # The version is complete and served (bytes and record are
+                # checked on every read); only the seal is missing.
+                logger.warning(
+                    "Registered mask %s but could not seal it (%s); `chx-masks verify "
+                    "--repair` seals it.", uid, type(err).__name__,
+                )
 
     def _claim(
         self,
@@ -2224,12 +2231,17 @@ def check_query(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
                 f"reach into it with dotted keys, e.g. {{'{key}.{next(iter(value), 'name')}': "
                 "...}."
             )
+        if isinstance(value, (list, tuple, set, frozenset)):
+            raise MaskValidationError(
+                f"Search value for {key!r} is a {type(value).__name__}; a search compares "
+                "single values (str, number, bool, None): search for one of them."
+            )
         check_storable(value, f"the search value for {key!r}")
     try:
         json.dumps(dict(metadata), allow_nan=False)
     except (TypeError, ValueError) as err:
         raise MaskValidationError(
-            f"Search values must be JSON values (str, numbers, bool, None, lists, dicts): {err}."
+            f"Search values must be JSON values (str, numbers, bool, None): {err}."
         ) from err
     return dict(metadata)
 

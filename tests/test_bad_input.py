@@ -945,3 +945,14 @@ def test_mask_for_custom_detector_of_wrong_shape(registry):
 
 def test_search_with_unserializable_value(registry, base):
     refused(registry, MaskValidationError, lambda: registry.search(metadata={"pixels": {1, 2}}))
+
+
+@pytest.mark.slow
+def test_the_malformed_input_table_on_the_embedded_registry(registry, base):
+    """Every case of tests/input_table.py: a ChxMasksError and nothing written, or kept."""
+    import input_table
+
+    counts, problems = input_table.run(registry, DET, "base", registry.get_detector(DET).shape)
+    print(f"\nembedded: {sum(counts.values())} malformed-input cases: {counts}")
+    assert sum(counts.values()) >= 155
+    assert problems == []

@@ -388,6 +388,20 @@ def test_bad_input_on_the_shared_server_is_refused_and_writes_nothing(deployed):
     _figures(deployed.backend)["bad inputs refused, registry unchanged"] = len(BAD_INPUTS)
 
 
+def test_the_malformed_input_table_on_every_catalog(deployed):
+    """Every case of tests/input_table.py: a ChxMasksError and nothing written, or kept."""
+    import input_table
+
+    writer = deployed.registry(deployed.writer_key)
+    base = unique("table-base")
+    writer.register_mask(DET, base, servers.numbered_mask(500))
+    counts, problems = input_table.run(writer, DET, base, servers.SHAPE)
+    writer.close()
+    FIGURES.setdefault(deployed.backend, {})["malformed-input cases: outcomes"] = counts
+    assert sum(counts.values()) >= 155
+    assert problems == []
+
+
 def test_writer_key_registers_updates_activates_and_retires(deployed):
     writer = MaskRegistry.from_uri(deployed.uri, api_key=deployed.writer_key)
     name = unique("beamstop")
