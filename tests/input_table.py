@@ -161,22 +161,21 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def snapshot(registry: MaskRegistry, found: dict[str, Any]) -> tuple[int, ...]:
+def snapshot(registry: MaskRegistry) -> tuple[int, ...]:
     """How many mask nodes, detectors and logged changes the registry holds.
 
     The registry only ever adds nodes, and logs every change it makes: a
-    count that changed is a write. ``found`` keeps the containers looked up
-    (they are never removed): one request a count.
+    count that changed is a write. Each count looks its container up afresh:
+    a tiled client keeps ``len()`` for a second
+    (``tiled.client.container.LENGTH_CACHE_TTL``), so a container kept from
+    an earlier look-up would report a count from before the last case.
     """
     counts = []
     for key in ("masks", "detectors", "changes"):
-        if key not in found:
-            try:
-                found[key] = registry._root[key]
-            except KeyError:
-                counts.append(0)
-                continue
-        counts.append(len(found[key]))
+        try:
+            counts.append(len(registry._root[key]))
+        except KeyError:
+            counts.append(0)
     return tuple(counts)
 
 
@@ -185,8 +184,7 @@ def run(registry: MaskRegistry, detector: str, base: str,
     """Every case on ``registry``: (outcome counts, what broke the rule)."""
     counts = {"refused": 0, "kept": 0, "answered": 0}
     problems: list[str] = []
-    found: dict[str, Any] = {}
-    before = snapshot(registry, found)
+    before = snapshot(registry)
     for case in cases(detector, base, shape):
         try:
             result = case.call(registry)
@@ -194,16 +192,16 @@ def run(registry: MaskRegistry, detector: str, base: str,
                 result.compute()
         except ChxMasksError:
             counts["refused"] += 1
-            if case.writes and snapshot(registry, found) != before:
+            if case.writes and snapshot(registry) != before:
                 problems.append(f"{case.label}: refused but wrote")
-                before = snapshot(registry, found)
+                before = snapshot(registry)
             continue
         except Exception as err:
             problems.append(f"{case.label}: {type(err).__name__}: {err}"[:300])
-            before = snapshot(registry, found)
+            before = snapshot(registry)
             continue
         if case.writes:
-            before = snapshot(registry, found)  # the next case starts from here
+            before = snapshot(registry)  # the next case starts from here
         if case.metadata is None:
             counts["answered"] += 1
             continue

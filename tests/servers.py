@@ -1,6 +1,6 @@
 """Real servers for tests/test_server.py: processes, databases, keys, a crew of clients.
 
-- :class:`Postgres` makes fresh databases (``chx_masks_<session>_<label>``) on
+- :class:`Postgres` makes fresh databases (``chx_masks_<session>_<label>_<n>``) on
   the PostgreSQL at ``$CHX_MASKS_TEST_POSTGRES`` and drops them at the end.
 - :class:`ServeProcess` runs ``chx-masks serve`` in its own process on
   loopback, as a person would, and reads the URI from what it prints.
@@ -58,6 +58,7 @@ class Postgres:
         self.admin_uri = admin_uri
         self.session = uuid.uuid4().hex[:10]
         self.created: list[str] = []
+        self._count = 0
 
     @classmethod
     def connect(cls) -> Postgres:
@@ -91,8 +92,12 @@ class Postgres:
         asyncio.run(go())
 
     def create(self, label: str, *, driver: str = "postgresql+asyncpg") -> str:
-        """A new, empty database; its URI with ``driver`` as the scheme."""
-        name = f"chx_masks_{self.session}_{label}"
+        """A new, empty database; its URI with ``driver`` as the scheme.
+
+        Each call gets its own database, even for a label used before.
+        """
+        self._count += 1
+        name = f"chx_masks_{self.session}_{label}_{self._count}"
         self._execute(f'CREATE DATABASE "{name}"')
         self.created.append(name)
         return self.uri(name, driver=driver)
@@ -180,12 +185,12 @@ class ServeProcess:
 
 
 def create_service_key(uri: str, username: str, password: str, scopes: list[str],
-                       note: str) -> str:
-    """An API key with ``scopes`` for a new service account, made by an admin.
+                       note: str, *, role: str = "user") -> str:
+    """An API key with ``scopes`` for a new service account with ``role``, made by an admin.
 
     The HTTP equivalent of ``tiled login`` + ``tiled admin
-    create-service-principal`` + ``tiled admin api-key create UUID --scopes ...``
-    (deploy/README.md).
+    create-service-principal --role ROLE`` + ``tiled admin api-key create UUID
+    --scopes ...`` (deploy/README.md).
     """
     import httpx
 
@@ -194,7 +199,7 @@ def create_service_key(uri: str, username: str, password: str, scopes: list[str]
                            data={"username": username, "password": password})
         tokens.raise_for_status()
         bearer = {"Authorization": f"Bearer {tokens.json()['access_token']}"}
-        principal = http.post("/auth/principal", params={"role": "user"}, headers=bearer)
+        principal = http.post("/auth/principal", params={"role": role}, headers=bearer)
         principal.raise_for_status()
         key = http.post(f"/auth/principal/{principal.json()['uuid']}/apikey", headers=bearer,
                         json={"scopes": scopes, "expires_in": None, "note": note})

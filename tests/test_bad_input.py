@@ -698,8 +698,8 @@ def test_search_values_that_cannot_be_compared_are_refused(registry, base):
                 ("huge float", {"flux": 1e300}, "1e16"),
                 ("NUL", {"note": "a\x00"}, "NUL"),
                 ("lone surrogate", {"note": "\udc80"}, "surrogate"),
-                ("deep list", {"a": nested(300)}, "levels"),
-                ("set", {"a": {1, 2}}, "JSON values"),
+                ("deep list", {"a": nested(300)}, "single values"),
+                ("set", {"a": {1, 2}}, "single values"),
             )
         ],
     )

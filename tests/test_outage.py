@@ -201,7 +201,8 @@ def test_every_registry_call_on_a_frozen_server_fails_in_the_error_tree(tmp_path
     """A server stopped mid-session (SIGSTOP): each public call gives up with a ChxMasksError.
 
     Within the registry's timeout plus one request, not tiled's own retry
-    budget ($TILED_RETRY_TIMEOUT, 45 s).
+    budget ($TILED_RETRY_TIMEOUT, 45 s). Only a uid this process has already
+    read still answers, from memory: its bytes cannot change.
     """
     import os
     import signal
@@ -218,14 +219,21 @@ def test_every_registry_call_on_a_frozen_server_fails_in_the_error_tree(tmp_path
         root.context.close()
         reg = MaskRegistry.from_uri(f"{server.uri}/metadata/reg", api_key=server.api_key,
                                     timeout=TIMEOUT, disk_cache=False)
-        uid = reg.register_mask(EIGER500K, "a", random_mask(seed=1))
+        mask = random_mask(seed=1)
+        uid = reg.register_mask(EIGER500K, "a", mask)
         reg.activate(EIGER500K, ["a"])
+        # A uid this process has not read yet (another client registered it).
+        with MaskRegistry.from_uri(f"{server.uri}/metadata/reg", api_key=server.api_key,
+                                   timeout=TIMEOUT, disk_cache=False) as other:
+            unseen = other.register_mask(EIGER500K, "c", random_mask(seed=2))
         os.kill(server.process.pid, signal.SIGSTOP)
+        # A uid already read is immutable and verified: it is served from memory.
+        assert np.array_equal(reg.get_mask_by_uid(uid).compute(), mask)
         ones = np.ones((514, 1030), bool)
         calls = {
             "get_mask": lambda: reg.get_mask(EIGER500K, "a"),
             "get_mask_uid": lambda: reg.get_mask_uid(EIGER500K, "a"),
-            "get_mask_by_uid": lambda: reg.get_mask_by_uid(uid).compute(),
+            "get_mask_by_uid": lambda: reg.get_mask_by_uid(unseen).compute(),
             "describe": lambda: reg.describe(uid),
             "history": lambda: reg.history(EIGER500K, "a"),
             "search": lambda: reg.search(detector=EIGER500K),
