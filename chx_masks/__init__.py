@@ -30,6 +30,7 @@ from ._errors import (
     MaskInUseError,
     MaskNotFoundError,
     MaskPermissionError,
+    MaskPurgedError,
     MaskValidationError,
     RegistryUnavailableError,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "MaskIntegrityError",
     "MaskNotFoundError",
     "MaskPermissionError",
+    "MaskPurgedError",
     "MaskRecord",
     "MaskRegistry",
     "MaskValidationError",

@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ._errors import ChxMasksError, MaskValidationError, RegistryUnavailableError
+from ._errors import (
+    ChxMasksError,
+    MaskIntegrityError,
+    MaskValidationError,
+    RegistryUnavailableError,
+)
 
 if TYPE_CHECKING:
     from ._records import ActiveSet, CompositeMask, MaskRecord
@@ -719,6 +724,44 @@ def delete(state: _State, detector: str, name: str, yes: bool, force: bool,
                "with `chx-masks show --uid`.")
     if after is not None:
         click.echo(f"active for {detector} from the next run: {_active_words(after)}")
+
+
+@main.command()
+@click.argument("uid")
+@click.option("--reason", required=True, metavar="TEXT",
+              help="Why the mask must go; the change log keeps it.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_json_option
+@pass_state
+def purge(state: _State, uid: str, reason: str, yes: bool, as_json: bool) -> None:
+    """Delete mask UID's bytes and record for good (tiled admins only), logging why.
+
+    The one exception to "a uid resolves forever": runs that recorded UID can
+    no longer be reprocessed with it. Give the full uid (`chx-masks show --uid
+    PREFIX` prints it). On a server, the key must hold admin:apikeys.
+    """
+    import uuid
+
+    try:
+        uuid.UUID(uid)
+    except ValueError:
+        raise _Failure(f"{uid!r} is not a full uid: a purge cannot be undone, so it takes "
+                       "the whole uid (`chx-masks show --uid PREFIX` prints it).") from None
+    reg = state.registry
+    if not yes:
+        try:
+            known = reg.describe(uid)
+            what = f" ({known.detector}/{known.name} v{known.version})"
+        except MaskIntegrityError:
+            what = " (its record fails its integrity check)"
+        click.confirm(f"Purge mask {uid}{what} for good? Runs that recorded it can no "
+                      "longer be reprocessed with it", abort=True)
+    record = reg.purge(uid, reason=reason)
+    if as_json:
+        _print_json({**_record_json(record), "purged": True, "reason": reason})
+        return
+    click.echo(f"purged {record.detector}/{record.name} v{record.version} (uid {record.uid}); "
+               "the change log records who and why.")
 
 
 @main.command()

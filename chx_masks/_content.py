@@ -47,6 +47,9 @@ RESERVED_KEYS = frozenset(
 # chx_masks.policy). It is left out of the record's hash.
 SEALED = "sealed"
 
+# The tiled scope of keys that may purge (tiled's admins hold it).
+ADMIN_SCOPE = "admin:apikeys"
+
 # Characters that tiled cannot carry in a node key through a URL path.
 _FORBIDDEN_NAME_CHARS = frozenset("/\\?#%")
 MAX_NAME_LENGTH = 200

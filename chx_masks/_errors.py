@@ -24,6 +24,9 @@ differently on the command line, the error also carries it as ``cli``
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 __all__ = [
     "ChxMasksError",
     "DetectorNotFoundError",
@@ -32,6 +35,7 @@ __all__ = [
     "MaskIntegrityError",
     "MaskNotFoundError",
     "MaskPermissionError",
+    "MaskPurgedError",
     "MaskValidationError",
     "RegistryUnavailableError",
 ]
@@ -75,6 +79,18 @@ class MaskNotFoundError(ChxMasksError, KeyError):
     # newlines); these messages are sentences meant to be read as written.
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class MaskPurgedError(MaskNotFoundError):
+    """The mask was purged by an admin: its bytes are gone; the change log says why.
+
+    ``purge`` holds the change-log entry (``at``, ``by``, ``reason``, ``sha256``).
+    """
+
+    def __init__(self, *args: object, purge: Mapping[str, Any] | None = None,
+                 cli: str | None = None) -> None:
+        super().__init__(*args, cli=cli)
+        self.purge = dict(purge or {})
 
 
 class DetectorNotFoundError(MaskNotFoundError):

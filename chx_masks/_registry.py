@@ -44,6 +44,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 
 from ._content import (
+    ADMIN_SCOPE,
     SEALED,
     check_metadata,
     check_name,
@@ -64,6 +65,7 @@ from ._errors import (
     MaskInUseError,
     MaskNotFoundError,
     MaskPermissionError,
+    MaskPurgedError,
     MaskValidationError,
     RegistryUnavailableError,
 )
@@ -209,6 +211,8 @@ class MaskRegistry:
         self._cache_bytes = cache_bytes
         self._disk = _disk_cache_directory(disk_cache)
         self._identity: str | None = None
+        # An embedded registry (a directory in this process) enforces nothing.
+        self._embedded = False
 
     # ------------------------------------------------------------ construction
 
@@ -386,6 +390,7 @@ class MaskRegistry:
         client = open_embedded(directory)
         registry = cls(client, location=str(directory), disk_cache=disk_cache)
         registry._owned.append(client.context)
+        registry._embedded = True
         # In this process, with tiled's in-process key: the user is who writes.
         registry._identity = _local_user()
         # Opening ends with the catalog's first query, which costs a new
@@ -616,12 +621,15 @@ class MaskRegistry:
         array = coerce_mask(mask, record.shape, detector, allow_binary=allow_binary)
         slots = self._slots(detector, [name]).get(name, [])
         self._refuse_inactive(detector, name, slots)
-        current = self._stored_for(slots[-1].uid)
+        try:
+            current: _Stored | None = self._stored_for(slots[-1].uid)
+        except MaskPurgedError:
+            current = None  # the new version replaces a purged one
         if metadata is None:
-            user_md = dict(current.metadata)
+            user_md = {} if current is None else dict(current.metadata)
         else:
             user_md = check_metadata(metadata)
-        if not force and mask_sha256(array) == current.sha256:
+        if current is not None and not force and mask_sha256(array) == current.sha256:
             said = (f"{detector}/{name} v{slots[-1].version} (uid {current.uid}) already "
                     "holds exactly this mask; nothing was registered.")
             raise MaskExistsError(
@@ -682,6 +690,154 @@ class MaskRegistry:
             check=functools.partial(self._refuse_inactive, detector, name),
         )
         return self._record_at(slots, len(slots) - 2)
+
+    def purge(self, uid: str, *, reason: str) -> MaskRecord:
+        """Delete one registered mask's array and record for good, and log who and why.
+
+        The one exception to "a uid resolves forever": for a mask that must
+        not be kept (personal data, a wrong upload). Every run that recorded
+        ``uid`` can no longer be reprocessed with it; afterwards reading it
+        raises :class:`MaskNotFoundError` saying when, by whom and why it
+        was purged. Its slot stays, so ``history`` still shows the version.
+
+        The change log records the purge first (``purged``, ``reason``,
+        ``by``, ``sha256``); the server then deletes only a mask the log
+        names, for a key that holds the admin scope (``admin:apikeys``).
+        An embedded registry enforces nothing: whoever can write its
+        directory may purge.
+
+        Parameters
+        ----------
+        uid : str
+            The mask's full uid (no prefix: a purge cannot be undone).
+        reason : str
+            Why, in words the facility's log will keep.
+
+        Returns
+        -------
+        MaskRecord
+            The version as it was registered.
+
+        Raises
+        ------
+        MaskPermissionError
+            The key does not hold ``admin:apikeys`` (nothing written).
+        MaskNotFoundError
+            No mask has this uid, or it was purged before.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     uid = reg.register_mask("eiger500K_single_image", "m",
+        ...                             np.ones((514, 1030), bool))
+        ...     reg.purge(uid, reason="uploaded by mistake").version
+        ...     try:
+        ...         reg.get_mask_by_uid(uid)
+        ...     except KeyError as err:
+        ...         "purged" in str(err)
+        0
+        True
+        """
+        if not isinstance(reason, str) or not reason.strip():
+            raise MaskValidationError(
+                "A purge needs a reason (reason='...'): the change log keeps it."
+            )
+        try:
+            uuid.UUID(uid)
+        except (ValueError, TypeError, AttributeError) as err:
+            raise MaskNotFoundError(
+                f"{uid!r} is not a full mask uid: a purge takes the whole uid "
+                "(describe(prefix).uid gives it)."
+            ) from err
+        record = self._purgeable(uid)
+        if not self._may_purge():
+            said = (f"Only a key that holds the admin scope ({ADMIN_SCOPE}) may purge; "
+                    f"the key in use at {self.location} does not. Nothing was written.")
+            raise MaskPermissionError(
+                f"{said} Ask the facility's tiled admin, or use an admin key "
+                "(MaskRegistry.from_uri(uri, api_key=...)).",
+                cli=f"{said} Ask the facility's tiled admin, or pass an admin key "
+                "(--api-key-file FILE or CHX_MASKS_API_KEY).",
+            )
+        if self._purge_record(uid) is None:
+            self._append_change({
+                "detector": record.detector, "key": f"{record.name}@{record.version}",
+                "purged": uid, "sha256": record.sha256, "shape": list(record.shape),
+                "masked_pixels": record.masked_pixels, "reason": reason.strip(),
+                "by": self.identity,
+            }, "recording the purge")
+        masks = self._container(MASKS)
+        try:
+            with self._translate(f"purging mask {uid}"):
+                masks.delete_contents(uid, external_only=False)
+        except MaskPermissionError as err:
+            raise MaskPermissionError(
+                f"The purge of {uid} is recorded in the change log, but the server refused "
+                f"to delete it ({err}). A purge needs a key with {ADMIN_SCOPE}, "
+                "delete:node and delete:revision; run it again with such a key (it "
+                "reuses the record). Until then `chx-masks verify` reports it."
+            ) from None
+        with self._lock:
+            self._stored.pop(uid, None)
+            self._unchecked.pop(uid, None)
+            self._arrays.pop(uid, None)
+            self._nodes.pop(f"uid:{uid}", None)
+            self._composites.clear()
+        if self._disk is not None:
+            (self._disk / f"{uid}.npy").unlink(missing_ok=True)
+        return record
+
+    def _purgeable(self, uid: str) -> MaskRecord:
+        """The record of a mask that may be purged (its bytes need not check out)."""
+        node = self._node(MASKS, uid)
+        if node is None:
+            self._refuse_purged(uid)
+            raise MaskNotFoundError(f"No mask with uid {uid} in the registry at {self.location}.")
+        md = node.metadata
+        slots = self._slots(md.get("detector"), [md.get("name")]).get(md.get("name"), [])
+        for i, slot in enumerate(slots):
+            if slot.uid == uid:
+                try:
+                    return self._record_at(slots, i)
+                except MaskIntegrityError:
+                    # A forged or damaged record may be purged too.
+                    return self._record_at(slots, i, self._stored_from_node(uid, node))
+        raise MaskNotFoundError(
+            f"uid {uid} holds a mask array but was never registered (an interrupted "
+            "registration): `chx-masks verify --repair` removes it; there is nothing "
+            "to purge."
+        )
+
+    def _may_purge(self) -> bool:
+        """Whether this registry's key holds the admin scope (always, embedded)."""
+        if self._embedded:
+            return True
+        return ADMIN_SCOPE in _key_scopes(self._root)
+
+    def _purge_record(self, uid: str) -> Mapping[str, Any] | None:
+        """The change-log entry that purged ``uid``, if any (one request)."""
+        from tiled.queries import Eq
+
+        log = self._container(CHANGES)
+        if log is None:
+            return None
+        with self._translate(f"looking up purges of {uid}"):
+            found = [dict(md) for md in
+                     (c.metadata for c in log.search(Eq("purged", uid)).values())]
+        return found[0] if found else None
+
+    def _refuse_purged(self, uid: str) -> None:
+        """Raise MaskNotFoundError saying when, by whom and why, if ``uid`` was purged."""
+        purge = self._purge_record(uid)
+        if purge is not None:
+            raise MaskPurgedError(
+                f"Mask {uid} ({purge.get('detector')}/{purge.get('key')}) was purged from "
+                f"the registry at {self.location} on {purge.get('at')} by "
+                f"{purge.get('by')}: {purge.get('reason')}. Its bytes are gone; runs that "
+                "recorded it cannot be reprocessed with it.",
+                purge=purge,
+            )
 
     def _write_version(
         self,
@@ -1440,19 +1596,22 @@ class MaskRegistry:
             return False
         return True
 
+    def _append_change(self, entry: dict[str, Any], action: str) -> int:
+        """Append ``entry`` to the change log under the next number; that number."""
+        log = self._ensure_container(CHANGES)
+        last = self.last_change()
+        n = 0 if last is None else last + 1
+        for _ in range(_MAX_CLAIM_ATTEMPTS):
+            md = {**entry, "n": n, "order": f"{n:015d}", "at": utcnow().isoformat()}
+            if self._create_new(log, str(n), md, CHANGE_SPEC, action):
+                return n
+            n += 1
+        raise ChxMasksError("other writers kept taking the next change number")
+
     def _record_change(self, detector: str, key: str) -> None:
         """Append the next number to the change log, after the change it names."""
         try:
-            log = self._ensure_container(CHANGES)
-            last = self.last_change()
-            n = 0 if last is None else last + 1
-            for _ in range(_MAX_CLAIM_ATTEMPTS):
-                md = {"n": n, "order": f"{n:015d}", "detector": detector, "key": key,
-                      "at": utcnow().isoformat()}
-                if self._create_new(log, str(n), md, CHANGE_SPEC, "recording the change"):
-                    return
-                n += 1
-            raise ChxMasksError("other writers kept taking the next change number")
+            self._append_change({"detector": detector, "key": key}, "recording the change")
         except Exception as err:
             # The change itself is stored; readers that kept an older answer
             # see it when the next change is logged, or when they stop
@@ -1801,10 +1960,15 @@ class MaskRegistry:
             self._stored_for(slot.uid, slot)
         return chosen
 
-    def _record_at(self, slots: list[_Slot], i: int) -> MaskRecord:
+    def _record_at(self, slots: list[_Slot], i: int, stored: _Stored | None = None) -> MaskRecord:
         slot = slots[i]
         assert slot.uid is not None
-        stored = self._stored_for(slot.uid, slot)
+        purged: Mapping[str, Any] | None = None
+        if stored is None:
+            try:
+                stored = self._stored_for(slot.uid, slot)
+            except MaskPurgedError as err:
+                purged = err.purge  # the version stays in the history
         following = slots[i + 1] if i + 1 < len(slots) else None
         retired_at = superseded_at = None
         if following is not None:
@@ -1812,6 +1976,17 @@ class MaskRegistry:
                 retired_at = following.at
             else:
                 superseded_at = following.at
+        if stored is None:
+            assert purged is not None
+            return MaskRecord(
+                uid=slot.uid, detector=str(purged.get("detector")), name=slot.name,
+                version=slot.version, registered_at=slot.at, superseded_at=superseded_at,
+                retired_at=retired_at, sha256=str(purged.get("sha256")),
+                shape=tuple(purged.get("shape") or (0, 0)),
+                masked_pixels=int(purged.get("masked_pixels") or 0),
+                metadata={"purged": {k: purged.get(k) for k in ("at", "by", "reason")}},
+                created_by=slot.created_by,
+            )
         return MaskRecord(
             uid=slot.uid,
             detector=stored.detector,
@@ -1864,6 +2039,7 @@ class MaskRegistry:
         if node is None:
             node = self._node(uid)
             if node is None or node.metadata.get("spec") != LEGACY_SPEC:
+                self._refuse_purged(uid)
                 raise MaskNotFoundError(
                     f"No mask with uid {uid} in the registry at {self.location}."
                 )
@@ -2288,6 +2464,36 @@ def _local_user() -> str:
     except Exception:  # no login name (some containers): still say which machine
         user = f"uid {os.getuid()}" if hasattr(os, "getuid") else "unknown"
     return f"{user}@{socket.gethostname()}"
+
+
+def _key_scopes(client: Any) -> frozenset[str]:
+    """The scopes the server grants this client's API key (empty if it says none).
+
+    A key made with ``inherit`` holds its principal's roles' scopes. A
+    single-user server's key has a fixed set without any admin scope.
+    """
+    context = getattr(client, "context", None)
+    key = str(getattr(context, "api_key", None) or "")
+    if not key:
+        return frozenset()
+    try:
+        if not context.server_info.authentication.links:
+            return frozenset()
+        info = context.whoami()
+    except Exception:
+        return frozenset()
+    info = info if isinstance(info, Mapping) else {}
+    for k in info.get("api_keys") or []:
+        if isinstance(k, Mapping) and k.get("first_eight") and key.startswith(
+                str(k["first_eight"])):
+            scopes = set(k.get("scopes") or ())
+            if "inherit" in scopes:
+                scopes.discard("inherit")
+                for role in info.get("roles") or []:
+                    if isinstance(role, Mapping):
+                        scopes.update(role.get("scopes") or ())
+            return frozenset(scopes)
+    return frozenset()
 
 
 def _identity_of(client: Any) -> str:

@@ -13,7 +13,9 @@ checks, for every detector and mask node of the registry:
 - a sealed mask node has no metadata revisions;
 - a mask node that no slot claims is an orphan of an interrupted registration
   (reported; with ``repair``, removed if it is not sealed); a claimed node
-  that is not sealed is sealed by ``repair``.
+  that is not sealed is sealed by ``repair``;
+- a slot whose mask node is gone is fine only if the change log records its
+  purge, and a mask the log records as purged must be gone.
 
 Nothing else is ever changed.
 """
@@ -105,7 +107,7 @@ def verify_registry(
     ...     verify_registry(reg).clean
     True
     """
-    from ._registry import ACTIVE, DETECTORS, MASK_SPEC, MASKS
+    from ._registry import ACTIVE, CHANGES, DETECTORS, MASK_SPEC, MASKS
 
     report = VerifyReport()
     problems = report.problems
@@ -113,6 +115,10 @@ def verify_registry(
     with registry._translate("verifying the registry"):
         masks = root[MASKS] if MASKS in root else None
         nodes = {} if masks is None else dict(masks.items())
+        log = root[CHANGES] if CHANGES in root else None
+        purged = {md["purged"]: md for md in
+                  (dict(c.metadata) for c in ({} if log is None else log).values())
+                  if isinstance(md.get("purged"), str)}
         detectors = root[DETECTORS] if DETECTORS in root else None
         claims: dict[str, tuple[str, Mapping[str, Any]]] = {}
         lineages: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
@@ -130,9 +136,17 @@ def verify_registry(
         report.counts["lineages"] = len(lineages)
         report.counts["slots"] = sum(len(s) for s in lineages.values())
         report.counts["masks"] = len(nodes)
+        report.counts["purged"] = len(purged)
 
         for (det, name), slots in sorted(lineages.items()):
-            _check_lineage(det, name, slots, nodes, problems)
+            _check_lineage(det, name, slots, nodes, purged, problems)
+        for uid, md in sorted(purged.items()):
+            if uid in nodes:
+                problems.append(Problem(
+                    "purge", f"{MASKS}/{uid}",
+                    f"change {md.get('n')} records its purge but it is still stored (the "
+                    "delete was refused or interrupted: run `chx-masks purge` again with "
+                    "an admin key)"))
 
         for i, (uid, node) in enumerate(sorted(nodes.items())):
             if progress is not None:
@@ -163,7 +177,8 @@ def _at(md: Mapping[str, Any]) -> datetime | None:
 
 
 def _check_lineage(det: str, name: str, slots: list[Mapping[str, Any]],
-                   nodes: Mapping[str, Any], problems: list[Problem]) -> None:
+                   nodes: Mapping[str, Any], purged: Mapping[str, Any],
+                   problems: list[Problem]) -> None:
     slots.sort(key=lambda md: md["version"])
     where = f"{det}/{name}"
     previous: Mapping[str, Any] | None = None
@@ -184,8 +199,9 @@ def _check_lineage(det: str, name: str, slots: list[Mapping[str, Any]],
         if md.get("kind") == "mask":
             uid = md.get("uid")
             if node is None:
-                problems.append(Problem("slot", f"{where}@{version}",
-                                        f"names mask {uid}, which is not in the registry"))
+                if uid not in purged:
+                    problems.append(Problem("slot", f"{where}@{version}",
+                                            f"names mask {uid}, which is not in the registry"))
             else:
                 stored = node.metadata
                 if stored.get("detector") != det or stored.get("name") != name:

@@ -14,7 +14,11 @@ registration does:
   never delete any of it, never delete metadata revisions.
 
 Only a key that holds the admin scope (``admin:apikeys``: tiled's admins) may
-do more, to purge; a single-key server has no admin.
+purge, and only what the registry's change log already records as purged
+(``MaskRegistry.purge`` / ``chx-masks purge`` write the record, then delete):
+such a key may delete a sealed mask node whose uid a change-log entry names
+under ``purged``, and otherwise has a writer's rights in the registry. A
+single-key server has no admin.
 
 Nodes outside the registry (Bluesky runs written with TiledWriter, processed
 products) keep every scope the key has.
@@ -65,7 +69,7 @@ from typing import Any
 from tiled.access_control.protocols import AccessPolicy, normalize_access_tags
 from tiled.validation_registration import ValidationRegistry
 
-from ._content import SEALED, record_sha256
+from ._content import ADMIN_SCOPE, SEALED, record_sha256
 
 __all__ = [
     "ADMIN_SCOPE",
@@ -79,12 +83,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ADMIN_SCOPE = "admin:apikeys"
 MASK_SPEC = "chx_mask"
 SLOT_SPEC = "chx_mask_slot"
 ACTIVE_SPEC = "chx_mask_active_set"
 CHANGE_SPEC = "chx_mask_change"
 LEGACY_SPEC = "mask"
+CHANGES = "changes"
 RECORD_SPECS = frozenset({MASK_SPEC, SLOT_SPEC, ACTIVE_SPEC, CHANGE_SPEC, LEGACY_SPEC})
 READ_SCOPES = frozenset({"read:metadata", "read:data"})
 CONTAINER_SCOPES = READ_SCOPES | {"create:node", "write:metadata"}
@@ -103,7 +107,9 @@ class AppendOnlyPolicy(AccessPolicy):
     Parameters
     ----------
     admin_scope : str
-        A key with this scope may do anything its other scopes allow (purge).
+        A key with this scope may delete a sealed mask node that the
+        registry's change log records as purged (and, outside the registry,
+        anything its other scopes allow).
 
     Examples
     --------
@@ -138,13 +144,13 @@ class AppendOnlyPolicy(AccessPolicy):
     ) -> frozenset[str]:
         _CHECKED.set(node)
         granted = frozenset(authn_scopes)
-        if self.admin_scope in granted:
-            return granted
         kind = await self.kind(node)
         if kind is None or kind == "open":
             return granted
         if kind == "container":
             return granted & CONTAINER_SCOPES
+        if self.admin_scope in granted and await _purge_recorded(node):
+            return granted & (READ_SCOPES | {"delete:node", "delete:revision"})
         return granted & READ_SCOPES
 
     async def modify_node(
@@ -152,14 +158,13 @@ class AppendOnlyPolicy(AccessPolicy):
         access_tags: Any,
     ) -> tuple[bool, Any]:
         # tiled asks this before every metadata rewrite (PATCH and PUT).
-        if self.admin_scope not in set(authn_scopes):
-            kind = await self.kind(node)
-            if kind in ("sealed", "container"):
-                raise ValueError(
-                    f"{_describe(node)} is part of the mask registry, which is "
-                    "append-only: its metadata is never rewritten. Register a new "
-                    "version instead (update_mask / `chx-masks update`)."
-                )
+        kind = await self.kind(node)
+        if kind in ("sealed", "container"):
+            raise ValueError(
+                f"{_describe(node)} is part of the mask registry, which is "
+                "append-only: its metadata is never rewritten. Register a new "
+                "version instead (update_mask / `chx-masks update`)."
+            )
         return (False, access_tags if access_tags is not None else node.access_tags)
 
     async def kind(self, node: Any) -> str | None:
@@ -225,6 +230,34 @@ async def _children(parent: Any, key_prefix: str | None = None) -> list[tuple[st
         statement = statement.where(orm.Node.key.like(escaped + "%", escape="\\"))
     async with parent.context.session() as db:
         return [(k, md) for k, md in (await db.execute(statement)).all()]
+
+
+async def _purge_recorded(node: Any) -> bool:
+    """Whether ``node`` is a mask node whose uid the registry's change log lists as purged.
+
+    The change log is ``changes``, beside the ``masks`` container that holds
+    the node.
+    """
+    from sqlalchemy import select
+    from sqlalchemy.orm import aliased
+    from tiled.catalog import orm
+
+    specs = {getattr(s, "name", s) for s in (getattr(node, "specs", None) or ())}
+    row = getattr(node, "node", None)
+    uid = _metadata(node).get("uid")
+    if MASK_SPEC not in specs or row is None or row.parent is None or not isinstance(uid, str):
+        return False
+    masks, changes, entry = aliased(orm.Node), aliased(orm.Node), aliased(orm.Node)
+    statement = (
+        select(entry.id)
+        .join(changes, entry.parent == changes.id)
+        .join(masks, masks.parent == changes.parent)
+        .where(masks.id == row.parent, changes.key == CHANGES)
+        .where(entry.metadata_["purged"].as_string() == uid)
+        .limit(1)
+    )
+    async with node.context.session() as db:
+        return (await db.execute(statement)).first() is not None
 
 
 async def _node_by_key(context: Any, key: str) -> tuple[Any, Any] | None:

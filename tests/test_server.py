@@ -80,6 +80,7 @@ class Deployment:
     reader_key: str
     writer_key: str
     secrets: tuple[str, ...]  # everything that must never be shown or logged
+    admin_password: str = ""  # of the ADMIN account (tiled_admins)
 
     def registry(self, key: str | None) -> MaskRegistry:
         """A registry on the server with empty caches: every read is a request."""
@@ -111,7 +112,7 @@ def deployed(backend, request, tmp_path_factory):
                              (servers.WRITE_SCOPES, "chx-masks writer")):
             keys.append(servers.create_service_key(server.uri, ADMIN, password, scopes, note))
         yield Deployment(backend, server, server.uri, directory, *keys,
-                         secrets=(*keys, password, signing))
+                         secrets=(*keys, password, signing), admin_password=password)
     finally:
         code = server.stop()
     assert code == 0, server.log
@@ -759,6 +760,73 @@ def test_writer_key_cannot_rewrite_or_delete_the_registry_through_tiled(deployed
     writer.close()
 
 
+
+
+def test_an_admin_key_purges_only_what_the_change_log_records(deployed):
+    """An admin key: the writer's attack table is still refused; a purge is logged first.
+
+    A writer's purge is refused before anything is written; an admin's raw
+    delete without a purge record is refused (403); ``purge`` records who
+    and why, then deletes; the uid then says it was purged; the rest of its
+    lineage reads as before; the scrub is clean.
+    """
+    from chx_masks import MaskPermissionError, MaskPurgedError
+    from chx_masks._verify import verify_registry
+
+    writer = deployed.registry(deployed.writer_key)
+    name = unique("purged")
+    kept_mask, gone_mask = servers.numbered_mask(500), servers.numbered_mask(501)
+    kept = writer.register_mask(DET, name, kept_mask)
+    gone = writer.update_mask(DET, name, gone_mask)
+    other = writer.register_mask(DET, unique("bystander"), servers.numbered_mask(502))
+    writer.activate(DET, [name], note="before the purge")
+    active = writer.active_set(DET).version
+    last = writer.last_change()
+    with pytest.raises(MaskPermissionError, match="admin:apikeys"):
+        writer.purge(gone, reason="a writer tries")
+    assert writer.last_change() == last
+    writer.close()
+
+    admin_key = servers.create_service_key(
+        deployed.uri, ADMIN, deployed.admin_password,
+        [*servers.WRITE_SCOPES, "admin:apikeys"], "chx-masks admin", role="admin")
+    reader = deployed.registry(deployed.reader_key)
+    before = _registry_state(reader)
+    node_md = dict(reader._root["masks"][gone].metadata)
+    reader.close()
+    from chx_masks._content import record_sha256
+
+    victim = {"detector": DET, "name": name, "uid": gone, "other": other, "mask": gone_mask,
+              "mask_md": node_md, "record": record_sha256(node_md), "next": 2,
+              "active": active}
+    outcomes = {}
+    with httpx.Client(base_url=deployed.uri, trust_env=False, timeout=60,
+                      headers={"Authorization": f"Apikey {admin_key}"}) as http:
+        for label, attack in _write_attacks(deployed, victim).items():
+            outcomes[label] = attack(http).status_code
+    print(f"\n{deployed.backend}: {len(outcomes)} write attacks with an admin key:",
+          dict(Counter(outcomes.values())))
+    assert {label: code for label, code in outcomes.items() if code != 403} == {}
+    reader = deployed.registry(deployed.reader_key)
+    assert _registry_state(reader) == before
+    reader.close()
+
+    admin = deployed.registry(admin_key)
+    record = admin.purge(gone, reason="uploaded the wrong file")
+    assert (record.uid, record.version) == (gone, 1)
+    admin.close()
+    reader = deployed.registry(deployed.reader_key)
+    with pytest.raises(MaskPurgedError, match="uploaded the wrong file") as caught:
+        reader.get_mask_by_uid(gone)
+    assert caught.value.purge["by"].startswith("service principal")
+    assert caught.value.purge["sha256"] == record.sha256
+    assert [r.version for r in reader.history(DET, name)] == [0, 1]
+    assert np.array_equal(reader.get_mask_by_uid(kept).compute(), kept_mask)
+    report = verify_registry(reader)
+    assert report.problems == [] and report.counts["purged"] >= 1, report.to_dict()
+    assert reader.last_change() == last + 1
+    reader.close()
+    assert_no_secret(deployed, record.created_by or "", str(caught.value))
 
 
 def test_verify_is_clean_after_sixteen_concurrent_writers(deployed):

@@ -67,7 +67,7 @@ def test_a_registry_written_through_the_api_is_clean(directory: Path) -> None:
     code, report = _verify(directory)
     assert code == 0 and report["clean"] and report["problems"] == []
     assert report["counts"] == {"detectors": 1, "lineages": 2, "slots": 4, "masks": 3,
-                                "active sets": 2}
+                                "purged": 0, "active sets": 2}
     text = CliRunner().invoke(main, ["--dir", str(directory), "verify"])
     assert text.exit_code == 0 and "is clean (1 detectors, 2 lineages" in text.stdout
 
@@ -125,3 +125,38 @@ def test_forgeries_are_reported_and_repair_touches_none(directory: Path) -> None
     assert report.repaired == []
     code, _ = _verify(directory)
     assert code == 1
+
+
+def test_purge_on_the_command_line_logs_first_and_verify_accepts_it(directory: Path) -> None:
+    """`chx-masks purge`: full uid and a reason required; logged; the scrub stays clean."""
+    registry = MaskRegistry.embedded(directory, disk_cache=False)
+    first, current = (r.uid for r in registry.history(DET, "gaps"))
+    last = registry.last_change()
+    registry.close()
+    run = CliRunner().invoke
+    short = run(main, ["--dir", str(directory), "purge", first[:8], "--reason", "x", "--yes"])
+    assert short.exit_code == 1 and "full uid" in short.output, short.output
+    unsaid = run(main, ["--dir", str(directory), "purge", first, "--yes"])
+    assert unsaid.exit_code == 2 and "--reason" in unsaid.output
+    asked = run(main, ["--dir", str(directory), "purge", first, "--reason", "x"], input="n\n")
+    assert asked.exit_code == 1 and "gaps v0" in asked.output
+    registry = MaskRegistry.embedded(directory, disk_cache=False)
+    assert registry.last_change() == last  # nothing written by the refusals
+    registry.close()
+
+    done = run(main, ["--dir", str(directory), "purge", first, "--reason",
+                      "uploaded the wrong file", "--yes", "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["uid"] == first
+    code, report = _verify(directory)
+    assert code == 0 and report["counts"]["purged"] == 1, report
+    shown = run(main, ["--dir", str(directory), "show", "--uid", first])
+    assert shown.exit_code == 1 and "uploaded the wrong file" in shown.output, shown.output
+
+    registry = MaskRegistry.embedded(directory, disk_cache=False)
+    entry = dict(registry._root["changes"][str(last + 1)].metadata)
+    assert (entry["purged"], entry["reason"]) == (first, "uploaded the wrong file")
+    assert entry["by"] == registry.identity
+    assert [r.version for r in registry.history(DET, "gaps")] == [0, 1]
+    assert registry.get_mask_by_uid(current).compute().shape == SHAPE
+    registry.close()
