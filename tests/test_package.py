@@ -24,6 +24,7 @@ PUBLIC = {
     "MaskIntegrityError",
     "MaskNotFoundError",
     "MaskPermissionError",
+    "MaskPurgedError",
     "MaskRecord",
     "MaskRegistry",
     "MaskValidationError",
