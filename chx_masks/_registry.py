@@ -697,8 +697,9 @@ class MaskRegistry:
         The one exception to "a uid resolves forever": for a mask that must
         not be kept (personal data, a wrong upload). Every run that recorded
         ``uid`` can no longer be reprocessed with it; afterwards reading it
-        raises :class:`MaskNotFoundError` saying when, by whom and why it
-        was purged. Its slot stays, so ``history`` still shows the version.
+        raises :class:`MaskPurgedError` (a :class:`MaskNotFoundError`) saying
+        when, by whom and why it was purged. Its slot stays, so ``history``
+        still shows the version.
 
         The change log records the purge first (``purged``, ``reason``,
         ``by``, ``sha256``); the server then deletes only a mask the log
@@ -723,7 +724,9 @@ class MaskRegistry:
         MaskPermissionError
             The key does not hold ``admin:apikeys`` (nothing written).
         MaskNotFoundError
-            No mask has this uid, or it was purged before.
+            No mask has this uid (:class:`MaskPurgedError`: it was purged before).
+        MaskValidationError
+            ``reason`` is empty or could not be stored (see ``check_metadata``).
 
         Examples
         --------
@@ -743,6 +746,10 @@ class MaskRegistry:
             raise MaskValidationError(
                 "A purge needs a reason (reason='...'): the change log keeps it."
             )
+        try:
+            reason = check_metadata({"reason": reason.strip()})["reason"]
+        except MaskValidationError as err:
+            raise MaskValidationError(f"The purge's reason cannot be stored: {err}") from None
         try:
             uuid.UUID(uid)
         except (ValueError, TypeError, AttributeError) as err:
@@ -764,7 +771,7 @@ class MaskRegistry:
             self._append_change({
                 "detector": record.detector, "key": f"{record.name}@{record.version}",
                 "purged": uid, "sha256": record.sha256, "shape": list(record.shape),
-                "masked_pixels": record.masked_pixels, "reason": reason.strip(),
+                "masked_pixels": record.masked_pixels, "reason": reason,
                 "by": self.identity,
             }, "recording the purge")
         masks = self._container(MASKS)

@@ -140,6 +140,8 @@ def test_purge_on_the_command_line_logs_first_and_verify_accepts_it(directory: P
     assert unsaid.exit_code == 2 and "--reason" in unsaid.output
     asked = run(main, ["--dir", str(directory), "purge", first, "--reason", "x"], input="n\n")
     assert asked.exit_code == 1 and "gaps v0" in asked.output
+    nul = run(main, ["--dir", str(directory), "purge", first, "--reason", "a\x00b", "--yes"])
+    assert nul.exit_code == 1 and "NUL" in nul.output, nul.output
     registry = MaskRegistry.embedded(directory, disk_cache=False)
     assert registry.last_change() == last  # nothing written by the refusals
     registry.close()
