@@ -2650,10 +2650,11 @@ class _BoundedTransport:
 
     tiled retries a server that does not answer for up to its own budget
     ($TILED_RETRY_TIMEOUT, 45 s). Once a request of the current step has
-    failed (no connection, no answer) and the step has lasted ``timeout``
-    seconds, the next attempt is refused, so that every call gives up
-    within about ``timeout`` plus one request. A server that answers, however
-    slowly, is never cut off.
+    failed (no connection, no answer), each retry waits only for what is
+    left of ``timeout`` since the step began, and none is made once it is
+    spent, so that a call on a frozen or refusing server gives up within
+    about ``timeout``. A server that answers, however slowly, is never cut
+    off.
     """
 
     def __init__(self, inner: Any, timeout: float) -> None:
@@ -2663,13 +2664,21 @@ class _BoundedTransport:
         import httpx
 
         step = getattr(_steps, "current", None)
-        if step is not None and step.failed and time.monotonic() - step.began >= self.timeout:
-            raise _GaveUp(self.timeout)
+        if step is not None and step.failed:
+            left = self.timeout - (time.monotonic() - step.began)
+            if left <= 0:
+                raise _GaveUp(self.timeout)
+            # A retry waits only for what is left of the step's budget.
+            request.extensions["timeout"] = httpx.Timeout(max(left, 0.05)).as_dict()
         try:
             return self.inner.handle_request(request)
         except (httpx.TimeoutException, httpx.NetworkError):
-            if step is not None:
-                step.failed = True
+            if step is None:
+                raise
+            step.failed = True
+            if time.monotonic() - step.began >= self.timeout:
+                # No retry could answer in time: skip tiled's back-off before it.
+                raise _GaveUp(self.timeout) from None
             raise
 
     def close(self) -> None:
