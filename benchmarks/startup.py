@@ -7,11 +7,15 @@ Run by developers, never by pytest (see ``benchmarks/README.md``)::
     mkdir /tmp/head && git archive HEAD chx_masks | tar -x -C /tmp/head
     python benchmarks/startup.py --baseline /tmp/head   # this tree against HEAD
 
-Each sample is a fresh process: ``chx-masks --help``, ``chx-masks --dir D
-list`` (the embedded registry: tiled's SQLite catalog served in-process) and
-``chx-masks --uri URI list`` against a real ``chx-masks serve`` on 127.0.0.1,
-both registries holding the same masks. Every command runs as the installed
-``chx-masks`` script (``chx_masks._cli:main``) and as ``python -m chx_masks``
+Each sample is a fresh process: ``chx-masks --help``; ``chx-masks --dir D
+list`` (the embedded registry) three ways: with the directory's local server
+already running (the default path, after a first command), as the first
+command (which starts that server; it is stopped before each sample), and
+with ``CHX_MASKS_LOCAL_SERVER=0`` (tiled's SQLite catalog served in the
+command's own process); and ``chx-masks --uri URI list`` against a real
+``chx-masks serve`` on 127.0.0.1. All registries hold the same masks.
+Every command runs as the installed ``chx-masks`` script
+(``chx_masks._cli:main``) and as ``python -m chx_masks``
 (``chx_masks.__main__.main``, which also skips the collection at exit), and,
 for each ``--baseline DIR``, both again with the ``chx_masks`` package in DIR
 first on ``PYTHONPATH``. One repetition runs every (command, variant) once, in
@@ -46,7 +50,11 @@ DETECTOR = "eiger500K_single_image"
 API_KEY = "startupbenchmarkkey0123456789"
 SERVER_START_TIMEOUT = 180.0
 # Seconds, for the median on an idle machine (issue 14); None: reported only.
-TARGETS: dict[str, float | None] = {"help": None, "dir": 2.5, "uri": 1.5}
+# "dir" is the default path (the directory's local server already running);
+# "dir-first" the first command, which starts it; "dir-inprocess" the same
+# command with CHX_MASKS_LOCAL_SERVER=0 (tiled served in the command's process).
+TARGETS: dict[str, float | None] = {"help": None, "dir": 2.5, "dir-first": None,
+                                    "dir-inprocess": None, "uri": 1.5}
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,14 @@ def fill_registry(directory: Path, masks: int, cwd: Path) -> list[str]:
     subprocess.run([sys.executable, "-c", code, str(directory), DETECTOR, *names],
                    check=True, cwd=cwd, env=env)
     return names
+
+
+def stop_local_server(directory: Path) -> None:
+    """Stop the local server ``chx-masks`` started for ``directory``, if any."""
+    code = ("import sys; from pathlib import Path; from chx_masks._local import stop; "
+            "stop(Path(sys.argv[1]))")
+    subprocess.run([sys.executable, "-c", code, str(directory)], check=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 class Server:
@@ -234,23 +250,28 @@ def main(argv: list[str] | None = None) -> int:
         # PYTHONPATH is not overridden by the working directory on sys.path.
         cwd = root / "cwd"
         cwd.mkdir()
-        embedded, served = root / "embedded", root / "served"
+        embedded, served, first = root / "embedded", root / "served", root / "first"
         server = None
         names: list[str] = []
         if {"dir", "uri"} & set(commands):
             print(f"  filling a registry with {options.masks} masks ...", flush=True)
             names = fill_registry(embedded, options.masks, cwd)
             shutil.copytree(embedded, served)
+            shutil.copytree(embedded, first)
         try:
             args: dict[str, tuple[list[str], dict[str, str]]] = {"help": (["--help"], {})}
             # The embedded registry's default data directory must not be touched.
             args["dir"] = (["--dir", str(embedded), "list"], {})
+            args["dir-inprocess"] = (["--dir", str(embedded), "list"],
+                                     {"CHX_MASKS_LOCAL_SERVER": "0"})
+            args["dir-first"] = (["--dir", str(first), "list"], {})
             if "uri" in commands:
                 server = Server(served, cwd)
                 print(f"  server at {server.uri}", flush=True)
                 args["uri"] = (["--uri", server.uri, "list"], {"CHX_MASKS_API_KEY": API_KEY})
             env_base = {"CHX_MASKS_DIR": str(root / "default"),
-                        "CHX_MASKS_CACHE_DIR": str(root / "cache")}
+                        "CHX_MASKS_CACHE_DIR": str(root / "cache"),
+                        "CHX_MASKS_LOCAL_IDLE": "300"}
             pairs = [(c, v) for c in commands for v in variants]
             samples = {(c, v.label): Samples() for c, v in pairs}
             print(f"  {len(pairs)} (command, variant) pairs x {options.repeat} repetitions "
@@ -259,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                 shift = max(repetition, 0) % len(pairs)
                 for command, variant in pairs[shift:] + pairs[:shift]:
                     command_args, extra = args[command]
+                    if command == "dir-first":
+                        stop_local_server(first)
                     seconds, cpu, rss, stdout = run_once(
                         _argv(variant, command_args), _env(variant, {**env_base, **extra}), cwd)
                     if command != "help" and not all(n in stdout for n in names):
@@ -273,11 +296,15 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if server is not None:
                 server.stop()
+            for directory in (embedded, first):
+                stop_local_server(directory)
     info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
-    shown = {"help": "--help", "dir": "--dir D list", "uri": "--uri URI list"}
+    shown = {"help": "--help", "dir": "--dir D list", "dir-first": "--dir D list",
+             "dir-inprocess": "--dir D list", "uri": "--uri URI list"}
     print(f"\n  load average at the end {info['load_average_at_end']}\n")
-    width = max(len(v.label) for v in variants)
+    labels = {"dir": " (server up)", "dir-first": " (first)", "dir-inprocess": " (no server)"}
+    width = max(len(v.label) for v in variants) + max(len(x) for x in labels.values())
     header = (f"{'command':16} {'variant':{width}} {'median s':>9} {'min s':>7} {'max s':>7} "
               f"{'CPU s':>6} {'peak RSS MiB':>13} {'target':>8}  verdict")
     print(header)
@@ -288,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         target = TARGETS[command]
         verdict = "-" if target is None else ("PASS" if median < target else "FAIL")
         shown_target = "none" if target is None else f"< {target:.1f} s"
-        print(f"{shown[command]:16} {variant.label:{width}} {median:9.2f} {min(s.seconds):7.2f} "
+        label = variant.label + labels.get(command, "")
+        print(f"{shown[command]:16} {label:{width}} {median:9.2f} {min(s.seconds):7.2f} "
               f"{max(s.seconds):7.2f} {statistics.median(s.cpu_seconds):6.2f} "
               f"{statistics.median(s.rss_mib):13.0f} "
               f"{shown_target:>8}  {verdict}")

@@ -91,7 +91,7 @@ class _State:
     @property
     def registry(self) -> MaskRegistry:
         if self._registry is None:
-            from ._default import default_registry
+            from ._default import default_registry, opened_default
             from ._registry import MaskRegistry
 
             if self.uri is not None:
@@ -100,7 +100,14 @@ class _State:
             elif self.profile is not None:
                 self._registry, self._owned = MaskRegistry.from_profile(self.profile), True
             elif self.directory is not None:
-                self._registry, self._owned = MaskRegistry.embedded(self.directory), True
+                self._registry, self._owned = _embedded(self.directory), True
+            elif opened_default() is None and not any(
+                    os.environ.get(v) for v in ("CHX_MASKS_URI", "CHX_MASKS_PROFILE")):
+                # The embedded default, through its local server; a registry this
+                # process already chose (set_default_registry) is used as it is.
+                from ._embedded import default_directory
+
+                self._registry, self._owned = _embedded(default_directory()), True
             else:
                 self._registry = default_registry()
         return self._registry
@@ -122,6 +129,19 @@ class _State:
     def close(self) -> None:
         if self._registry is not None and self._owned:
             self._registry.close()
+
+
+def _embedded(directory: Path) -> MaskRegistry:
+    """The embedded registry in ``directory``, through its local server when enabled."""
+    from . import _local
+    from ._registry import MaskRegistry
+
+    directory = Path(directory).expanduser()
+    if _local.enabled():
+        registry = _local.connect(directory)
+        if registry is not None:
+            return registry
+    return MaskRegistry.embedded(directory)
 
 
 pass_state = click.make_pass_decorator(_State)

@@ -46,6 +46,19 @@ def default_registry() -> MaskRegistry:
         return _default
 
 
+def opened_default() -> MaskRegistry | None:
+    """The default registry if this process has chosen or opened it, else None.
+
+    Examples
+    --------
+    >>> set_default_registry(None)
+    >>> opened_default() is None
+    True
+    """
+    with _lock:
+        return _default
+
+
 def set_default_registry(
     registry: MaskRegistry | str | Path | None, *, api_key: str | None = None
 ) -> None:

@@ -99,6 +99,60 @@ def _new_catalog(database: Path) -> None:
         from_uri(f"sqlite:///{database}", init_if_not_exists=True)
 
 
+def embedded_app(
+    directory: Path,
+    *,
+    tabular: bool = False,
+    readable_storage: Sequence[str | Path] = (),
+    specs: Sequence[dict[str, str]] | None = None,
+    serialization_registry: Any = None,
+    api_key: str | None = None,
+) -> Any:
+    """The tiled app that serves ``directory`` as an embedded registry.
+
+    Parameters are those of :func:`open_embedded`; ``api_key``, if given, is
+    the single key the app accepts (for serving it on a socket).
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "data").mkdir(exist_ok=True)
+    except OSError as err:
+        raise RegistryUnavailableError(
+            f"Cannot create the embedded directory {directory}: {err}. "
+            "Set CHX_MASKS_DIR to a writable directory."
+        ) from err
+    database = directory / "catalog.db"
+    writable: list[str] = [str(directory / "data")]
+    if tabular:
+        writable.append(f"sqlite:///{directory / 'tables.db'}")
+    with _collection_paused():
+        # Here, not at the top: tiled's server imports dask.dataframe, pandas
+        # and sparse whatever it serves (tiled.adapters.protocols), half of its
+        # ~4 s import; a registry on a server needs only tiled.client.
+        from tiled.catalog import from_uri
+        from tiled.server.app import build_app
+
+        with _locked(directory / ".init.lock"):
+            if not database.exists():
+                _new_catalog(database)
+            catalog = from_uri(
+                f"sqlite:///{database}",
+                writable_storage=writable,
+                readable_storage=[str(p) for p in readable_storage] or None,
+                specs=list(specs) if specs else None,
+            )
+        options: dict[str, Any] = {}
+        if api_key is not None:
+            from tiled.config import Authentication
+
+            options["authentication"] = Authentication(single_user_api_key=api_key)
+        app = build_app(catalog, serialization_registry=serialization_registry, **options)
+    # tiled announces its version at INFO on every in-process start; a
+    # library opened from IPython should stay quiet.
+    logging.getLogger("tiled.server.app").setLevel(logging.WARNING)
+    return app
+
+
 def open_embedded(
     directory: Path,
     *,
@@ -122,39 +176,11 @@ def open_embedded(
         Passed to tiled (the root's specs; exporters such as Bluesky's
         ``application/json-seq``).
     """
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "data").mkdir(exist_ok=True)
-    except OSError as err:
-        raise RegistryUnavailableError(
-            f"Cannot create the embedded directory {directory}: {err}. "
-            "Set CHX_MASKS_DIR to a writable directory."
-        ) from err
-    database = directory / "catalog.db"
-    writable: list[str] = [str(directory / "data")]
-    if tabular:
-        writable.append(f"sqlite:///{directory / 'tables.db'}")
+    app = embedded_app(directory, tabular=tabular, readable_storage=readable_storage,
+                       specs=specs, serialization_registry=serialization_registry)
     with _collection_paused():
-        # Here, not at the top: tiled's server imports dask.dataframe, pandas
-        # and sparse whatever it serves (tiled.adapters.protocols), half of its
-        # ~4 s import; a registry on a server needs only tiled.client.
-        from tiled.catalog import from_uri
         from tiled.client import Context, from_context
-        from tiled.server.app import build_app
 
-        with _locked(directory / ".init.lock"):
-            if not database.exists():
-                _new_catalog(database)
-            catalog = from_uri(
-                f"sqlite:///{database}",
-                writable_storage=writable,
-                readable_storage=[str(p) for p in readable_storage] or None,
-                specs=list(specs) if specs else None,
-            )
-        app = build_app(catalog, serialization_registry=serialization_registry)
-        # tiled announces its version at INFO on every in-process start; a
-        # library opened from IPython should stay quiet.
-        logging.getLogger("tiled.server.app").setLevel(logging.WARNING)
         with warnings.catch_warnings():
             # tiled's in-process transport uses starlette's TestClient over
             # httpx, which starlette marks deprecated; it works and is tiled's
