@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from chx_masks import ChxMasksError, MaskNotFoundError, MaskRegistry, generate, mask_sha256
-from chx_masks._plot import composite_png, frame_png
+from chx_masks.plot import composite_png, frame_png
 
 from ._provenance import MaskProvenance
 from ._replay import open_run_store, replay_masked

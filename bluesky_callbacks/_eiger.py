@@ -365,7 +365,7 @@ def detector_pixel_mask(pattern: Any) -> np.ndarray:
 
 
 def _h5py() -> Any:
-    from chx_masks._hdf5 import h5py_with_filters
+    from chx_masks.io import h5py_with_filters
 
     return h5py_with_filters()
 

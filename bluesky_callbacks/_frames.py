@@ -278,7 +278,7 @@ class HDF5StreamReader:
                     f"StreamResource {resource['uid']} has mimetype {mimetype!r}; frames "
                     "are read from application/x-hdf5 files (or through tiled on replay)."
                 )
-            from chx_masks._hdf5 import h5py_with_filters
+            from chx_masks.io import h5py_with_filters
 
             path = file_path(resource["uri"], self.root_map)
             handle = h5py_with_filters().File(path, "r", swmr=True, libver="latest")

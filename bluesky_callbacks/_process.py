@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 
 from chx_masks import ChxMasksError, CompositeMask, MaskNotFoundError, MaskRegistry
-from chx_masks._registry import _status
+from chx_masks.stores import http_status as _status
 
 from ._frames import prepare_mask
 from ._replay import _stream_node, run_composite
@@ -102,7 +102,7 @@ class RunStore:
         # A key given in the URI (``?api_key=``, as $CHX_MASKS_RUNS_URI may hold it)
         # moves to api_key, so that no repr, message or log line shows it.
         if self.remote:
-            from chx_masks._registry import _split_api_key
+            from chx_masks.stores import split_api_key as _split_api_key
 
             location, api_key = _split_api_key(self.location, self.api_key)
             object.__setattr__(self, "location", location)
@@ -183,7 +183,7 @@ def located_store(location: str | None, kind: str, directory: Path | None = None
     if where:
         return RunStore(where, api_key=os.environ.get(f"CHX_MASKS_{kind.upper()}_API_KEY"))
     if directory is None:
-        from chx_masks._embedded import default_directory
+        from chx_masks.stores import default_directory
 
         directory = default_directory()
     return RunStore(str(Path(directory).expanduser() / kind))
@@ -195,7 +195,7 @@ def located_store(location: str | None, kind: str, directory: Path | None = None
 def _open_store(store: RunStore, runs: bool) -> Any:
     from tiled.client import from_uri
 
-    from chx_masks._embedded import open_embedded
+    from chx_masks.stores import open_embedded
 
     from ._replay import open_run_store
 
@@ -461,7 +461,7 @@ def _direct_files(node: Any, detector: _Detector) -> tuple[tuple[str, str, int],
                 or not os.access(path, os.R_OK):
             return None
         paths.append(path)
-    from chx_masks._hdf5 import h5py_with_filters
+    from chx_masks.io import h5py_with_filters
 
     h5py = h5py_with_filters()
     files = []
@@ -532,7 +532,7 @@ def _direct_encoded(
     lock (so tasks run in parallel on threads), and only the encoded frames
     are kept, so a task holds one decoded frame however many it covers.
     """
-    from chx_masks._hdf5 import h5py_with_filters
+    from chx_masks.io import h5py_with_filters
 
     from ._eiger import decodable, encode_chunk, raw_chunks, remask_chunk
 
@@ -692,7 +692,7 @@ class _Lease:
     renewed: float = field(default_factory=time.monotonic)
 
     def record(self) -> dict[str, Any]:
-        from chx_masks._registry import _local_user
+        from chx_masks.stores import local_user as _local_user
 
         return {
             "owner": self.owner,
@@ -954,7 +954,7 @@ def _write_detector_file(plan: ProcessingPlan, detector: _Detector, runs: Any, p
     from tiled.structures.core import StructureFamily
     from tiled.structures.data_source import Asset, DataSource, Management
 
-    from chx_masks._hdf5 import h5py_with_filters
+    from chx_masks.io import h5py_with_filters
 
     from ._eiger import DATA_PATH, file_stem, frames_dataset
 

@@ -95,7 +95,7 @@ class ProductFrames:
         if self.filename is None:
             return np.asarray(self.node[index])
         if self._dataset is None:
-            from chx_masks._hdf5 import h5py_with_filters
+            from chx_masks.io import h5py_with_filters
 
             from ._eiger import decodable
 

@@ -52,7 +52,7 @@ def open_run_store(
     from tiled.media_type_registration import default_serialization_registry
     from tiled.serialization import register_builtin_serializers
 
-    from chx_masks._embedded import open_embedded
+    from chx_masks.stores import open_embedded
 
     # The copy must hold tiled's own formats too: in a fresh process (a Dask
     # worker) they are registered only when tiled builds its first app.

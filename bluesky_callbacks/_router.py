@@ -746,7 +746,7 @@ class _FramesFile:
 
     def __init__(self, directory: Path, key: str, frame_shape: tuple[int, ...],
                  dtype: np.dtype) -> None:
-        from chx_masks._hdf5 import h5py_with_filters
+        from chx_masks.io import h5py_with_filters
 
         h5py = h5py_with_filters()
         directory.mkdir(parents=True, exist_ok=True)

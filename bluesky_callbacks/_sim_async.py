@@ -256,7 +256,7 @@ class SimAsyncEiger(StandardDetector):
     >>> resource = docs[2][1]
     >>> resource["uri"].endswith("_data_000002.h5"), resource["parameters"]["dataset"]
     (True, '/entry/data/data')
-    >>> from chx_masks._hdf5 import h5py_with_filters
+    >>> from chx_masks.io import h5py_with_filters
     >>> import urllib.parse
     >>> with h5py_with_filters().File(urllib.parse.urlparse(resource["uri"]).path) as f:
     ...     bool((f["/entry/data/data"][0] == det.expected_frame(2)).all())

@@ -43,6 +43,7 @@ import numpy as np
 
 from ._content import coerce_mask, mask_sha256, shape_str
 from ._errors import MaskNotFoundError, MaskValidationError
+from ._hdf5 import h5py_with_filters
 from ._sources import register_with_source
 from ._version import __version__
 
@@ -53,6 +54,7 @@ __all__ = [
     "NEXUS_PIXEL_MASK",
     "export_convention",
     "export_mask",
+    "h5py_with_filters",
     "ingest_master_file",
     "read_mask",
     "register_from_file",
@@ -236,7 +238,6 @@ def _read_fabio(path: Path, fmt: str) -> tuple[np.ndarray, str | None, dict]:
 
 
 def _read_nexus(path: Path, dataset: str | None) -> tuple[np.ndarray, str | None, dict]:
-    from ._hdf5 import h5py_with_filters
 
     h5py = h5py_with_filters()
 

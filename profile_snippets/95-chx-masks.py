@@ -323,10 +323,10 @@ def mask_show(detector, name, png=None, *, version=None):
             print(f"    {line}")
     if png is None:
         return
-    # Pictures come with chx_masks._plot, which older versions do not have.
+    # Pictures come with chx_masks.plot, which older versions do not have.
     plot = None
-    if importlib.util.find_spec("chx_masks._plot") is not None:
-        from chx_masks import _plot as plot
+    if importlib.util.find_spec("chx_masks.plot") is not None:
+        from chx_masks import plot
     if plot is None or not hasattr(plot, "mask_png"):
         print("  picture        not written: this chx-masks version cannot draw masks")
         return
