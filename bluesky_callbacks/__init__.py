@@ -13,7 +13,9 @@ if TYPE_CHECKING:
         LeaseLostError,
         ProcessedRun,
         ProcessingError,
+        ProcessingPlan,
         RunStore,
+        StoreUnavailableError,
         plan_processing,
         process_run,
         write_product,
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 # commands (bluesky_callbacks.commands) without paying for Bluesky itself.
 _MODULES = {
     "LeaseLostError": "_process", "ProcessedRun": "_process", "ProcessingError": "_process",
+    "ProcessingPlan": "_process", "StoreUnavailableError": "_process",
     "RunStore": "_process", "plan_processing": "_process", "process_run": "_process",
     "write_product": "_process",
     "MaskProvenance": "_provenance", "mask_provenance_decorator": "_provenance",
@@ -60,8 +63,10 @@ __all__ = [
     "MaskingRouter",
     "ProcessedRun",
     "ProcessingError",
+    "ProcessingPlan",
     "ProductFrames",
     "RunStore",
+    "StoreUnavailableError",
     "mask_provenance_decorator",
     "mask_provenance_wrapper",
     "masked_frames",

@@ -169,7 +169,7 @@ def prepare_mask(composite: CompositeMask, dtype: Any, frame_shape: Sequence[int
 
     Raises
     ------
-    MaskIntegrityError
+    FrameShapeError
         The frames' last two axes differ from the mask's shape.
 
     Examples
@@ -185,15 +185,10 @@ def prepare_mask(composite: CompositeMask, dtype: Any, frame_shape: Sequence[int
     >>> prepare_mask(composite, np.uint32, (512, 1024))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    chx_masks._errors.MaskIntegrityError: eiger500K_single_image frames are (512, 1024) ...
+    chx_masks._errors.FrameShapeError: frames are 512x1024 but the mask of ... is 514x1030: ...
     >>> reg.close()
     """
-    shape = tuple(int(n) for n in frame_shape)[-2:]
-    if shape != composite.mask.shape:
-        raise MaskIntegrityError(
-            f"{composite.detector} frames are {shape} but its mask is "
-            f"{composite.mask.shape}: the mask belongs to another detector shape."
-        )
+    composite.check_frames(frame_shape)
     if _NUMPY_2:
         return composite.mask  # read-only, shared with the registry's composite
     prepared = composite.mask.astype(np.dtype(dtype))

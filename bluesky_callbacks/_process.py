@@ -57,11 +57,11 @@ _WRITING = "writing"
 LEASE_S = 60.0
 
 
-class ProcessingError(ChxMasksError):
+class ProcessingError(ChxMasksError, RuntimeError):
     """A stored run cannot be processed as it is (unfinished, frames missing, ...)."""
 
 
-class StoreUnavailableError(ProcessingError):
+class StoreUnavailableError(ProcessingError, ConnectionError):
     """The tiled server holding runs or products did not answer (worth retrying)."""
 
 
@@ -377,11 +377,7 @@ def plan_processing(
                 f"Run {run_uid} is missing frames: its stop document counts {expected} "
                 f"{stream!r} events but {shape[0]} {key} frames are stored."
             )
-        if shape[-2:] != composite.mask.shape:
-            raise ProcessingError(
-                f"{key} frames are {shape[-2:]} but the run's mask is "
-                f"{composite.mask.shape}: the mask belongs to another detector shape."
-            )
+        composite.check_frames(shape, f"The {key} frames of run {run_uid}")
         dtype = np.dtype(node.dtype)
         per_frame = dtype.itemsize * int(np.prod(shape[1:]))
         step = frames_per_chunk or max(1, CHUNK_BYTES // max(1, per_frame))

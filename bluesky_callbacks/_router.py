@@ -25,6 +25,7 @@ from chx_masks import (
     ChxMasksError,
     CompositeMask,
     MaskRegistry,
+    MaskValidationError,
     RegistryUnavailableError,
 )
 
@@ -73,7 +74,7 @@ def _as_callables(downstream: Downstream | Iterable[Downstream]) -> tuple[Downst
         return (downstream,)
     callables = tuple(downstream)
     if not callables or not all(callable(c) for c in callables):
-        raise TypeError(
+        raise MaskValidationError(
             "downstream must be a callable (name, doc) or a list of them, e.g. "
             "a TiledWriter or a function; got "
             f"{downstream!r}."
@@ -179,13 +180,13 @@ class MaskingRouter:
         directory: str | os.PathLike[str] | None = None,
     ) -> None:
         if unmasked_streams not in ("pass", "drop"):
-            raise ValueError(
+            raise MaskValidationError(
                 f"unmasked_streams must be 'pass' or 'drop', not {unmasked_streams!r}."
             )
         if frames not in ("inline", "files"):
-            raise ValueError(f"frames must be 'inline' or 'files', not {frames!r}.")
+            raise MaskValidationError(f"frames must be 'inline' or 'files', not {frames!r}.")
         if frames == "files" and directory is None:
-            raise ValueError(
+            raise MaskValidationError(
                 "frames='files' needs directory=: where to write the masked frames (a "
                 "directory the run store that stores the derived runs reads)."
             )

@@ -25,6 +25,7 @@ from ._detectors import BUILTIN_DETECTORS
 from ._errors import (
     ChxMasksError,
     DetectorNotFoundError,
+    FrameShapeError,
     MaskExistsError,
     MaskIntegrityError,
     MaskInUseError,
@@ -54,6 +55,7 @@ __all__ = [
     "DetectorNotFoundError",
     "DetectorRecord",
     "Explanation",
+    "FrameShapeError",
     "MaskExistsError",
     "MaskInUseError",
     "MaskIntegrityError",

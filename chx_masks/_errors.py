@@ -30,6 +30,7 @@ from typing import Any
 __all__ = [
     "ChxMasksError",
     "DetectorNotFoundError",
+    "FrameShapeError",
     "MaskExistsError",
     "MaskInUseError",
     "MaskIntegrityError",
@@ -107,6 +108,14 @@ class MaskInUseError(ChxMasksError, ValueError):
 
 class MaskValidationError(ChxMasksError, ValueError):
     """The mask, name, metadata or query is not acceptable."""
+
+
+class FrameShapeError(MaskValidationError):
+    """Frames and the mask applied to them differ in shape (another detector's mask).
+
+    Raised wherever a mask meets frames: live masking, replay, end-of-run
+    processing and pictures of a frame.
+    """
 
 
 class MaskIntegrityError(ChxMasksError, RuntimeError):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._content import shape_str
-from ._errors import ChxMasksError, MaskValidationError
+from ._errors import ChxMasksError, FrameShapeError, MaskValidationError
 from ._records import CompositeMask, MaskRecord
 
 if TYPE_CHECKING:
@@ -528,7 +528,8 @@ def frame_png(
     ------
     MaskValidationError
         If ``frame`` is not a 2-D numeric array, or ``mask`` not a 2-D bool
-        array of the same shape.
+        array (FrameShapeError, a MaskValidationError, if not of the
+        frame's shape).
     ChxMasksError
         If matplotlib is not installed.
 
@@ -551,9 +552,10 @@ def frame_png(
     if mask is not None:
         keep = _check_mask(mask)
         if keep.shape != data.shape:
-            raise MaskValidationError(
-                f"The mask has shape {shape_str(keep.shape)} but the frame is "
-                f"{shape_str(data.shape)}; give the mask of the frame's detector."
+            raise FrameShapeError(
+                f"The frame is {shape_str(data.shape)} but the mask is "
+                f"{shape_str(keep.shape)}: it belongs to a detector of another shape. "
+                "Use the masks of the detector that took the frame."
             )
     # Eiger firmware flags gaps and bad pixels with the dtype's maximum: they
     # are not counts, so they stay out of the colour scale (still drawn).

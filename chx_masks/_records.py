@@ -224,6 +224,33 @@ class CompositeMask:
     components: Sequence[np.ndarray] = field(repr=False, compare=False, hash=False)
     as_of: datetime | None = None
 
+    def check_frames(self, frame_shape: Sequence[int], what: str = "frames") -> None:
+        """Raise FrameShapeError unless frames of ``frame_shape`` fit this mask.
+
+        The last two axes of ``frame_shape`` are a frame's (rows, cols); any
+        axes before them (frames, events) are not compared.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> m = np.ones((2, 3), bool)
+        >>> c = CompositeMask("d", ("a",), ("ua",), (0,), "h", mask=m, components=(m,))
+        >>> c.check_frames((10, 2, 3))
+        >>> c.check_frames((3, 2))
+        Traceback (most recent call last):
+        ...
+        chx_masks._errors.FrameShapeError: frames are 3x2 but the mask of d is 2x3: ...
+        """
+        from ._errors import FrameShapeError
+
+        shape = tuple(int(n) for n in frame_shape)[-2:]
+        if shape != tuple(self.mask.shape):
+            raise FrameShapeError(
+                f"{what} are {shape_str(shape)} but the mask of {self.detector} is "
+                f"{shape_str(self.mask.shape)}: it belongs to a detector of another shape. "
+                "Use the masks of the detector that took these frames."
+            )
+
     def explain(self) -> Explanation:
         """Pixels each component masks, and pixels only it masks.
 

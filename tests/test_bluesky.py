@@ -24,7 +24,12 @@ from bluesky_callbacks import (
 )
 from bluesky_callbacks._deadline import stop_probes
 from bluesky_callbacks.sim import SimAsyncEiger, handler_registry, sim_eiger4m, sim_eiger500k
-from chx_masks import MaskNotFoundError, MaskRegistry, RegistryUnavailableError
+from chx_masks import (
+    MaskNotFoundError,
+    MaskRegistry,
+    MaskValidationError,
+    RegistryUnavailableError,
+)
 from conftest import Collector, ServerProcess
 
 K4M = "eiger4m_single_image"
@@ -466,10 +471,15 @@ def test_strict_mode_raises_into_the_run_engine(RE, reg, tmp_path):
 
 
 def test_router_options_are_checked(reg):
-    with pytest.raises(TypeError, match="downstream"):
+    # In the error tree (and ValueErrors, as Python's own checks of arguments are).
+    with pytest.raises(MaskValidationError, match="downstream"):
         MaskingRouter(reg, [])
-    with pytest.raises(ValueError, match="unmasked_streams"):
+    with pytest.raises(MaskValidationError, match="unmasked_streams"):
         MaskingRouter(reg, print, unmasked_streams="keep")
+    with pytest.raises(MaskValidationError, match="frames must be 'inline' or 'files'"):
+        MaskingRouter(reg, print, frames="dense")
+    with pytest.raises(MaskValidationError, match="needs directory="):
+        MaskingRouter(reg, print, frames="files")
     with pytest.raises(ValueError, match="on_unavailable"):
         MaskProvenance(reg, {K500: ["gaps"]}, on_unavailable="ignore")
     with pytest.raises(ValueError, match="list of mask names"):

@@ -19,6 +19,7 @@ PUBLIC = {
     "DetectorNotFoundError",
     "DetectorRecord",
     "Explanation",
+    "FrameShapeError",
     "MaskExistsError",
     "MaskInUseError",
     "MaskIntegrityError",
@@ -56,8 +57,10 @@ BLUESKY_PUBLIC = {
     "MaskingRouter",
     "ProcessedRun",
     "ProcessingError",
+    "ProcessingPlan",
     "ProductFrames",
     "RunStore",
+    "StoreUnavailableError",
     "mask_provenance_decorator",
     "mask_provenance_wrapper",
     "masked_frames",
@@ -94,6 +97,41 @@ def test_error_tree_inherits_builtins():
         assert issubclass(error, c.ChxMasksError)
     # A KeyError subclass still prints its sentence, not a quoted repr.
     assert str(c.MaskNotFoundError("No mask d/n.")) == "No mask d/n."
+    assert issubclass(c.FrameShapeError, c.MaskValidationError)
+
+
+def test_the_bluesky_integrations_errors_join_the_tree():
+    import bluesky_callbacks as b
+    import chx_masks as c
+
+    assert issubclass(b.ProcessingError, c.ChxMasksError)
+    assert issubclass(b.ProcessingError, RuntimeError)
+    assert issubclass(b.StoreUnavailableError, b.ProcessingError)
+    assert issubclass(b.StoreUnavailableError, ConnectionError)
+    assert issubclass(b.LeaseLostError, b.ProcessingError)
+
+
+def test_frames_of_another_shape_raise_one_error_wherever_a_mask_meets_them(tmp_path):
+    import numpy as np
+
+    import chx_masks as c
+    from bluesky_callbacks._frames import prepare_mask
+    from chx_masks.plot import frame_png
+
+    with c.MaskRegistry.embedded(tmp_path / "reg") as reg:
+        uid = reg.register_mask("eiger500K_single_image", "m", np.ones((514, 1030), bool))
+        composite = reg.composite_from_uids([uid])
+    wrong = (3, 512, 1024)
+    raised = []
+    for attempt in (lambda: composite.check_frames(wrong),
+                    lambda: prepare_mask(composite, np.uint32, wrong),
+                    lambda: frame_png(np.zeros(wrong[1:], np.uint32), tmp_path / "f.png", title="f",
+                                      mask=composite.mask)):
+        with pytest.raises(c.FrameShapeError, match="512x1024 but the mask") as info:
+            attempt()
+        raised.append(info.value)
+    assert all("another shape" in str(err) for err in raised)
+    assert not (tmp_path / "f.png").exists()
 
 
 def _modules_after(code: str) -> set[str]:
