@@ -53,8 +53,9 @@ def frames(kind: str, n: int, seed: int = 0) -> np.ndarray:
 
 def write(path: Path, data: np.ndarray) -> None:
     with h5py.File(path, "w") as f:
-        f.create_dataset("/entry/data/data", data=data, chunks=(1, *SHAPE),
-                         **hdf5plugin.Bitshuffle(cname="lz4"))
+        f.create_dataset(
+            "/entry/data/data", data=data, chunks=(1, *SHAPE), **hdf5plugin.Bitshuffle(cname="lz4")
+        )
 
 
 def read_h5py(dataset: h5py.Dataset, n: int, mask: np.ndarray | None) -> np.ndarray:
@@ -75,8 +76,9 @@ def decode_chunk(chunk: bytes, mask: np.ndarray, out: np.ndarray) -> None:
     np.multiply(frame, mask, out=out)
 
 
-def read_chunks(dataset: h5py.Dataset, n: int, mask: np.ndarray, pool: ThreadPoolExecutor,
-                window: int) -> np.ndarray:
+def read_chunks(
+    dataset: h5py.Dataset, n: int, mask: np.ndarray, pool: ThreadPoolExecutor, window: int
+) -> np.ndarray:
     """Raw chunks read in order, decoded and masked on ``pool``; at most ``window`` in flight."""
     out = np.empty((n, *SHAPE), DTYPE)
     pending = []
@@ -98,12 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
-    threads = args.threads or sorted({1, 2, *(2**k for k in range(2, 8) if 2**k <= cores),
-                                      cores})
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}  {platform.node()}  {cores} cores  "
-          f"{platform.processor() or platform.machine()}  Python {platform.python_version()}  "
-          f"numpy {np.__version__}  h5py {h5py.__version__}  hdf5plugin {hdf5plugin.version}  "
-          f"bitshuffle {bitshuffle.__version__}  load {os.getloadavg()}")
+    threads = args.threads or sorted({1, 2, *(2**k for k in range(2, 8) if 2**k <= cores), cores})
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}  {platform.node()}  {cores} cores  "
+        f"{platform.processor() or platform.machine()}  Python {platform.python_version()}  "
+        f"numpy {np.__version__}  h5py {h5py.__version__}  hdf5plugin {hdf5plugin.version}  "
+        f"bitshuffle {bitshuffle.__version__}  load {os.getloadavg()}"
+    )
     mask = np.ones(SHAPE, DTYPE)
     mask[514:551, :] = 0
     mask[1000:1100, 900:1000] = 0
@@ -118,12 +121,15 @@ def main(argv: list[str] | None = None) -> int:
             del data
             with h5py.File(path, "r") as f:
                 dataset = f["/entry/data/data"]
-                runs = {"h5py": lambda d=dataset: read_h5py(d, args.frames, None),
-                        "h5py*mask": lambda d=dataset: read_h5py(d, args.frames, mask)}
+                runs = {
+                    "h5py": lambda d=dataset: read_h5py(d, args.frames, None),
+                    "h5py*mask": lambda d=dataset: read_h5py(d, args.frames, mask),
+                }
                 pools = {t: ThreadPoolExecutor(t) for t in threads}
                 for t, pool in pools.items():
-                    runs[f"chunks x{t}"] = (lambda d=dataset, p=pool, t=t:
-                                            read_chunks(d, args.frames, mask, p, 2 * t))
+                    runs[f"chunks x{t}"] = lambda d=dataset, p=pool, t=t: read_chunks(
+                        d, args.frames, mask, p, 2 * t
+                    )
                 assert np.array_equal(runs["h5py*mask"](), expected)
                 for t in threads:
                     assert np.array_equal(runs[f"chunks x{t}"](), expected), t
@@ -138,14 +144,17 @@ def main(argv: list[str] | None = None) -> int:
             fps = {name: args.frames / statistics.median(t) for name, t in times.items()}
             results[kind] = fps
             base = fps["h5py"]
-            print(f"\n{kind}: {stored / 1e6:.2f} MB per frame stored "
-                  f"({DTYPE.itemsize * SHAPE[0] * SHAPE[1] / stored:.0f}x smaller), "
-                  f"{args.frames} frames, median of {args.repeat}")
+            print(
+                f"\n{kind}: {stored / 1e6:.2f} MB per frame stored "
+                f"({DTYPE.itemsize * SHAPE[0] * SHAPE[1] / stored:.0f}x smaller), "
+                f"{args.frames} frames, median of {args.repeat}"
+            )
             for name, value in fps.items():
                 print(f"  {name:<12} {value:8.1f} frames/s   {value / base:6.2f}x h5py")
     if args.json is not None:
-        args.json.write_text(json.dumps({"cores": cores, "frames": args.frames,
-                                         "results": results}, indent=1))
+        args.json.write_text(
+            json.dumps({"cores": cores, "frames": args.frames, "results": results}, indent=1)
+        )
     return 0
 
 

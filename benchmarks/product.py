@@ -58,11 +58,9 @@ def record(root: Path, name: str, shape: tuple[int, int], frames: int):
     frames_dir = root / f"frames-{name}"
     store = open_run_store(root / "runs", readable_storage=[frames_dir])
     engine = RunEngine({}, context_managers=[])
-    engine.preprocessors.append(MaskProvenance(registry, masks={key: ["beamstop"]},
-                                               active=False))
+    engine.preprocessors.append(MaskProvenance(registry, masks={key: ["beamstop"]}, active=False))
     engine.subscribe(TiledWriter(store))
-    det = SimAsyncEiger(name, frames_dir, pattern=XPCSPattern(shape, mean=0.05),
-                        frames_per_file=50)
+    det = SimAsyncEiger(name, frames_dir, pattern=XPCSPattern(shape, mean=0.05), frames_per_file=50)
     engine(ensure_connected(det))
     (uid,) = engine(count([det], num=frames))
     engine.loop.call_soon_threadsafe(engine.loop.stop)
@@ -88,8 +86,7 @@ def measure(root: Path, name: str, shape: tuple[int, int], frames: int, reps: in
     registry, store, uid, frames_dir, key = record(root, name, shape, frames)
     raw = disk_bytes(frames_dir)
     sizes: dict[str, int] = {}
-    times: dict[str, list[float]] = {"read raw": [], "files": [], "sparse": [],
-                                     "open store": []}
+    times: dict[str, list[float]] = {"read raw": [], "files": [], "sparse": [], "open store": []}
     per_chunk = max(1, (64 << 20) // (int(np.prod(shape)) * 4))
     for rep in range(reps):
         times["read raw"].append(read_raw(store, uid, key, per_chunk))
@@ -101,9 +98,13 @@ def measure(root: Path, name: str, shape: tuple[int, int], frames: int, reps: in
             RunStore(str(out)).open(runs=False)
             times["open store"].append(time.perf_counter() - begin)
             begin = time.perf_counter()
-            product = process_run(uid, runs=RunStore(str(root / "runs")).reading([frames_dir]),
-                                  processed=out, registry=registry,
-                                  files=None if kind == "files" else False)
+            product = process_run(
+                uid,
+                runs=RunStore(str(root / "runs")).reading([frames_dir]),
+                processed=out,
+                registry=registry,
+                files=None if kind == "files" else False,
+            )
             times[kind].append(time.perf_counter() - begin)
             sizes[kind] = disk_bytes(out / "data")
             dense = product.dense(out, key)
@@ -113,8 +114,14 @@ def measure(root: Path, name: str, shape: tuple[int, int], frames: int, reps: in
         raise AssertionError("the product is not raw x mask")
     registry.close()
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"name": name, "frames": frames, "raw": raw, "sizes": sizes, "seconds": med,
-            "nonzero": product.nonzero[key]}
+    return {
+        "name": name,
+        "frames": frames,
+        "raw": raw,
+        "sizes": sizes,
+        "seconds": med,
+        "nonzero": product.nonzero[key],
+    }
 
 
 def live(root: Path, frames: int) -> dict[str, float]:
@@ -136,12 +143,12 @@ def live(root: Path, frames: int) -> dict[str, float]:
     stop[1000:1100, :900] = False
     registry.register_mask(key, "beamstop", stop)
     engine = RunEngine({}, context_managers=[])
-    engine.preprocessors.append(MaskProvenance(registry, masks={key: ["beamstop"]},
-                                               active=False))
+    engine.preprocessors.append(MaskProvenance(registry, masks={key: ["beamstop"]}, active=False))
     docs: list[tuple[str, dict]] = []
     engine.subscribe(lambda name, doc: docs.append((name, doc)))
-    det = SimAsyncEiger("eiger4m_single", root / "frames", pattern=XPCSPattern(shape, mean=0.05),
-                        frames_per_file=50)
+    det = SimAsyncEiger(
+        "eiger4m_single", root / "frames", pattern=XPCSPattern(shape, mean=0.05), frames_per_file=50
+    )
     engine(ensure_connected(det))
     engine(count([det], num=frames))
     engine.loop.call_soon_threadsafe(engine.loop.stop)
@@ -151,8 +158,9 @@ def live(root: Path, frames: int) -> dict[str, float]:
         if kind == "alone":
             router = MaskingRouter(registry, lambda n, d: None, strict=True)
         else:
-            store = open_run_store(root / f"store-{kind}-{rep}",
-                                   readable_storage=[root / "frames", root / "derived"])
+            store = open_run_store(
+                root / f"store-{kind}-{rep}", readable_storage=[root / "frames", root / "derived"]
+            )
             writer = TiledWriter(store)
             inline = [0]
 
@@ -161,9 +169,13 @@ def live(root: Path, frames: int) -> dict[str, float]:
                     inline[0] += len(doc["data"][key])
                 writer(name, doc)
 
-            router = MaskingRouter(registry, persist, strict=True,
-                                   frames="files" if kind == "files" else "inline",
-                                   directory=root / "derived" / f"{rep}")
+            router = MaskingRouter(
+                registry,
+                persist,
+                strict=True,
+                frames="files" if kind == "files" else "inline",
+                directory=root / "derived" / f"{rep}",
+            )
         begin = time.perf_counter()
         for name, doc in docs:
             router(name, doc)
@@ -214,14 +226,23 @@ def memory_growth(root: Path, short: int, long_: int) -> dict[int, int]:
 
     extra = {}
     for n in (short, long_):
-        _registry, store, uid, frames_dir, _key = record(root, "eiger500K_single", (514, 1030),
-                                                        n)
+        _registry, store, uid, frames_dir, _key = record(root, "eiger500K_single", (514, 1030), n)
         _registry.close()
         store.context.close()
         got = subprocess.run(
-            [sys.executable, __file__, "--child", str(root), uid, str(frames_dir),
-             str(root / f"processed-memory-{n}")],
-            capture_output=True, text=True, check=True)
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                str(root),
+                uid,
+                str(frames_dir),
+                str(root / f"processed-memory-{n}"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         extra[n] = json.loads(got.stdout.strip().splitlines()[-1])["extra"]
     return extra
 
@@ -236,11 +257,15 @@ def main() -> int:
         return 0
     warnings.filterwarnings("ignore", message=".*httpx.*starlette.*")
     os.environ.setdefault("CHX_MASKS_CACHE_DIR", tempfile.mkdtemp())
-    cases = [("eiger500K_single", (514, 1030), 40 if args.quick else 150),
-             ("eiger4m_single", (2167, 2070), 10 if args.quick else 40)]
+    cases = [
+        ("eiger500K_single", (514, 1030), 40 if args.quick else 150),
+        ("eiger4m_single", (2167, 2070), 10 if args.quick else 40),
+    ]
     reps = 1 if args.quick else 3
-    print(f"product benchmark, {time.strftime('%Y-%m-%dT%H:%M:%S%z')}, load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"product benchmark, {time.strftime('%Y-%m-%dT%H:%M:%S%z')}, load average "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     verdicts = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, shape, frames in cases:
@@ -248,18 +273,28 @@ def main() -> int:
             n = got["frames"]
             raw, files, sparse = got["raw"], got["sizes"]["files"], got["sizes"]["sparse"]
             sec = got["seconds"]
-            print(f"{name} {shape[0]}x{shape[1]}, {n} frames, 0.05 photons/px, "
-                  f"{got['nonzero'] / n:.0f} non-zero pixels a frame after masking")
-            print(f"  stored bytes a frame: raw bitshuffle-LZ4 files {raw / n:,.0f}; product "
-                  f"files {files / n:,.0f}; product sparse in tiled {sparse / n:,.0f}")
-            print(f"  seconds (median of {reps}): read raw {sec['read raw']:.2f}; process_run "
-                  f"files {sec['files']:.2f}; sparse {sec['sparse']:.2f} (opening a new "
-                  f"processed store before it: {sec['open store']:.2f}, not counted)")
+            print(
+                f"{name} {shape[0]}x{shape[1]}, {n} frames, 0.05 photons/px, "
+                f"{got['nonzero'] / n:.0f} non-zero pixels a frame after masking"
+            )
+            print(
+                f"  stored bytes a frame: raw bitshuffle-LZ4 files {raw / n:,.0f}; product "
+                f"files {files / n:,.0f}; product sparse in tiled {sparse / n:,.0f}"
+            )
+            print(
+                f"  seconds (median of {reps}): read raw {sec['read raw']:.2f}; process_run "
+                f"files {sec['files']:.2f}; sparse {sec['sparse']:.2f} (opening a new "
+                f"processed store before it: {sec['open store']:.2f}, not counted)"
+            )
             for label, ratio, target, ok in (
                 ("product files / raw", files / raw, "<= 1.0", files / raw <= 1.0),
                 ("product sparse / raw", sparse / raw, "-", None),
-                ("process_run files / read raw", sec["files"] / sec["read raw"], "<= 1.2",
-                 sec["files"] / sec["read raw"] <= 1.2),
+                (
+                    "process_run files / read raw",
+                    sec["files"] / sec["read raw"],
+                    "<= 1.2",
+                    sec["files"] / sec["read raw"] <= 1.2,
+                ),
                 ("process_run sparse / read raw", sec["sparse"] / sec["read raw"], "-", None),
             ):
                 verdict = "" if ok is None else ("PASS" if ok else "FAIL")
@@ -268,27 +303,35 @@ def main() -> int:
                     verdicts.append(ok)
         n = 20 if args.quick else 100
         fps = live(Path(tmp) / "live", n)
-        print(f"eiger4m_single, {n}-frame live scan (bitshuffle-LZ4, 0.05 photons/px), router "
-              f"frames/s: alone {fps['alone']:.1f}; with TiledWriter, frames as files "
-              f"{fps['files']:.1f}; frames inline {fps['inline']:.1f}")
+        print(
+            f"eiger4m_single, {n}-frame live scan (bitshuffle-LZ4, 0.05 photons/px), router "
+            f"frames/s: alone {fps['alone']:.1f}; with TiledWriter, frames as files "
+            f"{fps['files']:.1f}; frames inline {fps['inline']:.1f}"
+        )
         for label, ratio, target in (
             ("router files+TiledWriter / alone", fps["files"] / fps["alone"], 0.7),
             ("router inline+TiledWriter / alone", fps["inline"] / fps["alone"], None),
         ):
             ok = None if target is None else ratio >= target
-            print(f"    {label:32s} {ratio:7.3f}  target "
-                  f"{'-' if target is None else '>= ' + str(target):7s} "
-                  f"{'' if ok is None else ('PASS' if ok else 'FAIL')}")
+            print(
+                f"    {label:32s} {ratio:7.3f}  target "
+                f"{'-' if target is None else '>= ' + str(target):7s} "
+                f"{'' if ok is None else ('PASS' if ok else 'FAIL')}"
+            )
             if ok is not None:
                 verdicts.append(ok)
         short, long_ = (10, 40) if args.quick else (20, 80)
         extra = memory_growth(Path(tmp) / "memory", short, long_)
         growth = extra[long_] / extra[short]
-        print(f"eiger500K_single, process_run peak RSS growth: {short} frames "
-              f"+{extra[short] / 2**20:.1f} MiB, {long_} frames +{extra[long_] / 2**20:.1f} MiB")
+        print(
+            f"eiger500K_single, process_run peak RSS growth: {short} frames "
+            f"+{extra[short] / 2**20:.1f} MiB, {long_} frames +{extra[long_] / 2**20:.1f} MiB"
+        )
         ok = growth <= 1.3
-        print(f"    {'peak RSS ' + str(long_) + ' / ' + str(short) + ' frames':32s} "
-              f"{growth:7.3f}  target <= 1.3   {'PASS' if ok else 'FAIL'}")
+        print(
+            f"    {'peak RSS ' + str(long_) + ' / ' + str(short) + ' frames':32s} "
+            f"{growth:7.3f}  target <= 1.3   {'PASS' if ok else 'FAIL'}"
+        )
         verdicts.append(ok)
     print(f"{sum(verdicts)}/{len(verdicts)} targets met")
     return 0

@@ -244,8 +244,10 @@ def bench_live(fx: Fixtures, quick: bool, profile: bool) -> list[Ratio]:
         mask = reg.resolve_composite(K4M, NAMES_4M).mask  # the same composite, bool
         buf = np.empty_like(frames[0])
         check_router_output(reg, docs, frames, mask)
-        line(f"{np.dtype(dtype).name}: {n} frames {frames[0].shape}, "
-             f"{frames[0].nbytes / MiB:.1f} MiB each")
+        line(
+            f"{np.dtype(dtype).name}: {n} frames {frames[0].shape}, "
+            f"{frames[0].nbytes / MiB:.1f} MiB each"
+        )
         for size in (1, 10):
             pages = pages_of(events, size)
             router = MaskingRouter(reg, noop)
@@ -270,14 +272,30 @@ def bench_live(fx: Fixtures, quick: bool, profile: bool) -> list[Ratio]:
             router("stop", stop)
             fps = {k: n / v for k, v in med.items()}
             numbers = {f"{k}_frames_per_s": round(v, 1) for k, v in fps.items()}
-            line(f"pages of {size:>2}: router {fps['router']:7.1f} fr/s   "
-                 f"floor (np.copyto) {fps['floor']:7.1f} fr/s   "
-                 f"naive (frame * bool) {fps['naive']:7.1f} fr/s")
+            line(
+                f"pages of {size:>2}: router {fps['router']:7.1f} fr/s   "
+                f"floor (np.copyto) {fps['floor']:7.1f} fr/s   "
+                f"naive (frame * bool) {fps['naive']:7.1f} fr/s"
+            )
             what = f"{np.dtype(dtype).name}, pages of {size}"
-            results.append(judged("live", f"router/floor ({what})", fps["router"] / fps["floor"],
-                                  ">= 0.5" if judge else None, numbers=numbers))
-            results.append(judged("live", f"router/naive ({what})", fps["router"] / fps["naive"],
-                                  ">= 1.4" if judge else None, numbers=numbers))
+            results.append(
+                judged(
+                    "live",
+                    f"router/floor ({what})",
+                    fps["router"] / fps["floor"],
+                    ">= 0.5" if judge else None,
+                    numbers=numbers,
+                )
+            )
+            results.append(
+                judged(
+                    "live",
+                    f"router/naive ({what})",
+                    fps["router"] / fps["naive"],
+                    ">= 1.4" if judge else None,
+                    numbers=numbers,
+                )
+            )
             show(results[-2])
             show(results[-1])
     results.extend(bench_live_hdf5(fx, quick))
@@ -397,7 +415,8 @@ def bench_live_hdf5(fx: Fixtures, quick: bool) -> list[Ratio]:
             dataset[i : i + 1] * mask  # noqa: B018 - the naive read-and-mask is the work
 
     contenders: dict[str, Callable[[], Any]] = {
-        f"router x{t}": functools.partial(run_router, r) for t, r in routers.items()}
+        f"router x{t}": functools.partial(run_router, r) for t, r in routers.items()
+    }
     try:
         med = interleaved({**contenders, "floor": floor, "naive": naive}, reps)
     finally:
@@ -408,26 +427,52 @@ def bench_live_hdf5(fx: Fixtures, quick: bool) -> list[Ratio]:
     fps["router"] = fps["router x1"]
     stored = Path(urlsplit(resource["uri"]).path).stat().st_size / n
     shrink = np.dtype(np.uint32).itemsize * SHAPE_4M[0] * SHAPE_4M[1] / stored
-    line(f"Eiger 4M bitshuffle-LZ4 DECTRIS files, XPCS 0.05 photons/pixel ({len(datums)} "
-         f"datums, {stored / 1e6:.2f} MB per frame stored, {shrink:.0f}x smaller): router "
-         f"{fps['router']:.1f} fr/s   floor (h5py read_direct) {fps['floor']:.1f} fr/s   "
-         f"naive (h5py read * bool) {fps['naive']:.1f} fr/s")
-    line("router with decode threads: " + "   ".join(
-        f"x{t} {fps[f'router x{t}']:.1f} fr/s" for t in routers))
+    line(
+        f"Eiger 4M bitshuffle-LZ4 DECTRIS files, XPCS 0.05 photons/pixel ({len(datums)} "
+        f"datums, {stored / 1e6:.2f} MB per frame stored, {shrink:.0f}x smaller): router "
+        f"{fps['router']:.1f} fr/s   floor (h5py read_direct) {fps['floor']:.1f} fr/s   "
+        f"naive (h5py read * bool) {fps['naive']:.1f} fr/s"
+    )
+    line(
+        "router with decode threads: "
+        + "   ".join(f"x{t} {fps[f'router x{t}']:.1f} fr/s" for t in routers)
+    )
     numbers = {f"{k.replace(' ', '_')}_frames_per_s": round(v, 1) for k, v in fps.items()}
     numbers["compression_ratio"] = round(shrink, 1)
     results = [
-        judged("live", "router 1 thread / h5py alone (4M bitshuffle-LZ4, 0.05 ph/px)",
-               fps["router x1"] / fps["floor"], ">= 0.9", numbers=numbers),
-        judged("live", "router 2 threads / h5py alone (4M bitshuffle-LZ4, 0.05 ph/px)",
-               fps["router x2"] / fps["floor"], ">= 1.6", numbers=numbers),
-        judged("live", "router/naive (uint32 Eiger 4M bitshuffle-LZ4, 0.05 ph/px)",
-               fps["router"] / fps["naive"], None, numbers=numbers),
+        judged(
+            "live",
+            "router 1 thread / h5py alone (4M bitshuffle-LZ4, 0.05 ph/px)",
+            fps["router x1"] / fps["floor"],
+            ">= 0.9",
+            numbers=numbers,
+        ),
+        judged(
+            "live",
+            "router 2 threads / h5py alone (4M bitshuffle-LZ4, 0.05 ph/px)",
+            fps["router x2"] / fps["floor"],
+            ">= 1.6",
+            numbers=numbers,
+        ),
+        judged(
+            "live",
+            "router/naive (uint32 Eiger 4M bitshuffle-LZ4, 0.05 ph/px)",
+            fps["router"] / fps["naive"],
+            None,
+            numbers=numbers,
+        ),
     ]
     results.extend(
-        judged("live", f"router {t} threads / h5py alone (4M bitshuffle-LZ4, 0.05 ph/px)",
-               fps[f"router x{t}"] / fps["floor"], None, numbers=numbers)
-        for t in routers if t > 2)
+        judged(
+            "live",
+            f"router {t} threads / h5py alone (4M bitshuffle-LZ4, 0.05 ph/px)",
+            fps[f"router x{t}"] / fps["floor"],
+            None,
+            numbers=numbers,
+        )
+        for t in routers
+        if t > 2
+    )
     for r in results:
         show(r)
     return results
@@ -512,9 +557,13 @@ def bench_peer(fx: Fixtures, quick: bool) -> list[Ratio]:
     dark_descriptor = {**descriptor, "uid": str(uuid.uuid4()), "name": "dark"}
     dark_frame = np.full(SHAPE_4M, 101, dtype=np.uint32)  # 1 count over the pedestal
     dark_page = {
-        "uid": [str(uuid.uuid4())], "descriptor": dark_descriptor["uid"], "seq_num": [1],
-        "time": [time.time()], "data": {K4M: [dark_frame]},
-        "timestamps": {K4M: [time.time()]}, "filled": {},
+        "uid": [str(uuid.uuid4())],
+        "descriptor": dark_descriptor["uid"],
+        "seq_num": [1],
+        "time": [time.time()],
+        "data": {K4M: [dark_frame]},
+        "timestamps": {K4M: [time.time()]},
+        "filled": {},
     }
     peer, origin = peer_dark_subtraction(K4M)
     print(f"      peer: {origin}", flush=True)
@@ -540,11 +589,15 @@ def bench_peer(fx: Fixtures, quick: bool) -> list[Ratio]:
         router("stop", stop)
         peer("stop", stop)
         per_frame = {k: v / n for k, v in med.items()}
-        line(f"pages of {size:>2}: router {fmt_s(per_frame['router'])}/frame   "
-             f"DarkSubtraction {fmt_s(per_frame['peer'])}/frame")
+        line(
+            f"pages of {size:>2}: router {fmt_s(per_frame['router'])}/frame   "
+            f"DarkSubtraction {fmt_s(per_frame['peer'])}/frame"
+        )
         result = judged(
-            "peer", f"peer_time/router_time (uint32, pages of {size})",
-            per_frame["peer"] / per_frame["router"], ">= 1",
+            "peer",
+            f"peer_time/router_time (uint32, pages of {size})",
+            per_frame["peer"] / per_frame["router"],
+            ">= 1",
             numbers={f"{k}_s_per_frame": v for k, v in per_frame.items()},
             note="" if "EQUIVALENT" not in origin else origin,
         )
@@ -569,8 +622,10 @@ def naive_open_run(root: Any, detector: str, names: list[str]) -> dict:
     masks = root["masks"]
     uids, versions, arrays = [], [], []
     for name in names:
-        current = max((node.metadata for node in slots.search(Key("name") == name).values()),
-                      key=lambda md: md["version"])
+        current = max(
+            (node.metadata for node in slots.search(Key("name") == name).values()),
+            key=lambda md: md["version"],
+        )
         if current["kind"] != "mask":
             raise KeyError(f"{detector}/{name} is retired")
         (node,) = masks.search(Key("uid") == current["uid"]).values()
@@ -615,7 +670,10 @@ def run_child(*args: str, mask_cache: Path | None = None) -> dict:
         env["CHX_MASKS_CACHE_DIR"] = str(mask_cache)
     out = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", *args],
-        capture_output=True, text=True, check=False, env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
     )
     if out.returncode != 0:
         raise RuntimeError(f"child {args} failed:\n{out.stderr[-3000:]}")
@@ -654,39 +712,56 @@ def bench_run_start(fx: Fixtures, quick: bool) -> list[Ratio]:
     kinds = {
         "ours (local copies)": lambda: run_child("cold", "ours", directory, mask_cache=shared),
         "ours (first read)": lambda: run_child(
-            "cold", "ours", directory, mask_cache=Path(tempfile.mkdtemp(dir=fx.root))),
+            "cold", "ours", directory, mask_cache=Path(tempfile.mkdtemp(dir=fx.root))
+        ),
         "naive": lambda: run_child("cold", "naive", directory, mask_cache=shared),
     }
     cold: dict[str, list[float]] = {k: [] for k in kinds}
     uids: dict[str, list[str]] = {}
     names = list(kinds)
     for i in range(cold_samples):
-        for kind in names[i % 3:] + names[: i % 3]:
+        for kind in names[i % 3 :] + names[: i % 3]:
             got = kinds[kind]()
             cold[kind].append(got["seconds"])
             uids[kind] = got["uids"]
-        line(f"cold sample {i + 1}/{cold_samples}: "
-             + ", ".join(f"{k} {fmt_s(v[-1])}" for k, v in cold.items()))
+        line(
+            f"cold sample {i + 1}/{cold_samples}: "
+            + ", ".join(f"{k} {fmt_s(v[-1])}" for k, v in cold.items())
+        )
     if len({tuple(u) for u in uids.values()}) != 1:
         raise AssertionError("MaskProvenance and the naive client resolved different uids.")
     cold_med = {k: statistics.median(v) for k, v in cold.items()}
 
     provenance = MaskProvenance(reg, masks={K4M: NAMES_4M})
     root = reg._root
-    warm = interleaved({
-        "ours": lambda: provenance.start_metadata(RUN_MD, staged=["eiger4m_single"]),
-        "naive": lambda: naive_open_run(root, K4M, NAMES_4M),
-    }, reps)
+    warm = interleaved(
+        {
+            "ours": lambda: provenance.start_metadata(RUN_MD, staged=["eiger4m_single"]),
+            "naive": lambda: naive_open_run(root, K4M, NAMES_4M),
+        },
+        reps,
+    )
     line(f"warm: MaskProvenance {fmt_s(warm['ours'])}, naive {fmt_s(warm['naive'])} (medians)")
 
     results = [
-        judged("run_start", f"cold, {which}: MaskProvenance/naive",
-               cold_med[f"ours ({which})"] / cold_med["naive"], "<= 0.2",
-               numbers={"ours_s": cold_med[f"ours ({which})"], "naive_s": cold_med["naive"]})
+        judged(
+            "run_start",
+            f"cold, {which}: MaskProvenance/naive",
+            cold_med[f"ours ({which})"] / cold_med["naive"],
+            "<= 0.2",
+            numbers={"ours_s": cold_med[f"ours ({which})"], "naive_s": cold_med["naive"]},
+        )
         for which in ("local copies", "first read")
     ]
-    results.append(judged("run_start", "warm: MaskProvenance/naive", warm["ours"] / warm["naive"],
-                          "<= 0.05", numbers={f"{k}_s": v for k, v in warm.items()}))
+    results.append(
+        judged(
+            "run_start",
+            "warm: MaskProvenance/naive",
+            warm["ours"] / warm["naive"],
+            "<= 0.05",
+            numbers={f"{k}_s": v for k, v in warm.items()},
+        )
+    )
     if not quick:
         results.append(warm_active_set(fx, reps))
     for r in results:
@@ -704,17 +779,26 @@ def warm_active_set(fx: Fixtures, reps: int) -> Ratio:
             active = MaskProvenance(active_reg, masks={K4M: ["module_gaps"]})
             active_root = active_reg._root
             assert active.start_metadata(RUN_MD)["masks"][K4M]["chosen_by"].startswith("active")
-            warm_active = interleaved({
-                "ours": lambda: active.start_metadata(RUN_MD, staged=["eiger4m_single"]),
-                "naive": lambda: naive_open_run(active_root, K4M, NAMES_4M),
-            }, reps)
+            warm_active = interleaved(
+                {
+                    "ours": lambda: active.start_metadata(RUN_MD, staged=["eiger4m_single"]),
+                    "naive": lambda: naive_open_run(active_root, K4M, NAMES_4M),
+                },
+                reps,
+            )
         finally:
             active_reg.close()
-    line(f"warm, names from an active set: MaskProvenance {fmt_s(warm_active['ours'])}, "
-         f"naive {fmt_s(warm_active['naive'])}")
-    return judged("run_start", "warm, active set: MaskProvenance/naive",
-                  warm_active["ours"] / warm_active["naive"], None,
-                  numbers={f"{k}_s": v for k, v in warm_active.items()})
+    line(
+        f"warm, names from an active set: MaskProvenance {fmt_s(warm_active['ours'])}, "
+        f"naive {fmt_s(warm_active['naive'])}"
+    )
+    return judged(
+        "run_start",
+        "warm, active set: MaskProvenance/naive",
+        warm_active["ours"] / warm_active["naive"],
+        None,
+        numbers={f"{k}_s": v for k, v in warm_active.items()},
+    )
 
 
 # --------------------------------------------------------------------------- 4. scale
@@ -785,8 +869,10 @@ def filled_registry(total: int):
             ok = False
         if ok:
             info = json.loads(done.read_text())
-            line(f"cached {total}-mask registry: {directory.relative_to(REPO)} "
-                 f"(filled in {info['fill_seconds']:.0f} s on {info['date']})")
+            line(
+                f"cached {total}-mask registry: {directory.relative_to(REPO)} "
+                f"(filled in {info['fill_seconds']:.0f} s on {info['date']})"
+            )
             return reg, info["fill_seconds"]
         reg.close()
         line(f"cached registry {directory.name} does not answer as expected: filling again")
@@ -795,9 +881,11 @@ def filled_registry(total: int):
     CACHE.mkdir(exist_ok=True)
     detectors = scale_layout(total)
     workers = max(1, min(2, os.cpu_count() or 1))
-    line(f"filling a {total}-mask registry ({len(detectors)} detectors {SCALE_SHAPE} x "
-         f"{SCALE_NAMES} names x {SCALE_VERSIONS} versions) with {workers} writer processes; "
-         "cached for later runs")
+    line(
+        f"filling a {total}-mask registry ({len(detectors)} detectors {SCALE_SHAPE} x "
+        f"{SCALE_NAMES} names x {SCALE_VERSIONS} versions) with {workers} writer processes; "
+        "cached for later runs"
+    )
     begin = time.perf_counter()
     with MaskRegistry.embedded(directory) as reg:
         for det in detectors:
@@ -819,14 +907,17 @@ def filled_registry(total: int):
             elapsed = time.perf_counter() - begin
             rate = value / elapsed if elapsed else 0.0
             eta = (total - value) / rate if rate else float("nan")
-            line(f"  filled {value:>6}/{total}  {elapsed:6.0f} s  ({rate:.1f} masks/s, "
-                 f"~{eta:.0f} s left)")
+            line(
+                f"  filled {value:>6}/{total}  {elapsed:6.0f} s  ({rate:.1f} masks/s, "
+                f"~{eta:.0f} s left)"
+            )
             last = value
     if any(p.exitcode != 0 for p in procs) or counter.value != total:
         raise RuntimeError(f"filling the registry failed ({counter.value}/{total} masks)")
     seconds = time.perf_counter() - begin
-    done.write_text(json.dumps({"fill_seconds": seconds, "masks": total,
-                                "date": dt.date.today().isoformat()}))
+    done.write_text(
+        json.dumps({"fill_seconds": seconds, "masks": total, "date": dt.date.today().isoformat()})
+    )
     line(f"filled {total} masks in {seconds:.0f} s")
     return MaskRegistry.embedded(directory), seconds
 
@@ -851,8 +942,10 @@ def bench_scale(fx: Fixtures, quick: bool) -> list[Ratio]:
     cached = any(CACHE.glob(f"scale-{total}-*/complete.json"))
     if quick and not cached:
         total = 1_000
-        line("quick run without a cached 10,000-mask registry: using 1,000 masks "
-             "(run the full benchmark once to fill the cache)")
+        line(
+            "quick run without a cached 10,000-mask registry: using 1,000 masks "
+            "(run the full benchmark once to fill the cache)"
+        )
     reps = 7 if quick else 21
     small = small_registry(fx.root / "small-registry")
     big, fill_seconds = filled_registry(total)
@@ -874,11 +967,20 @@ def bench_scale(fx: Fixtures, quick: bool) -> list[Ratio]:
         for op in calls:
             t_small, t_big = med[f"{op} small"], med[f"{op} big"]
             line(f"{op}: {fmt_s(t_small)} with 10 masks, {fmt_s(t_big)} with {total:,}")
-            results.append(judged(
-                "scale", f"{op}: time({total:,})/time(10)", t_big / t_small, "<= 2",
-                numbers={"small_s": t_small, "big_s": t_big, "masks": total,
-                         "fill_seconds": fill_seconds},
-            ))
+            results.append(
+                judged(
+                    "scale",
+                    f"{op}: time({total:,})/time(10)",
+                    t_big / t_small,
+                    "<= 2",
+                    numbers={
+                        "small_s": t_small,
+                        "big_s": t_big,
+                        "masks": total,
+                        "fill_seconds": fill_seconds,
+                    },
+                )
+            )
             show(results[-1])
         return results
     finally:
@@ -915,16 +1017,21 @@ def bench_replay(fx: Fixtures, quick: bool) -> list[Ratio]:
         uids = {}
         try:
             for mode in ("files", "inline"):
-                det = (sim_eiger1m(mode="files", save_path=frames_dir) if mode == "files"
-                       else sim_eiger1m())
+                det = (
+                    sim_eiger1m(mode="files", save_path=frames_dir)
+                    if mode == "files"
+                    else sim_eiger1m()
+                )
                 begin = time.perf_counter()
                 (uids[mode],) = RE(count([det], num=n))
                 line(f"stored {n} eiger1m frames ({mode}) in {time.perf_counter() - begin:.1f} s")
         finally:
             RE.unsubscribe(token)
             RE.preprocessors[:] = []
-        for mode, what in (("files", ".npy files served by tiled"),
-                           ("inline", "inline frames, stored by TiledWriter as zarr")):
+        for mode, what in (
+            ("files", ".npy files served by tiled"),
+            ("inline", "inline frames, stored by TiledWriter as zarr"),
+        ):
             run = store[uids[mode]]
             probe = masked_frames(run, K1M, registry=reg)
             chunks = probe.chunks
@@ -939,16 +1046,24 @@ def bench_replay(fx: Fixtures, quick: bool) -> list[Ratio]:
 
             def unmasked(run=run, chunks=chunks) -> None:
                 array = run["primary"][K1M]
-                da.from_array(array, chunks=chunks, asarray=True,
-                              meta=np.empty((0, 0, 0), dtype=array.dtype)).compute()
+                da.from_array(
+                    array, chunks=chunks, asarray=True, meta=np.empty((0, 0, 0), dtype=array.dtype)
+                ).compute()
 
             med = interleaved({"masked": masked, "unmasked": unmasked}, reps)
-            line(f"{what}: masked {fmt_s(med['masked'])}, unmasked {fmt_s(med['unmasked'])} "
-                 f"({n} frames, dask chunks of {chunks[0][0]} frames)")
-            results.append(judged(
-                "replay", f"masked/unmasked ({mode})", med["masked"] / med["unmasked"], "<= 1.2",
-                numbers={f"{k}_s": v for k, v in med.items()} | {"frames": n},
-            ))
+            line(
+                f"{what}: masked {fmt_s(med['masked'])}, unmasked {fmt_s(med['unmasked'])} "
+                f"({n} frames, dask chunks of {chunks[0][0]} frames)"
+            )
+            results.append(
+                judged(
+                    "replay",
+                    f"masked/unmasked ({mode})",
+                    med["masked"] / med["unmasked"],
+                    "<= 1.2",
+                    numbers={f"{k}_s": v for k, v in med.items()} | {"frames": n},
+                )
+            )
             show(results[-1])
     finally:
         store.context.close()
@@ -990,15 +1105,22 @@ def child_memory(directory: str, masks_json: str, n: str) -> None:
     bundle = compose_run(metadata={"masks": {K4M: record}, "mask_uids": record["uids"]})
     descriptor = bundle.compose_descriptor(
         name="primary",
-        data_keys={K4M: {"source": "SIM", "dtype": "array", "shape": list(SHAPE_4M),
-                         "dtype_numpy": "<u4"}},
+        data_keys={
+            K4M: {"source": "SIM", "dtype": "array", "shape": list(SHAPE_4M), "dtype_numpy": "<u4"}
+        },
     ).descriptor_doc
 
     def page(i: int) -> dict:
         now = time.time()
-        return {"uid": [str(uuid.uuid4())], "descriptor": descriptor["uid"],
-                "seq_num": [i + 1], "time": [now], "data": {K4M: [pattern.frame(i)]},
-                "timestamps": {K4M: [now]}, "filled": {}}
+        return {
+            "uid": [str(uuid.uuid4())],
+            "descriptor": descriptor["uid"],
+            "seq_num": [i + 1],
+            "time": [now],
+            "data": {K4M: [pattern.frame(i)]},
+            "timestamps": {K4M: [now]},
+            "filled": {},
+        }
 
     gc.collect()
     baseline = proc_status("VmRSS")
@@ -1014,12 +1136,28 @@ def child_memory(directory: str, masks_json: str, n: str) -> None:
         doc = page(i)
         router("event_page", doc)
         del doc
-    router("stop", {"uid": str(uuid.uuid4()), "time": time.time(),
-                    "run_start": bundle.start_doc["uid"], "exit_status": "success"})
+    router(
+        "stop",
+        {
+            "uid": str(uuid.uuid4()),
+            "time": time.time(),
+            "run_start": bundle.start_doc["uid"],
+            "exit_status": "success",
+        },
+    )
     peak = proc_status("VmHWM")
     reg.close()
-    print(json.dumps({"baseline": baseline, "after_start": after_start, "peak": peak,
-                      "hwm_reset": reset, "emitted": emitted[0]}))
+    print(
+        json.dumps(
+            {
+                "baseline": baseline,
+                "after_start": after_start,
+                "peak": peak,
+                "hwm_reset": reset,
+                "emitted": emitted[0],
+            }
+        )
+    )
 
 
 def bench_memory(fx: Fixtures, quick: bool) -> list[Ratio]:
@@ -1037,22 +1175,34 @@ def bench_memory(fx: Fixtures, quick: bool) -> list[Ratio]:
     cache = Path(tempfile.mkdtemp(dir=fx.root))
     results = []
     for which in ("first read", "local copies"):
-        got = run_child("memory", str(fx.registry_dir()), json.dumps(record), str(frames),
-                        mask_cache=cache)
+        got = run_child(
+            "memory", str(fx.registry_dir()), json.dumps(record), str(frames), mask_cache=cache
+        )
         if got["emitted"] != frames:
             raise AssertionError(f"the router emitted {got['emitted']} of {frames} masked frames")
         extra = got["peak"] - got["baseline"]
         masks_part = got["after_start"] - got["baseline"]
-        line(f"{which}: {frames} frames of {frame_bytes / MiB:.1f} MiB, pages of 1: baseline "
-             f"RSS {got['baseline'] / MiB:.0f} MiB; after the start document "
-             f"+{masks_part / MiB:.1f} MiB; peak +{extra / MiB:.1f} MiB; budget 3 frames + "
-             f"composite = {budget / MiB:.1f} MiB"
-             + ("" if got["hwm_reset"] else " (VmHWM not reset: upper bound)"))
-        results.append(judged(
-            "memory", f"extra peak RSS / (3 frames + composite), {which}", extra / budget,
-            "<= 1", numbers={"extra_bytes": extra, "budget_bytes": budget,
-                             "after_start_bytes": masks_part, "frames": frames},
-        ))
+        line(
+            f"{which}: {frames} frames of {frame_bytes / MiB:.1f} MiB, pages of 1: baseline "
+            f"RSS {got['baseline'] / MiB:.0f} MiB; after the start document "
+            f"+{masks_part / MiB:.1f} MiB; peak +{extra / MiB:.1f} MiB; budget 3 frames + "
+            f"composite = {budget / MiB:.1f} MiB"
+            + ("" if got["hwm_reset"] else " (VmHWM not reset: upper bound)")
+        )
+        results.append(
+            judged(
+                "memory",
+                f"extra peak RSS / (3 frames + composite), {which}",
+                extra / budget,
+                "<= 1",
+                numbers={
+                    "extra_bytes": extra,
+                    "budget_bytes": budget,
+                    "after_start_bytes": masks_part,
+                    "frames": frames,
+                },
+            )
+        )
         show(results[-1])
     return results
 
@@ -1060,8 +1210,9 @@ def bench_memory(fx: Fixtures, quick: bool) -> list[Ratio]:
 # --------------------------------------------------------------------------- 7. process
 
 
-def child_process(kind: str, registry_dir: str, runs_dir: str, processed_dir: str,
-                  uid: str, frames_per_chunk: str) -> None:
+def child_process(
+    kind: str, registry_dir: str, runs_dir: str, processed_dir: str, uid: str, frames_per_chunk: str
+) -> None:
     """In a fresh process: end-of-run processing of one stored run; time and peak RSS.
 
     ``ours`` is ``process_run`` (chunks in flight, bounded); ``naive`` reads the
@@ -1084,22 +1235,31 @@ def child_process(kind: str, registry_dir: str, runs_dir: str, processed_dir: st
         reset = False
     begin = time.perf_counter()
     if kind == "ours":
-        product = process_run(uid, runs=runs, processed=processed, registry=reg,
-                              frames_per_chunk=int(frames_per_chunk))
+        product = process_run(
+            uid,
+            runs=runs,
+            processed=processed,
+            registry=reg,
+            frames_per_chunk=int(frames_per_chunk),
+        )
         nonzero = product.nonzero[K1M]
     else:
         frames = runs[uid]["primary"][K1M].read()
         masked = frames * mask.astype(frames.dtype)
         coords = np.nonzero(masked)
         data = masked[coords]
-        processed.write_sparse(coords=np.stack(coords).astype(np.uint16), data=data,
-                               shape=masked.shape, key=uid)
+        processed.write_sparse(
+            coords=np.stack(coords).astype(np.uint16), data=data, shape=masked.shape, key=uid
+        )
         nonzero = int(data.size)
     seconds = time.perf_counter() - begin
     peak = proc_status("VmHWM")
     reg.close()
-    print(json.dumps({"seconds": seconds, "extra": peak - baseline, "nonzero": nonzero,
-                      "hwm_reset": reset}))
+    print(
+        json.dumps(
+            {"seconds": seconds, "extra": peak - baseline, "nonzero": nonzero, "hwm_reset": reset}
+        )
+    )
 
 
 def bench_process(fx: Fixtures, quick: bool) -> list[Ratio]:
@@ -1132,27 +1292,54 @@ def bench_process(fx: Fixtures, quick: bool) -> list[Ratio]:
     for n in (short, long_):
         for kind in ("ours", "naive"):  # interleaved, each in a fresh process
             out = fx.root / f"processed-{kind}-{n}"
-            got[(kind, n)] = run_child("process", kind, str(fx.registry_dir()), str(runs_dir),
-                                       str(out), uids[n], str(per_chunk))
+            got[(kind, n)] = run_child(
+                "process",
+                kind,
+                str(fx.registry_dir()),
+                str(runs_dir),
+                str(out),
+                uids[n],
+                str(per_chunk),
+            )
             r = got[(kind, n)]
-            line(f"{kind:5s} {n:3d} frames ({n * frame_bytes / MiB:.0f} MiB raw): "
-                 f"{r['seconds']:.2f} s, peak +{r['extra'] / MiB:.0f} MiB, "
-                 f"{r['nonzero']} non-zero pixels stored")
+            line(
+                f"{kind:5s} {n:3d} frames ({n * frame_bytes / MiB:.0f} MiB raw): "
+                f"{r['seconds']:.2f} s, peak +{r['extra'] / MiB:.0f} MiB, "
+                f"{r['nonzero']} non-zero pixels stored"
+            )
     if got[("ours", long_)]["nonzero"] != got[("naive", long_)]["nonzero"]:
         raise AssertionError("the two contenders stored different pixels")
     results = [
-        judged("process", f"extra peak RSS, {long_} / {short} frames, process_run",
-               got[("ours", long_)]["extra"] / got[("ours", short)]["extra"], "<= 1.5",
-               numbers={f"extra_{n}": got[("ours", n)]["extra"] for n in (short, long_)}),
-        judged("process", f"extra peak RSS, {long_} / {short} frames, read-it-all",
-               got[("naive", long_)]["extra"] / got[("naive", short)]["extra"], None,
-               numbers={f"extra_{n}": got[("naive", n)]["extra"] for n in (short, long_)}),
-        judged("process", f"extra peak RSS at {long_} frames, process_run / read-it-all",
-               got[("ours", long_)]["extra"] / got[("naive", long_)]["extra"], None),
-        judged("process", f"seconds at {long_} frames, process_run / read-it-all",
-               got[("ours", long_)]["seconds"] / got[("naive", long_)]["seconds"], None,
-               numbers={"ours_s": got[("ours", long_)]["seconds"],
-                        "naive_s": got[("naive", long_)]["seconds"]}),
+        judged(
+            "process",
+            f"extra peak RSS, {long_} / {short} frames, process_run",
+            got[("ours", long_)]["extra"] / got[("ours", short)]["extra"],
+            "<= 1.5",
+            numbers={f"extra_{n}": got[("ours", n)]["extra"] for n in (short, long_)},
+        ),
+        judged(
+            "process",
+            f"extra peak RSS, {long_} / {short} frames, read-it-all",
+            got[("naive", long_)]["extra"] / got[("naive", short)]["extra"],
+            None,
+            numbers={f"extra_{n}": got[("naive", n)]["extra"] for n in (short, long_)},
+        ),
+        judged(
+            "process",
+            f"extra peak RSS at {long_} frames, process_run / read-it-all",
+            got[("ours", long_)]["extra"] / got[("naive", long_)]["extra"],
+            None,
+        ),
+        judged(
+            "process",
+            f"seconds at {long_} frames, process_run / read-it-all",
+            got[("ours", long_)]["seconds"] / got[("naive", long_)]["seconds"],
+            None,
+            numbers={
+                "ours_s": got[("ours", long_)]["seconds"],
+                "naive_s": got[("naive", long_)]["seconds"],
+            },
+        ),
     ]
     for result in results:
         show(result)
@@ -1169,11 +1356,16 @@ def machine_info() -> dict[str, Any]:
             if text.startswith("model name"):
                 model = text.split(":", 1)[1].strip()
                 break
-    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                         capture_output=True, text=True).stdout.strip() or "unknown"
+    rev = (
+        subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        or "unknown"
+    )
     dirty = subprocess.run(
         ["git", "-C", str(REPO), "status", "--porcelain", "--", "chx_masks", "bluesky_callbacks"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     ).stdout.split("\n")
     changed = sorted({ln[3:] for ln in dirty if ln.strip()})
     # The exact code measured, committed or not: a digest of the library's sources.
@@ -1181,8 +1373,16 @@ def machine_info() -> dict[str, Any]:
     for path in sorted([*REPO.glob("chx_masks/*.py"), *REPO.glob("bluesky_callbacks/*.py")]):
         digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
     versions = {}
-    for dist in ("numpy", "tiled", "bluesky", "event-model", "dask", "h5py",
-                 "bluesky-tiled-plugins", "bluesky-darkframes"):
+    for dist in (
+        "numpy",
+        "tiled",
+        "bluesky",
+        "event-model",
+        "dask",
+        "h5py",
+        "bluesky-tiled-plugins",
+        "bluesky-darkframes",
+    ):
         from importlib.metadata import PackageNotFoundError, version
 
         try:
@@ -1216,11 +1416,16 @@ def quiet() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short smoke run (~2 min)")
-    parser.add_argument("--only", choices=MEASUREMENTS, action="append",
-                        help="run only this measurement (repeatable)")
+    parser.add_argument(
+        "--only",
+        choices=MEASUREMENTS,
+        action="append",
+        help="run only this measurement (repeatable)",
+    )
     parser.add_argument("--json", type=Path, help="also save the results to this JSON file")
-    parser.add_argument("--profile", action="store_true",
-                        help="cProfile the router during the live measurement")
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile the router during the live measurement"
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -1233,22 +1438,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         with quiet():
             kind, *rest = args.child
-            {"cold": child_cold, "memory": child_memory,
-             "process": child_process}[kind](*rest)
+            {"cold": child_cold, "memory": child_memory, "process": child_process}[kind](*rest)
         return 0
 
     info = machine_info()
     print("chx-masks benchmarks" + (" (--quick)" if args.quick else ""))
-    print(f"  date {info['date']}   git {info['git_rev']}"
-          + (f" + uncommitted: {', '.join(info['uncommitted_library_changes'])}"
-             if info["uncommitted_library_changes"] else "")
-          + f"; library sources sha256 {info['library_sources_sha256']}")
-    print(f"  {info['cpu_count']} CPUs ({info['cpus_usable']} usable), {info['cpu_model']}, "
-          f"{info['memory_gib']} GiB, Python {info['python']}")
+    print(
+        f"  date {info['date']}   git {info['git_rev']}"
+        + (
+            f" + uncommitted: {', '.join(info['uncommitted_library_changes'])}"
+            if info["uncommitted_library_changes"]
+            else ""
+        )
+        + f"; library sources sha256 {info['library_sources_sha256']}"
+    )
+    print(
+        f"  {info['cpu_count']} CPUs ({info['cpus_usable']} usable), {info['cpu_model']}, "
+        f"{info['memory_gib']} GiB, Python {info['python']}"
+    )
     print("  " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     # Other processes on the machine share its cores and memory bandwidth: say how busy it is.
-    print(f"  load average {' '.join(map(str, info['load_average_at_start']))} "
-          f"(1/5/15 min) at start", flush=True)
+    print(
+        f"  load average {' '.join(map(str, info['load_average_at_start']))} (1/5/15 min) at start",
+        flush=True,
+    )
 
     selected = args.only or list(MEASUREMENTS)
     titles = {
@@ -1260,13 +1473,15 @@ def main(argv: list[str] | None = None) -> int:
         "memory": "memory: peak RSS of the live router over a 4M scan",
         "process": "process: end-of-run sparse product, bounded chunks vs read-it-all",
     }
-    runners = {"live": lambda fx: bench_live(fx, args.quick, args.profile),
-               "peer": lambda fx: bench_peer(fx, args.quick),
-               "run_start": lambda fx: bench_run_start(fx, args.quick),
-               "scale": lambda fx: bench_scale(fx, args.quick),
-               "replay": lambda fx: bench_replay(fx, args.quick),
-               "memory": lambda fx: bench_memory(fx, args.quick),
-               "process": lambda fx: bench_process(fx, args.quick)}
+    runners = {
+        "live": lambda fx: bench_live(fx, args.quick, args.profile),
+        "peer": lambda fx: bench_peer(fx, args.quick),
+        "run_start": lambda fx: bench_run_start(fx, args.quick),
+        "scale": lambda fx: bench_scale(fx, args.quick),
+        "replay": lambda fx: bench_replay(fx, args.quick),
+        "memory": lambda fx: bench_memory(fx, args.quick),
+        "process": lambda fx: bench_process(fx, args.quick),
+    }
     results: list[Ratio] = []
     errors: dict[str, str] = {}
     timings: dict[str, float] = {}
@@ -1296,15 +1511,27 @@ def main(argv: list[str] | None = None) -> int:
         show(result)
     judged_results = [r for r in results if r.passed is not None]
     passed = sum(bool(r.passed) for r in judged_results)
-    print(f"\n{passed}/{len(judged_results)} targets met"
-          + (f", {len(errors)} measurement(s) failed to run: {', '.join(errors)}" if errors else "")
-          + f"; total {total:.0f} s; load average at the end "
-          + " ".join(map(str, info["load_average_at_end"])))
+    print(
+        f"\n{passed}/{len(judged_results)} targets met"
+        + (f", {len(errors)} measurement(s) failed to run: {', '.join(errors)}" if errors else "")
+        + f"; total {total:.0f} s; load average at the end "
+        + " ".join(map(str, info["load_average_at_end"]))
+    )
     if args.json:
-        args.json.write_text(json.dumps({
-            "machine": info, "quick": args.quick, "seconds": total, "timings": timings,
-            "results": [asdict(r) for r in results], "errors": errors,
-        }, indent=2, default=str))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "quick": args.quick,
+                    "seconds": total,
+                    "timings": timings,
+                    "results": [asdict(r) for r in results],
+                    "errors": errors,
+                },
+                indent=2,
+                default=str,
+            )
+        )
         print(f"results saved to {args.json}")
     # A missed target is information, not a crash: only errors change the exit status.
     return 1 if errors else 0

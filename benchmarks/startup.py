@@ -53,8 +53,13 @@ SERVER_START_TIMEOUT = 180.0
 # "dir" is the default path (the directory's local server already running);
 # "dir-first" the first command, which starts it; "dir-inprocess" the same
 # command with CHX_MASKS_LOCAL_SERVER=0 (tiled served in the command's process).
-TARGETS: dict[str, float | None] = {"help": None, "dir": 2.5, "dir-first": None,
-                                    "dir-inprocess": None, "uri": 1.5}
+TARGETS: dict[str, float | None] = {
+    "help": None,
+    "dir": 2.5,
+    "dir-first": None,
+    "dir-inprocess": None,
+    "uri": 1.5,
+}
 
 
 @dataclass(frozen=True)
@@ -90,9 +95,11 @@ def _argv(variant: Variant, args: list[str]) -> list[str]:
 
 
 def _env(variant: Variant, extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("CHX_MASKS_URI", "CHX_MASKS_PROFILE", "CHX_MASKS_API_KEY",
-                        "PYTHONPATH")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("CHX_MASKS_URI", "CHX_MASKS_PROFILE", "CHX_MASKS_API_KEY", "PYTHONPATH")
+    }
     if variant.source is not None:
         env["PYTHONPATH"] = str(variant.source)
     return {**env, **extra}
@@ -129,17 +136,23 @@ def fill_registry(directory: Path, masks: int, cwd: Path) -> list[str]:
         "        reg.register_mask(sys.argv[2], name, mask)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-c", code, str(directory), DETECTOR, *names],
-                   check=True, cwd=cwd, env=env)
+    subprocess.run(
+        [sys.executable, "-c", code, str(directory), DETECTOR, *names], check=True, cwd=cwd, env=env
+    )
     return names
 
 
 def stop_local_server(directory: Path) -> None:
     """Stop the local server ``chx-masks`` started for ``directory``, if any."""
-    code = ("import sys; from pathlib import Path; from chx_masks._local import stop; "
-            "stop(Path(sys.argv[1]))")
-    subprocess.run([sys.executable, "-c", code, str(directory)], check=True,
-                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = (
+        "import sys; from pathlib import Path; from chx_masks._local import stop; "
+        "stop(Path(sys.argv[1]))"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(directory)],
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 class Server:
@@ -149,9 +162,12 @@ class Server:
         env = {**os.environ, "PYTHONPATH": str(REPO), "TILED_SINGLE_USER_API_KEY": API_KEY}
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "chx_masks", "serve", "--dir", str(directory),
-             "--port", "0"],
-            stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=cwd,
+            [sys.executable, "-m", "chx_masks", "serve", "--dir", str(directory), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+            cwd=cwd,
         )
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         self.uri = ""
@@ -191,16 +207,25 @@ def machine() -> dict[str, object]:
                 break
     except OSError:
         pass
-    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                         capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "chx_masks"],
-                           capture_output=True, text=True).stdout.split()
+    rev = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", "chx_masks"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     versions = {}
     for package in ("tiled", "dask", "numpy"):
         found = subprocess.run(
-            [sys.executable, "-c",
-             f"from importlib.metadata import version; print(version({package!r}))"],
-            capture_output=True, text=True)
+            [
+                sys.executable,
+                "-c",
+                f"from importlib.metadata import version; print(version({package!r}))",
+            ],
+            capture_output=True,
+            text=True,
+        )
         versions[package] = found.stdout.strip() or "?"
     return {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -217,13 +242,22 @@ def machine() -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=7, help="repetitions (default 7)")
-    parser.add_argument("--masks", type=int, default=5,
-                        help="masks in each registry (default 5)")
-    parser.add_argument("--baseline", type=Path, action="append", default=[], metavar="DIR",
-                        help="also measure the chx_masks package in DIR (e.g. HEAD from "
-                        "`git archive HEAD chx_masks | tar -x -C DIR`); repeatable")
-    parser.add_argument("--only", action="append", choices=sorted(TARGETS),
-                        help="measure only this command (repeatable)")
+    parser.add_argument("--masks", type=int, default=5, help="masks in each registry (default 5)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also measure the chx_masks package in DIR (e.g. HEAD from "
+        "`git archive HEAD chx_masks | tar -x -C DIR`); repeatable",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=sorted(TARGETS),
+        help="measure only this command (repeatable)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write every sample here")
     options = parser.parse_args(argv)
     for base in options.baseline:
@@ -232,17 +266,26 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = []
     for base in options.baseline:
-        variants += [Variant(f"{base.name}: chx-masks", module=False, source=base.resolve()),
-                     Variant(f"{base.name}: python -m", module=True, source=base.resolve())]
+        variants += [
+            Variant(f"{base.name}: chx-masks", module=False, source=base.resolve()),
+            Variant(f"{base.name}: python -m", module=True, source=base.resolve()),
+        ]
     variants += [Variant("chx-masks", module=False), Variant("python -m chx_masks", module=True)]
     commands = options.only or list(TARGETS)
     info = machine()
-    print(f"chx-masks start-up, {info['date']}, git {info['git_rev']}"
-          + (f" + uncommitted {', '.join(info['uncommitted_in_chx_masks'])}"
-             if info["uncommitted_in_chx_masks"] else ""))
-    print(f"  {info['cpus']} CPUs ({info['cpu_model']}), Python {info['python']}, "
-          + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
-          + f"; load average {info['load_average_at_start']}")
+    print(
+        f"chx-masks start-up, {info['date']}, git {info['git_rev']}"
+        + (
+            f" + uncommitted {', '.join(info['uncommitted_in_chx_masks'])}"
+            if info["uncommitted_in_chx_masks"]
+            else ""
+        )
+    )
+    print(
+        f"  {info['cpus']} CPUs ({info['cpu_model']}), Python {info['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+        + f"; load average {info['load_average_at_start']}"
+    )
 
     with tempfile.TemporaryDirectory(prefix="chx-startup-") as tmp:
         root = Path(tmp)
@@ -262,20 +305,27 @@ def main(argv: list[str] | None = None) -> int:
             args: dict[str, tuple[list[str], dict[str, str]]] = {"help": (["--help"], {})}
             # The embedded registry's default data directory must not be touched.
             args["dir"] = (["--dir", str(embedded), "list"], {})
-            args["dir-inprocess"] = (["--dir", str(embedded), "list"],
-                                     {"CHX_MASKS_LOCAL_SERVER": "0"})
+            args["dir-inprocess"] = (
+                ["--dir", str(embedded), "list"],
+                {"CHX_MASKS_LOCAL_SERVER": "0"},
+            )
             args["dir-first"] = (["--dir", str(first), "list"], {})
             if "uri" in commands:
                 server = Server(served, cwd)
                 print(f"  server at {server.uri}", flush=True)
                 args["uri"] = (["--uri", server.uri, "list"], {"CHX_MASKS_API_KEY": API_KEY})
-            env_base = {"CHX_MASKS_DIR": str(root / "default"),
-                        "CHX_MASKS_CACHE_DIR": str(root / "cache"),
-                        "CHX_MASKS_LOCAL_IDLE": "300"}
+            env_base = {
+                "CHX_MASKS_DIR": str(root / "default"),
+                "CHX_MASKS_CACHE_DIR": str(root / "cache"),
+                "CHX_MASKS_LOCAL_IDLE": "300",
+            }
             pairs = [(c, v) for c in commands for v in variants]
             samples = {(c, v.label): Samples() for c, v in pairs}
-            print(f"  {len(pairs)} (command, variant) pairs x {options.repeat} repetitions "
-                  "(+1 warm-up) ...", flush=True)
+            print(
+                f"  {len(pairs)} (command, variant) pairs x {options.repeat} repetitions "
+                "(+1 warm-up) ...",
+                flush=True,
+            )
             for repetition in range(-1, options.repeat):
                 shift = max(repetition, 0) % len(pairs)
                 for command, variant in pairs[shift:] + pairs[:shift]:
@@ -283,10 +333,13 @@ def main(argv: list[str] | None = None) -> int:
                     if command == "dir-first":
                         stop_local_server(first)
                     seconds, cpu, rss, stdout = run_once(
-                        _argv(variant, command_args), _env(variant, {**env_base, **extra}), cwd)
+                        _argv(variant, command_args), _env(variant, {**env_base, **extra}), cwd
+                    )
                     if command != "help" and not all(n in stdout for n in names):
-                        sys.exit(f"startup.py: {command} {variant.label} did not list every "
-                                 f"mask:\n{stdout}")
+                        sys.exit(
+                            f"startup.py: {command} {variant.label} did not list every "
+                            f"mask:\n{stdout}"
+                        )
                     if repetition >= 0:  # the warm-up compiles bytecode and fills caches
                         samples[command, variant.label].seconds.append(seconds)
                         samples[command, variant.label].cpu_seconds.append(cpu)
@@ -300,13 +353,20 @@ def main(argv: list[str] | None = None) -> int:
                 stop_local_server(directory)
     info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
-    shown = {"help": "--help", "dir": "--dir D list", "dir-first": "--dir D list",
-             "dir-inprocess": "--dir D list", "uri": "--uri URI list"}
+    shown = {
+        "help": "--help",
+        "dir": "--dir D list",
+        "dir-first": "--dir D list",
+        "dir-inprocess": "--dir D list",
+        "uri": "--uri URI list",
+    }
     print(f"\n  load average at the end {info['load_average_at_end']}\n")
     labels = {"dir": " (server up)", "dir-first": " (first)", "dir-inprocess": " (no server)"}
     width = max(len(v.label) for v in variants) + max(len(x) for x in labels.values())
-    header = (f"{'command':16} {'variant':{width}} {'median s':>9} {'min s':>7} {'max s':>7} "
-              f"{'CPU s':>6} {'peak RSS MiB':>13} {'target':>8}  verdict")
+    header = (
+        f"{'command':16} {'variant':{width}} {'median s':>9} {'min s':>7} {'max s':>7} "
+        f"{'CPU s':>6} {'peak RSS MiB':>13} {'target':>8}  verdict"
+    )
     print(header)
     print("-" * len(header))
     for command, variant in pairs:
@@ -316,17 +376,31 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "-" if target is None else ("PASS" if median < target else "FAIL")
         shown_target = "none" if target is None else f"< {target:.1f} s"
         label = variant.label + labels.get(command, "")
-        print(f"{shown[command]:16} {label:{width}} {median:9.2f} {min(s.seconds):7.2f} "
-              f"{max(s.seconds):7.2f} {statistics.median(s.cpu_seconds):6.2f} "
-              f"{statistics.median(s.rss_mib):13.0f} "
-              f"{shown_target:>8}  {verdict}")
+        print(
+            f"{shown[command]:16} {label:{width}} {median:9.2f} {min(s.seconds):7.2f} "
+            f"{max(s.seconds):7.2f} {statistics.median(s.cpu_seconds):6.2f} "
+            f"{statistics.median(s.rss_mib):13.0f} "
+            f"{shown_target:>8}  {verdict}"
+        )
     if options.json is not None:
-        options.json.write_text(json.dumps({
-            "machine": info,
-            "samples": [{"command": c, "variant": v.label, "seconds": samples[c, v.label].seconds,
-                         "cpu_seconds": samples[c, v.label].cpu_seconds,
-                         "peak_rss_mib": samples[c, v.label].rss_mib} for c, v in pairs],
-        }, indent=2))
+        options.json.write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "samples": [
+                        {
+                            "command": c,
+                            "variant": v.label,
+                            "seconds": samples[c, v.label].seconds,
+                            "cpu_seconds": samples[c, v.label].cpu_seconds,
+                            "peak_rss_mib": samples[c, v.label].rss_mib,
+                        }
+                        for c, v in pairs
+                    ],
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

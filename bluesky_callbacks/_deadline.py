@@ -242,8 +242,10 @@ class RegistryBreaker:
                 self._up.clear()
             if self._probe is None or not self._probe.is_alive():
                 self._probe = threading.Thread(
-                    target=self._probe_loop, args=(self._stop,),
-                    name="chx-masks-registry-probe", daemon=True,
+                    target=self._probe_loop,
+                    args=(self._stop,),
+                    name="chx-masks-registry-probe",
+                    daemon=True,
                 )
                 self._probe.start()
 
@@ -273,7 +275,8 @@ class RegistryBreaker:
                 "The mask registry%s answers again (it had not answered since %s, "
                 "%.0f s); run starts resolve masks again.",
                 f" at {self.location}" if self.location else "",
-                f"{datetime.fromtimestamp(since):%H:%M:%S}", time.time() - since,
+                f"{datetime.fromtimestamp(since):%H:%M:%S}",
+                time.time() - since,
             )
 
     def _probe_loop(self, stop: threading.Event) -> None:

@@ -76,8 +76,9 @@ def _no_progress(label: str, total: int) -> Any:
     return _Bar()
 
 
-def dark_series(n_frames: int, hot: np.ndarray, *, seed: int = 11,
-                progress: Progress = _no_progress) -> np.ndarray:
+def dark_series(
+    n_frames: int, hot: np.ndarray, *, seed: int = 11, progress: Progress = _no_progress
+) -> np.ndarray:
     """Dark frames of a 4M: sparse background counts plus the detector's hot pixels.
 
     Examples
@@ -102,8 +103,9 @@ def demo_pattern() -> XPCSPattern:
     return XPCSPattern(CHX_EIGER_SHAPES["eiger4m_single"], np.dtype(np.uint32))
 
 
-def make_masks(registry: MaskRegistry, *, progress: Progress = _no_progress,
-               echo: Echo = print) -> dict[str, str]:
+def make_masks(
+    registry: MaskRegistry, *, progress: Progress = _no_progress, echo: Echo = print
+) -> dict[str, str]:
     """Register the demo's four masks; return name -> uid.
 
     A mask whose current version already holds the same content is reused, so
@@ -138,9 +140,11 @@ def make_masks(registry: MaskRegistry, *, progress: Progress = _no_progress,
             uids[name] = generated.register(registry, DETECTOR, name, update=True, metadata=md)
             verb = "updated"
         record = registry.describe(uids[name])
-        echo(f"  {verb:<10} {DETECTOR}/{name:<18} v{record.version:<3} "
-             f"{record.uid[:8]}  masks {record.masked_pixels:>9,} px "
-             f"({record.masked_fraction:.3%})")
+        echo(
+            f"  {verb:<10} {DETECTOR}/{name:<18} v{record.version:<3} "
+            f"{record.uid[:8]}  masks {record.masked_pixels:>9,} px "
+            f"({record.masked_fraction:.3%})"
+        )
     return uids
 
 
@@ -201,8 +205,9 @@ def router_alone(registry: MaskRegistry, docs: list[tuple[str, dict]]) -> float:
         router(name, doc)
         if name in ("event", "stream_datum"):
             seconds += time.perf_counter() - t0
-            frames += (doc["indices"]["stop"] - doc["indices"]["start"]
-                       if name == "stream_datum" else 1)
+            frames += (
+                doc["indices"]["stop"] - doc["indices"]["start"] if name == "stream_datum" else 1
+            )
     return frames / seconds if seconds else 0.0
 
 
@@ -277,8 +282,9 @@ def run_demo(
         return _run(registry, out, frames, echo, progress, t0)
 
 
-def _run(registry: MaskRegistry, out: Path, frames: int, echo: Echo, progress: Progress,
-         t0: float) -> DemoSummary:
+def _run(
+    registry: MaskRegistry, out: Path, frames: int, echo: Echo, progress: Progress, t0: float
+) -> DemoSummary:
     from bluesky import RunEngine
     from bluesky.plans import count
     from bluesky_tiled_plugins import TiledWriter
@@ -295,8 +301,10 @@ def _run(registry: MaskRegistry, out: Path, frames: int, echo: Echo, progress: P
         active = registry.activate(DETECTOR, list(NAMES), note="chx-masks demo")
     echo(f"  active set v{active.version}: {', '.join(NAMES)}")
 
-    echo(f"2. a {frames}-frame scan of an Eiger 4M writing DECTRIS files (bitshuffle-LZ4): "
-         "RunEngine + MaskProvenance + MaskingRouter + TiledWriter")
+    echo(
+        f"2. a {frames}-frame scan of an Eiger 4M writing DECTRIS files (bitshuffle-LZ4): "
+        "RunEngine + MaskProvenance + MaskingRouter + TiledWriter"
+    )
     store = open_run_store(out / "runs", readable_storage=[out / "frames"])
     engine = RunEngine({})
     try:
@@ -304,15 +312,20 @@ def _run(registry: MaskRegistry, out: Path, frames: int, echo: Echo, progress: P
         live = _FrameDigests()
         timed = _Timed()
         timed.router = MaskingRouter(
-            registry, [timed.downstream(live), timed.downstream(TiledWriter(store))],
+            registry,
+            [timed.downstream(live), timed.downstream(TiledWriter(store))],
             strict=True,
         )
         raw_docs = _RawDocuments(limit=10)
         engine.subscribe(raw_docs)
         engine.subscribe(TiledWriter(store))
         engine.subscribe(timed)
-        det = SimAsyncEiger("eiger4m_single", out / "frames", pattern=demo_pattern(),
-                            frames_per_file=max(1, (frames + 1) // 2))
+        det = SimAsyncEiger(
+            "eiger4m_single",
+            out / "frames",
+            pattern=demo_pattern(),
+            frames_per_file=max(1, (frames + 1) // 2),
+        )
         engine(ensure_connected(det))
         with progress("scanning", frames) as bar:
             token = engine.subscribe(lambda name, doc: bar.update(1), "event")
@@ -322,22 +335,30 @@ def _run(registry: MaskRegistry, out: Path, frames: int, echo: Echo, progress: P
         assert start is not None and live.stop is not None
         raw_start = store[raw_uid].metadata["start"]
         record = raw_start["masks"][DETECTOR]
-        echo(f"  raw run {raw_uid}: masks {record['names']} v{record['versions']} "
-             f"({record['chosen_by']})")
-        echo(f"  masked run {start['uid']} (parent_uid {start['parent_uid'][:8]}), "
-             f"{len(live.digests)} frames, stop: {live.stop['exit_status']}")
+        echo(
+            f"  raw run {raw_uid}: masks {record['names']} v{record['versions']} "
+            f"({record['chosen_by']})"
+        )
+        echo(
+            f"  masked run {start['uid']} (parent_uid {start['parent_uid'][:8]}), "
+            f"{len(live.digests)} frames, stop: {live.stop['exit_status']}"
+        )
 
         alone = router_alone(registry, raw_docs.docs)
         during = timed.frames / timed.seconds if timed.seconds else 0.0
         raw_docs.docs.clear()
-        echo(f"  router: {alone:,.0f} frames/s alone; {during:,.0f} frames/s during the scan, "
-             "sharing this process with the tiled server storing both runs")
+        echo(
+            f"  router: {alone:,.0f} frames/s alone; {during:,.0f} frames/s during the scan, "
+            "sharing this process with the tiled server storing both runs"
+        )
 
         echo("3. replay of the stored raw run from tiled")
         replayed = _FrameDigests()
         with progress("replaying", frames) as bar:
             replay_uid = replay_masked(
-                store[raw_uid], replayed, registry=registry,
+                store[raw_uid],
+                replayed,
+                registry=registry,
                 progress=lambda done, total: bar.update(1) if done else None,
             )
         replay_equal = replayed.digests == live.digests and len(live.digests) == frames
@@ -345,8 +366,10 @@ def _run(registry: MaskRegistry, out: Path, frames: int, echo: Echo, progress: P
         composite = run_composite(raw_start, DETECTOR, registry=registry)
         lazy_first = np.asarray(lazy[0].compute()).reshape(composite.mask.shape)
         lazy_equal = hashlib.sha256(lazy_first.tobytes()).hexdigest() == live.digests[0]
-        echo(f"  replayed frames equal the live masked frames: {replay_equal}; "
-             f"lazy dask path agrees: {lazy_equal}")
+        echo(
+            f"  replayed frames equal the live masked frames: {replay_equal}; "
+            f"lazy dask path agrees: {lazy_equal}"
+        )
 
         echo("4. pictures")
         # One sparse frame holds about 0.05 photons per pixel: the pictures
@@ -363,19 +386,24 @@ def _run(registry: MaskRegistry, out: Path, frames: int, echo: Echo, progress: P
         pngs = {
             "composite": composite_png(composite, out / "composite_mask.png"),
             "raw_frame": frame_png(
-                raw_total, out / "raw_frame.png", mask=flagged_by_detector,
+                raw_total,
+                out / "raw_frame.png",
+                mask=flagged_by_detector,
                 title=f"{DETECTOR} raw, {frames} frames summed (run {raw_uid[:8]}); "
-                      "crimson: the detector's pixel_mask"),
+                "crimson: the detector's pixel_mask",
+            ),
             "masked_frame": frame_png(
-                live.total, out / "masked_frame.png", mask=composite.mask,
-                title=f"{DETECTOR} masked, {frames} frames summed (run {start['uid'][:8]})"),
+                live.total,
+                out / "masked_frame.png",
+                mask=composite.mask,
+                title=f"{DETECTOR} masked, {frames} frames summed (run {start['uid'][:8]})",
+            ),
         }
     finally:
         engine.loop.call_soon_threadsafe(engine.loop.stop)
         store.context.close()
     masks = {
-        name: {"uid": uid, "version": registry.describe(uid).version}
-        for name, uid in uids.items()
+        name: {"uid": uid, "version": registry.describe(uid).version} for name, uid in uids.items()
     }
     summary = DemoSummary(
         registry=registry.location,

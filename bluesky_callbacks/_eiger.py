@@ -309,8 +309,9 @@ def _static(pattern: XPCSPattern) -> _Static:
     fresh = np.sqrt(1.0 - keep**2).astype(np.float32)
     for array in (pixel_mask, flagged, hot, weight, keep, fresh):
         array.flags.writeable = False
-    return _Static(pixel_mask, flagged, np.sort(hot), weight.astype(np.float32), keep, fresh,
-                   center)
+    return _Static(
+        pixel_mask, flagged, np.sort(hot), weight.astype(np.float32), keep, fresh, center
+    )
 
 
 class _FieldState:
@@ -341,8 +342,9 @@ def _field(pattern: XPCSPattern, i: int) -> np.ndarray:
             state.field, state.index = _draw(pattern, static.keep.shape, 0), 0
         while state.index < i:
             state.index += 1
-            state.field = (static.keep * state.field
-                           + static.fresh * _draw(pattern, static.keep.shape, state.index))
+            state.field = static.keep * state.field + static.fresh * _draw(
+                pattern, static.keep.shape, state.index
+            )
         return state.field
 
 
@@ -440,12 +442,20 @@ class SeriesWriter:
         self.master = self.directory / master_file_name(prefix)
         rows, cols = self.shape
         md = {
-            "x_pixel_size": 75e-6, "y_pixel_size": 75e-6, "detector_distance": 16.0,
-            "frame_time": 0.00134, "count_time": 0.00133, "beam_center_x": 0.45 * cols,
-            "beam_center_y": 0.55 * rows, **(metadata or {}),
+            "x_pixel_size": 75e-6,
+            "y_pixel_size": 75e-6,
+            "detector_distance": 16.0,
+            "frame_time": 0.00134,
+            "count_time": 0.00133,
+            "beam_center_x": 0.45 * cols,
+            "beam_center_y": 0.55 * rows,
+            **(metadata or {}),
         }
-        mask = (np.zeros(self.shape, np.uint32) if pixel_mask is None
-                else np.asarray(pixel_mask, dtype=np.uint32))
+        mask = (
+            np.zeros(self.shape, np.uint32)
+            if pixel_mask is None
+            else np.asarray(pixel_mask, dtype=np.uint32)
+        )
         self._master = h5py.File(self.master, "w", libver="latest")
         detector = self._master.require_group("/entry/instrument/detector")
         for name, value in md.items():
@@ -480,8 +490,12 @@ class SeriesWriter:
         handle = h5py.File(path, "w", libver="latest")
         rows, cols = self.shape
         self._data = handle.create_dataset(
-            DATA_PATH, shape=(0, rows, cols), maxshape=(self.frames_per_file, rows, cols),
-            chunks=(1, rows, cols), dtype=self.dtype, **_bitshuffle_lz4(),
+            DATA_PATH,
+            shape=(0, rows, cols),
+            maxshape=(self.frames_per_file, rows, cols),
+            chunks=(1, rows, cols),
+            dtype=self.dtype,
+            **_bitshuffle_lz4(),
         )
         self._data.attrs["image_nr_low"] = self.count + 1
         self._data.attrs["image_nr_high"] = self.count
@@ -532,8 +546,15 @@ def decode_threads() -> int:
     given = os.environ.get("CHX_MASKS_DECODE_THREADS")
     if given:
         return max(1, int(given))
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                      else os.cpu_count() or 1))
+    return max(
+        1,
+        min(
+            8,
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1,
+        ),
+    )
 
 
 def decode_pool(threads: int | None = None) -> ThreadPoolExecutor:
@@ -543,7 +564,8 @@ def decode_pool(threads: int | None = None) -> ThreadPoolExecutor:
         pool = _decode_pools.get(threads)
         if pool is None:
             pool = _decode_pools[threads] = ThreadPoolExecutor(
-                threads, thread_name_prefix="chx-masks-decode")
+                threads, thread_name_prefix="chx-masks-decode"
+            )
         return pool
 
 
@@ -588,8 +610,9 @@ def decode_chunk(chunk: bytes, out: np.ndarray, mask: np.ndarray | None = None) 
     import bitshuffle
 
     block = int.from_bytes(chunk[8:12], "big") // out.dtype.itemsize
-    frame = bitshuffle.decompress_lz4(np.frombuffer(chunk, np.uint8)[12:], out.shape,
-                                      out.dtype, block)
+    frame = bitshuffle.decompress_lz4(
+        np.frombuffer(chunk, np.uint8)[12:], out.shape, out.dtype, block
+    )
     if mask is None:
         out[...] = frame
         return out
@@ -609,8 +632,9 @@ def file_stem(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def frames_dataset(file: Any, frame_shape: tuple[int, ...], dtype: Any,
-                   frames: int | None = None) -> Any:
+def frames_dataset(
+    file: Any, frame_shape: tuple[int, ...], dtype: Any, frames: int | None = None
+) -> Any:
     """``DATA_PATH`` in an open HDF5 file: bitshuffle-LZ4, one chunk per frame.
 
     ``frames`` frames, or none yet and growing along the first axis if None.
@@ -619,9 +643,13 @@ def frames_dataset(file: Any, frame_shape: tuple[int, ...], dtype: Any,
     frame_shape = tuple(int(n) for n in frame_shape)
     grows = frames is None
     return file.create_dataset(
-        DATA_PATH, shape=(0 if grows else frames, *frame_shape),
-        maxshape=(None, *frame_shape) if grows else None, dtype=np.dtype(dtype),
-        chunks=(1, *frame_shape), **_bitshuffle_lz4())
+        DATA_PATH,
+        shape=(0 if grows else frames, *frame_shape),
+        maxshape=(None, *frame_shape) if grows else None,
+        dtype=np.dtype(dtype),
+        chunks=(1, *frame_shape),
+        **_bitshuffle_lz4(),
+    )
 
 
 def encode_chunk(frame: np.ndarray) -> bytes:
@@ -689,8 +717,10 @@ def read_frames(dataset: Any, start: int = 0, stop: int | None = None) -> np.nda
         return dataset[start:stop]
     out = np.empty((stop - start, *dataset.shape[1:]), dataset.dtype)
     pool = decode_pool()
-    futures = [pool.submit(decode_chunk, chunk, out[i])
-               for i, chunk in enumerate(raw_chunks(dataset, start, stop))]
+    futures = [
+        pool.submit(decode_chunk, chunk, out[i])
+        for i, chunk in enumerate(raw_chunks(dataset, start, stop))
+    ]
     for future in futures:
         future.result()
     return out
@@ -720,8 +750,9 @@ class EigerSeriesHandler:
 
     specs = frozenset({"AD_EIGER2", "AD_EIGER"})
 
-    def __init__(self, fpath: str, images_per_file: int | None = None,
-                 frame_per_point: int | None = None) -> None:
+    def __init__(
+        self, fpath: str, images_per_file: int | None = None, frame_per_point: int | None = None
+    ) -> None:
         if images_per_file is None and frame_per_point is None:
             raise ValueError("An AD_EIGER2 resource needs images_per_file (or frame_per_point).")
         self._prefix = fpath
@@ -759,8 +790,11 @@ class EigerSeriesHandler:
             master = self._master(kwargs["seq_id"])
             out.append(master.filename)
             entry, folder = master["/entry/data"], Path(master.filename).parent
-            out.extend(str(folder / entry.get(k, getlink=True).filename)
-                       for k in sorted(entry) if k.startswith("data_"))
+            out.extend(
+                str(folder / entry.get(k, getlink=True).filename)
+                for k in sorted(entry)
+                if k.startswith("data_")
+            )
         return out
 
     def close(self) -> None:

@@ -139,11 +139,15 @@ def resolve_run_masks(
                         f"but its uids now give {composite.sha256}."
                     )
             elif (masks or {}).get(key):
-                composite = registry.resolve_composite(key, list(masks[key]),
-                                                       as_of=run_start_time(start))
+                composite = registry.resolve_composite(
+                    key, list(masks[key]), as_of=run_start_time(start)
+                )
             else:
-                why = (f" (the registry was unavailable when it opened: {start['mask_error']})"
-                       if start.get("mask_error") else "")
+                why = (
+                    f" (the registry was unavailable when it opened: {start['mask_error']})"
+                    if start.get("mask_error")
+                    else ""
+                )
                 raise MaskNotFoundError(
                     f"Run {start.get('uid')} recorded no masks for {key}{why}; pass "
                     f"masks={{{key!r}: [mask names]}} to resolve them as of its start."
@@ -215,7 +219,7 @@ def file_path(uri: str, root_map: Mapping[str, str] | None = None) -> str:
     path = unquote(urlsplit(uri).path)
     for old, new in (root_map or {}).items():
         if path.startswith(old):
-            return new + path[len(old):]
+            return new + path[len(old) :]
     return path
 
 
@@ -254,8 +258,9 @@ class HDF5StreamReader:
         self._datasets: dict[str, Any] = {}
         self._decodable: dict[str, bool] = {}
 
-    def __call__(self, resource: Mapping[str, Any], start: int, stop: int,
-                 shape: Sequence[int]) -> np.ndarray:
+    def __call__(
+        self, resource: Mapping[str, Any], start: int, stop: int, shape: Sequence[int]
+    ) -> np.ndarray:
         per_index = rows_per_index(shape)
         dataset = self.dataset(resource, stop * per_index)
         block = dataset[start * per_index : stop * per_index]
@@ -323,8 +328,7 @@ class TiledStreamReader:
         self._offsets: dict[str, int] = {}
         self._rows: dict[tuple[str, str], int] = {}
 
-    def __call__(self, resource: Mapping[str, Any], stream: str, start: int,
-                 stop: int) -> Any:
+    def __call__(self, resource: Mapping[str, Any], stream: str, start: int, stop: int) -> Any:
         where = (stream, resource["data_key"])
         array = self._arrays.get(where)
         if array is None:

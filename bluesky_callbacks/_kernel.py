@@ -156,7 +156,8 @@ class Multiplier:
         multiply_into(frame, mask, out, threads=threads)
         self._times[threads].append(time.perf_counter() - start)
         if min(len(t) for t in self._times.values()) * 2 >= self.trials:
-            threaded, single = (sorted(self._times[k])[len(self._times[k]) // 2]
-                                for k in (True, False))
+            threaded, single = (
+                sorted(self._times[k])[len(self._times[k]) // 2] for k in (True, False)
+            )
             self.threads = _learned["threads"] = threaded < single
         return out

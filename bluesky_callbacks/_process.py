@@ -41,8 +41,16 @@ from chx_masks.stores import http_status as _status
 from ._frames import prepare_mask
 from ._replay import _stream_node, run_composite
 
-__all__ = ["LeaseLostError", "ProcessedRun", "ProcessingError", "RunStore", "StoreUnavailableError",
-           "plan_processing", "process_run", "write_product"]
+__all__ = [
+    "LeaseLostError",
+    "ProcessedRun",
+    "ProcessingError",
+    "RunStore",
+    "StoreUnavailableError",
+    "plan_processing",
+    "process_run",
+    "write_product",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -294,8 +302,7 @@ def _frames_node(run: Any, stream: str, data_key: str) -> Any:
     try:
         return _stream_node(run, stream, data_key)
     except KeyError:
-        missing = (f"Run {run.metadata['start']['uid']} has no {data_key!r} in its "
-                   f"{stream!r} stream")
+        missing = f"Run {run.metadata['start']['uid']} has no {data_key!r} in its {stream!r} stream"
         raise ProcessingError(
             f"{missing}: check data_keys (or the keys of masks) and stream.",
             cli=f"{missing}: check the detector named in --masks and --stream.",
@@ -356,11 +363,17 @@ def plan_processing(
             "lost). Process it after it ends."
         )
     recorded = {k: r for k, r in (start.get("masks") or {}).items() if r.get("uids")}
-    keys = list(data_keys) if data_keys else [*recorded, *(k for k in masks or {}
-                                                          if k not in recorded)]
+    keys = (
+        list(data_keys)
+        if data_keys
+        else [*recorded, *(k for k in masks or {} if k not in recorded)]
+    )
     if not keys:
-        why = (f" (the registry was unavailable when it opened: {start['mask_error']})"
-               if start.get("mask_error") else "")
+        why = (
+            f" (the registry was unavailable when it opened: {start['mask_error']})"
+            if start.get("mask_error")
+            else ""
+        )
         raise MaskNotFoundError(
             f"Run {run_uid} recorded no masks{why}; pass masks={{data_key: [names]}} "
             "(or --masks DET=NAME,...) to resolve them as of its start."
@@ -381,17 +394,25 @@ def plan_processing(
         dtype = np.dtype(node.dtype)
         per_frame = dtype.itemsize * int(np.prod(shape[1:]))
         step = frames_per_chunk or max(1, CHUNK_BYTES // max(1, per_frame))
-        resolved = None if key in recorded else datetime.fromtimestamp(
-            start["time"], timezone.utc).isoformat()
-        record = (recorded.get(key) or composite.provenance())
-        detectors.append(_Detector(key, composite, dict(record), shape[0], shape[1:],
-                                   dtype.str, step, resolved))
+        resolved = (
+            None
+            if key in recorded
+            else datetime.fromtimestamp(start["time"], timezone.utc).isoformat()
+        )
+        record = recorded.get(key) or composite.provenance()
+        detectors.append(
+            _Detector(key, composite, dict(record), shape[0], shape[1:], dtype.str, step, resolved)
+        )
     plan = ProcessingPlan(run_uid, stream, tuple(detectors), float(start["time"]))
     # Before a product is begun: a file refused halfway would leave it unfinished.
     _check_readable(where, plan, nodes)
-    return dataclasses.replace(plan, detectors=tuple(
-        dataclasses.replace(d, files=_direct_files(nodes[d.data_key], d))
-        for d in plan.detectors))
+    return dataclasses.replace(
+        plan,
+        detectors=tuple(
+            dataclasses.replace(d, files=_direct_files(nodes[d.data_key], d))
+            for d in plan.detectors
+        ),
+    )
 
 
 def _check_readable(where: RunStore | Any, plan: ProcessingPlan, nodes: Mapping[str, Any]) -> None:
@@ -411,21 +432,26 @@ def _check_readable(where: RunStore | Any, plan: ProcessingPlan, nodes: Mapping[
         try:
             node[(0,) * len(node.shape)]
         except RuntimeError as err:
-            refused = re.search(r"Refusing to serve (\S+) because it is outside the readable "
-                                r"storage", str(err))
+            refused = re.search(
+                r"Refusing to serve (\S+) because it is outside the readable "
+                r"storage",
+                str(err),
+            )
             if refused is None:
                 raise
             path = Path(urllib.parse.unquote(urllib.parse.urlparse(refused[1]).path))
             allowed = ", ".join(getattr(where, "readable_storage", ())) or "none given"
-            said = (f"Run {plan.run_uid} refers to {path}, outside the directories the run "
-                    f"store may read ({allowed})")
+            said = (
+                f"Run {plan.run_uid} refers to {path}, outside the directories the run "
+                f"store may read ({allowed})"
+            )
             location = getattr(where, "location", "DIR")
             raise ProcessingError(
                 f"{said}: give runs=RunStore({location!r}).reading([{str(path.parent)!r}]) "
                 "(or open_run_store(..., readable_storage=[...])) with the directory of the "
                 "detector files.",
                 cli=f"{said}: pass --readable-storage DIR with the directory of the detector "
-                    f"files (here --readable-storage {path.parent}).",
+                f"files (here --readable-storage {path.parent}).",
             ) from err
 
 
@@ -444,17 +470,25 @@ def _direct_files(node: Any, detector: _Detector) -> tuple[tuple[str, str, int],
     except Exception:  # no data sources (an older server), or several
         return None
     parameters = dict(source.parameters or {})
-    if (source.mimetype != "application/x-hdf5" or not parameters.get("dataset")
-            or parameters.get("slice") or parameters.get("squeeze")):
+    if (
+        source.mimetype != "application/x-hdf5"
+        or not parameters.get("dataset")
+        or parameters.get("slice")
+        or parameters.get("squeeze")
+    ):
         return None
-    assets = sorted((a for a in source.assets if a.parameter == "data_uris"),
-                    key=lambda a: a.num or 0)
+    assets = sorted(
+        (a for a in source.assets if a.parameter == "data_uris"), key=lambda a: a.num or 0
+    )
     paths = []
     for asset in assets:
         uri = urlsplit(asset.data_uri)
         path = unquote(uri.path)
-        if uri.scheme != "file" or uri.netloc not in ("", "localhost") \
-                or not os.access(path, os.R_OK):
+        if (
+            uri.scheme != "file"
+            or uri.netloc not in ("", "localhost")
+            or not os.access(path, os.R_OK)
+        ):
             return None
         paths.append(path)
     from chx_masks.io import h5py_with_filters
@@ -465,8 +499,9 @@ def _direct_files(node: Any, detector: _Detector) -> tuple[tuple[str, str, int],
         for path in paths:
             with h5py.File(path, "r") as f:
                 dataset = f[parameters["dataset"]]
-                if (tuple(dataset.shape[1:]) != detector.frame_shape
-                        or dataset.dtype != np.dtype(detector.dtype)):
+                if tuple(dataset.shape[1:]) != detector.frame_shape or dataset.dtype != np.dtype(
+                    detector.dtype
+                ):
                     return None
                 files.append((path, parameters["dataset"], int(dataset.shape[0])))
     except (OSError, KeyError):
@@ -480,7 +515,12 @@ def _direct_files(node: Any, detector: _Detector) -> tuple[tuple[str, str, int],
 
 
 def _chunk_frames(
-    source: RunStore | Any, run_uid: str, stream: str, data_key: str, start: int, stop: int,
+    source: RunStore | Any,
+    run_uid: str,
+    stream: str,
+    data_key: str,
+    start: int,
+    stop: int,
 ) -> np.ndarray:
     """Frames [start, stop) of a stored run, read in a task."""
     import dask
@@ -493,7 +533,12 @@ def _chunk_frames(
 
 
 def _masked_chunk(
-    source: RunStore | Any, run_uid: str, stream: str, data_key: str, start: int, stop: int,
+    source: RunStore | Any,
+    run_uid: str,
+    stream: str,
+    data_key: str,
+    start: int,
+    stop: int,
     mask: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """COO (coords, data) of frames [start, stop) times ``mask``, coords in the chunk."""
@@ -505,7 +550,12 @@ def _masked_chunk(
 
 
 def _masked_encoded(
-    source: RunStore | Any, run_uid: str, stream: str, data_key: str, start: int, stop: int,
+    source: RunStore | Any,
+    run_uid: str,
+    stream: str,
+    data_key: str,
+    start: int,
+    stop: int,
     mask: np.ndarray,
 ) -> tuple[list[bytes], int]:
     """Rows [start, stop) times ``mask``, each frame a bitshuffle-LZ4 chunk; non-zero pixels."""
@@ -518,7 +568,10 @@ def _masked_encoded(
 
 
 def _direct_encoded(
-    files: tuple[tuple[str, str, int], ...], start: int, stop: int, mask: np.ndarray,
+    files: tuple[tuple[str, str, int], ...],
+    start: int,
+    stop: int,
+    mask: np.ndarray,
     dtype: str,
 ) -> tuple[list[bytes], int]:
     """Frames [start, stop) of ``files`` (concatenated) times ``mask``, each a chunk.
@@ -556,7 +609,9 @@ def _direct_encoded(
 
 
 def _in_flight(
-    tasks: Sequence[Callable[[], Any]] | Sequence[Any], client: Any, window: int,
+    tasks: Sequence[Callable[[], Any]] | Sequence[Any],
+    client: Any,
+    window: int,
 ) -> Iterator[tuple[int, Any]]:
     """Run ``tasks`` with at most ``window`` at once; yield (index, result) as each ends."""
     if client is None:
@@ -641,8 +696,11 @@ class ProcessedRun:
         for start in range(0, shape[0], step):
             data = node[start : start + step]
             parts.append(data.todense() if hasattr(data, "todense") else np.asarray(data))
-        return np.concatenate(parts) if parts else np.zeros(shape, structure.data_type
-                                                           .to_numpy_dtype())
+        return (
+            np.concatenate(parts)
+            if parts
+            else np.zeros(shape, structure.data_type.to_numpy_dtype())
+        )
 
 
 def _existing(container: Any, run_uid: str) -> Any | None:
@@ -655,9 +713,13 @@ def _existing(container: Any, run_uid: str) -> Any | None:
 def _as_result(node: Any, created: bool, seconds: float) -> ProcessedRun:
     md = node.metadata
     return ProcessedRun(
-        uid=md["uid"], parent_uid=md["parent_uid"], created=created,
-        masks=dict(md["masks"]), frames=dict(md["frames"]),
-        nonzero=dict(md.get("nonzero") or {}), seconds=seconds,
+        uid=md["uid"],
+        parent_uid=md["parent_uid"],
+        created=created,
+        masks=dict(md["masks"]),
+        frames=dict(md["frames"]),
+        nonzero=dict(md.get("nonzero") or {}),
+        seconds=seconds,
     )
 
 
@@ -728,7 +790,10 @@ class _Lease:
 
 
 def _lease_product(
-    container: Any, plan: ProcessingPlan, metadata: dict[str, Any], lease_s: float,
+    container: Any,
+    plan: ProcessingPlan,
+    metadata: dict[str, Any],
+    lease_s: float,
     wait: float | None,
 ) -> tuple[_Lease | None, Any]:
     """Hold the run's product for writing, or return the finished one.
@@ -747,8 +812,10 @@ def _lease_product(
             lease = _Lease(None, 0, owner, lease_s)
             try:
                 node = container.create_container(
-                    key=plan.run_uid, metadata={**metadata, "lease": lease.record()},
-                    specs=[Spec(_SPEC)])
+                    key=plan.run_uid,
+                    metadata={**metadata, "lease": lease.record()},
+                    specs=[Spec(_SPEC)],
+                )
             except Exception as err:
                 if _status(err) != 409:
                     raise
@@ -776,7 +843,10 @@ def _lease_product(
                 announced = True
                 logger.warning(
                     "Waiting for the product of run %s: %s is writing it (lease until %s).",
-                    plan.run_uid, held.get("by", "another caller"), held["expires"])
+                    plan.run_uid,
+                    held.get("by", "another caller"),
+                    held["expires"],
+                )
             pause = min(1.0, max(0.05, (expires - _now()).total_seconds()))
             if wait is not None:
                 pause = min(pause, max(0.05, wait - waited))
@@ -909,15 +979,17 @@ def write_product(
     try:
         if files is None:
             nonzero = {
-                detector.data_key: _write_detector(plan, detector, runs, product, client,
-                                                   window, on_block)
+                detector.data_key: _write_detector(
+                    plan, detector, runs, product, client, window, on_block
+                )
                 for detector in plan.detectors
             }
         else:
             where = Path(files).expanduser().absolute() / plan.run_uid / f"term-{lease.term}"
             nonzero = {
-                detector.data_key: _write_detector_file(plan, detector, runs, product, client,
-                                                        window, on_block, where)
+                detector.data_key: _write_detector_file(
+                    plan, detector, runs, product, client, window, on_block, where
+                )
                 for detector in plan.detectors
             }
     except LeaseLostError:
@@ -926,10 +998,15 @@ def write_product(
         lease.release()
         raise
     lease.check()
-    product.update_metadata({
-        **metadata, "status": _COMPLETE, "nonzero": nonzero,
-        "finished": _now().isoformat(), "lease": None,
-    })
+    product.update_metadata(
+        {
+            **metadata,
+            "status": _COMPLETE,
+            "nonzero": nonzero,
+            "finished": _now().isoformat(),
+            "lease": None,
+        }
+    )
     return _as_result(container[plan.run_uid], True, time.perf_counter() - began)
 
 
@@ -937,9 +1014,16 @@ def write_product(
 FILE_ENCODING = "hdf5 bitshuffle-lz4, one chunk per frame"
 
 
-def _write_detector_file(plan: ProcessingPlan, detector: _Detector, runs: Any, product: Any,
-                         client: Any, window: int, on_block: Callable[[], None],
-                         directory: Path) -> int:
+def _write_detector_file(
+    plan: ProcessingPlan,
+    detector: _Detector,
+    runs: Any,
+    product: Any,
+    client: Any,
+    window: int,
+    on_block: Callable[[], None],
+    directory: Path,
+) -> int:
     """Write one detector's masked frames to an HDF5 file, then register it in the product.
 
     The node is added only once the file is complete and closed, so a
@@ -968,24 +1052,31 @@ def _write_detector_file(plan: ProcessingPlan, detector: _Detector, runs: Any, p
     shape = (detector.frames, *detector.event_shape)
     per_event = detector.per_event
     direct = detector.files is not None and client is None
-    mask = prepare_mask(detector.composite, detector.dtype,
-                        detector.frame_shape if direct else detector.event_shape)
+    mask = prepare_mask(
+        detector.composite, detector.dtype, detector.frame_shape if direct else detector.event_shape
+    )
     if client is not None:
         [mask] = client.scatter([mask], broadcast=True)
     if direct:
-        args = [(_direct_encoded, (detector.files, a * per_event, b * per_event, mask,
-                                   detector.dtype)) for a, b in detector.chunks]
+        args = [
+            (_direct_encoded, (detector.files, a * per_event, b * per_event, mask, detector.dtype))
+            for a, b in detector.chunks
+        ]
     else:
-        args = [(_masked_encoded, (runs, plan.run_uid, plan.stream, detector.data_key, a, b,
-                                   mask)) for a, b in detector.chunks]
-    tasks: Sequence[Any] = args if client is not None else [
-        functools.partial(fn, *a) for fn, a in args]
+        args = [
+            (_masked_encoded, (runs, plan.run_uid, plan.stream, detector.data_key, a, b, mask))
+            for a, b in detector.chunks
+        ]
+    tasks: Sequence[Any] = (
+        args if client is not None else [functools.partial(fn, *a) for fn, a in args]
+    )
     nonzero = 0
     # The file holds frames, (rows x frames per row, rows, cols), one chunk each,
     # as the Eiger writes them; tiled serves it in the run's shape.
     with h5py.File(path, "w") as f:
-        dataset = frames_dataset(f, detector.frame_shape, detector.dtype,
-                                 detector.frames * per_event)
+        dataset = frames_dataset(
+            f, detector.frame_shape, detector.dtype, detector.frames * per_event
+        )
         dataset.attrs["parent_uid"] = plan.run_uid
         for index, (encoded, count) in _in_flight(tasks, client, window):
             first = detector.chunks[index][0] * per_event
@@ -996,24 +1087,39 @@ def _write_detector_file(plan: ProcessingPlan, detector: _Detector, runs: Any, p
     structure = ArrayStructure(
         data_type=BuiltinDtype.from_numpy_dtype(np.dtype(detector.dtype)),
         shape=shape,
-        chunks=((1,) * detector.frames, *((1,) * n for n in detector.event_shape[:-2]),
-                *((n,) for n in detector.frame_shape)),
+        chunks=(
+            (1,) * detector.frames,
+            *((1,) * n for n in detector.event_shape[:-2]),
+            *((n,) for n in detector.frame_shape),
+        ),
     )
     source = DataSource(
         structure_family=StructureFamily.array,
         mimetype="application/x-hdf5",
         structure=structure,
         parameters={"dataset": DATA_PATH},
-        assets=[Asset(data_uri=path.as_uri().replace("file:///", "file://localhost/", 1),
-                      is_directory=False, parameter="data_uris", num=0)],
+        assets=[
+            Asset(
+                data_uri=path.as_uri().replace("file:///", "file://localhost/", 1),
+                is_directory=False,
+                parameter="data_uris",
+                num=0,
+            )
+        ],
         management=Management.external,
     )
     try:
         node = product.new(
-            StructureFamily.array, [source], key=detector.data_key,
-            metadata={"parent_uid": plan.run_uid, "masks": detector.record,
-                      "sha256": detector.composite.sha256, "nonzero": nonzero,
-                      "encoding": FILE_ENCODING},
+            StructureFamily.array,
+            [source],
+            key=detector.data_key,
+            metadata={
+                "parent_uid": plan.run_uid,
+                "masks": detector.record,
+                "sha256": detector.composite.sha256,
+                "nonzero": nonzero,
+                "encoding": FILE_ENCODING,
+            },
         )
     except Exception as err:
         if _status(err) != 409:
@@ -1035,8 +1141,15 @@ def _write_detector_file(plan: ProcessingPlan, detector: _Detector, runs: Any, p
     return nonzero
 
 
-def _write_detector(plan: ProcessingPlan, detector: _Detector, runs: Any, product: Any,
-                    client: Any, window: int, on_block: Callable[[], None]) -> int:
+def _write_detector(
+    plan: ProcessingPlan,
+    detector: _Detector,
+    runs: Any,
+    product: Any,
+    client: Any,
+    window: int,
+    on_block: Callable[[], None],
+) -> int:
     from tiled.structures.array import BuiltinDtype
     from tiled.structures.core import StructureFamily
     from tiled.structures.data_source import DataSource
@@ -1044,8 +1157,9 @@ def _write_detector(plan: ProcessingPlan, detector: _Detector, runs: Any, produc
 
     shape = (detector.frames, *detector.event_shape)
     chunks = detector.chunks
-    width = np.uint16 if max(detector.frames_per_chunk, *detector.event_shape) <= 65535 \
-        else np.uint32
+    width = (
+        np.uint16 if max(detector.frames_per_chunk, *detector.event_shape) <= 65535 else np.uint32
+    )
     structure = COOStructure(
         shape=shape,
         chunks=(tuple(b - a for a, b in chunks), *((n,) for n in detector.event_shape)),
@@ -1057,8 +1171,11 @@ def _write_detector(plan: ProcessingPlan, detector: _Detector, runs: Any, produc
             StructureFamily.sparse,
             [DataSource(structure=structure, structure_family=StructureFamily.sparse)],
             key=detector.data_key,
-            metadata={"parent_uid": plan.run_uid, "masks": detector.record,
-                      "sha256": detector.composite.sha256},
+            metadata={
+                "parent_uid": plan.run_uid,
+                "masks": detector.record,
+                "sha256": detector.composite.sha256,
+            },
         )
     except Exception as err:
         if _status(err) != 409:
@@ -1067,8 +1184,9 @@ def _write_detector(plan: ProcessingPlan, detector: _Detector, runs: Any, produc
         # again, in the chunking that writer chose.
         node = product[detector.data_key]
         existing = node.structure()
-        if (tuple(existing.shape) != shape
-                or existing.data_type.to_numpy_dtype() != np.dtype(detector.dtype)):
+        if tuple(existing.shape) != shape or existing.data_type.to_numpy_dtype() != np.dtype(
+            detector.dtype
+        ):
             raise ProcessingError(
                 f"The unfinished product of run {plan.run_uid} holds {detector.data_key} "
                 f"as {existing.data_type.to_numpy_dtype()} {tuple(existing.shape)}, not "
@@ -1082,10 +1200,13 @@ def _write_detector(plan: ProcessingPlan, detector: _Detector, runs: Any, produc
     mask = prepare_mask(detector.composite, detector.dtype, detector.event_shape)
     if client is not None:
         [mask] = client.scatter([mask], broadcast=True)
-    args = [(_masked_chunk, (runs, plan.run_uid, plan.stream, detector.data_key, a, b, mask))
-            for a, b in chunks]
-    tasks: Sequence[Any] = args if client is not None else [
-        functools.partial(fn, *a) for fn, a in args]
+    args = [
+        (_masked_chunk, (runs, plan.run_uid, plan.stream, detector.data_key, a, b, mask))
+        for a, b in chunks
+    ]
+    tasks: Sequence[Any] = (
+        args if client is not None else [functools.partial(fn, *a) for fn, a in args]
+    )
     nonzero = 0
     tail = (0,) * len(detector.event_shape)
     for index, (coords, data) in _in_flight(tasks, client, window):
@@ -1123,8 +1244,23 @@ def process_run(
     ...                       registry=reg)  # doctest: +SKIP
     >>> product.masks["eiger4m_single_image"]["uids"]  # doctest: +SKIP
     """
-    plan = plan_processing(run_uid, runs=runs, registry=registry, data_keys=data_keys,
-                           masks=masks, stream=stream, frames_per_chunk=frames_per_chunk)
-    return write_product(plan, runs=runs, processed=processed, client=client,
-                         flow_run_id=flow_run_id, progress=progress, lease_s=lease_s,
-                         wait=wait, files=files)
+    plan = plan_processing(
+        run_uid,
+        runs=runs,
+        registry=registry,
+        data_keys=data_keys,
+        masks=masks,
+        stream=stream,
+        frames_per_chunk=frames_per_chunk,
+    )
+    return write_product(
+        plan,
+        runs=runs,
+        processed=processed,
+        client=client,
+        flow_run_id=flow_run_id,
+        progress=progress,
+        lease_s=lease_s,
+        wait=wait,
+        files=files,
+    )

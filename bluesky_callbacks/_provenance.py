@@ -76,32 +76,32 @@ def _check_masks(masks: Mapping[str, Sequence[str]] | None, what: str) -> dict[s
 def _check_options(registry: Any, timeout: float | None) -> None:
     """Refuse a registry or timeout that would only fail later, at every run start."""
     if not (isinstance(registry, MaskRegistry) or callable(registry)):
-        hint = (f" For a tiled server use MaskRegistry.from_uri({registry!r})."
-                if isinstance(registry, str) else "")
+        hint = (
+            f" For a tiled server use MaskRegistry.from_uri({registry!r})."
+            if isinstance(registry, str)
+            else ""
+        )
         raise MaskValidationError(
             f"registry must be a MaskRegistry or a function that returns one, not "
             f"{type(registry).__name__} {registry!r}.{hint}"
         )
-    if timeout is not None and not (isinstance(timeout, (int, float))
-                                    and math.isfinite(timeout) and timeout > 0):
+    if timeout is not None and not (
+        isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0
+    ):
         raise MaskValidationError(
             f"timeout must be a positive number of seconds (or None to wait for ever), "
             f"not {timeout!r}."
         )
 
 
-def _used(
-    wanted: Mapping[str, Any], own: Mapping[str, Any], devices: list[str]
-) -> list[str]:
+def _used(wanted: Mapping[str, Any], own: Mapping[str, Any], devices: list[str]) -> list[str]:
     used = detectors_in_run(wanted, devices)
     # A detector the run names explicitly in its own mask_names is used
     # even when no device with that name is staged.
     return used + [key for key in own if key not in used]
 
 
-def detectors_in_run(
-    data_keys: Iterable[str], device_names: Iterable[str]
-) -> list[str]:
+def detectors_in_run(data_keys: Iterable[str], device_names: Iterable[str]) -> list[str]:
     """The configured data keys that belong to devices a run uses.
 
     An ophyd device ``eiger4m_single`` reads its image as data key
@@ -116,9 +116,7 @@ def detectors_in_run(
     """
     devices = set(device_names)
     return [
-        key
-        for key in data_keys
-        if key in devices or any(key.startswith(d + "_") for d in devices)
+        key for key in data_keys if key in devices or any(key.startswith(d + "_") for d in devices)
     ]
 
 
@@ -253,8 +251,10 @@ class MaskProvenance:
         try:
             # Fails at once while the registry is known to be down.
             wanted, used, resolved = self._breaker.call(
-                lambda registry: self._resolve(registry, own, devices), self.timeout,
-                "resolving the run's masks", setting="MaskProvenance's timeout",
+                lambda registry: self._resolve(registry, own, devices),
+                self.timeout,
+                "resolving the run's masks",
+                setting="MaskProvenance's timeout",
             )
         except ChxMasksError as err:
             # Without the registry the choice itself is unknown: what the
@@ -399,7 +399,10 @@ def _opening_without(failed: Mapping[str, ChxMasksError], unknown: str | None) -
 
 
 def _missing_masks(
-    registry: MaskRegistry, key: str, names: Sequence[str], chosen_by: str,
+    registry: MaskRegistry,
+    key: str,
+    names: Sequence[str],
+    chosen_by: str,
     err: MaskNotFoundError,
 ) -> ChxMasksError:
     """``err`` restated: every name that is not a current mask, where it came from, the fix."""
@@ -420,13 +423,18 @@ def _missing_masks(
         fix = f"give the run md={{'mask_names': {{{key!r}: {keep!r}}}}}"
     elif chosen_by == CHOSEN_BY_CONFIGURATION:
         source = "the configured masks (CHX_MASKS_FALLBACK in the IPython profile)"
-        fix = (f"activate masks without {them}: masks_activate({key!r}, {keep!r})"
-               if keep else f"activate registered masks: masks_activate({key!r}, [...])")
+        fix = (
+            f"activate masks without {them}: masks_activate({key!r}, {keep!r})"
+            if keep
+            else f"activate registered masks: masks_activate({key!r}, [...])"
+        )
     else:
         source = f"its {chosen_by}"
-        fix = (f"activate the set without {them}: masks_activate({key!r}, {keep!r})"
-               if keep else
-               f"withdraw the set: masks_activate({key!r}, []) (the configured masks apply)")
+        fix = (
+            f"activate the set without {them}: masks_activate({key!r}, {keep!r})"
+            if keep
+            else f"withdraw the set: masks_activate({key!r}, []) (the configured masks apply)"
+        )
     state = "is not a current mask" if one else "are not current masks"
     restated = MaskNotFoundError(
         f"{key}: {listed} named by {source} {state} "
@@ -453,9 +461,9 @@ def mask_provenance_wrapper(
     >>> plan = mask_provenance_wrapper(count([]), registry=None, masks={})
     """
     return (
-        yield from MaskProvenance(
-            registry, masks, active=active, on_unavailable=on_unavailable
-        )(plan)
+        yield from MaskProvenance(registry, masks, active=active, on_unavailable=on_unavailable)(
+            plan
+        )
     )
 
 

@@ -20,9 +20,21 @@ __all__ = ["ProductFrames"]
 
 #: pyCHX's Multifile metadata keys (``md``), in its header's order.
 MD_KEYS = (
-    "beam_center_x", "beam_center_y", "count_time", "detector_distance", "frame_time",
-    "incident_wavelength", "x_pixel_size", "y_pixel_size", "bytes", "nrows", "ncols",
-    "rows_begin", "rows_end", "cols_begin", "cols_end",
+    "beam_center_x",
+    "beam_center_y",
+    "count_time",
+    "detector_distance",
+    "frame_time",
+    "incident_wavelength",
+    "x_pixel_size",
+    "y_pixel_size",
+    "bytes",
+    "nrows",
+    "ncols",
+    "rows_begin",
+    "rows_end",
+    "cols_begin",
+    "cols_end",
 )
 
 
@@ -58,8 +70,9 @@ class ProductFrames:
     >>> g2 = lazy_one_time(frames, num_levels, num_bufs, labels)  # doctest: +SKIP
     """
 
-    def __init__(self, node: Any, beg: int = 0, end: int | None = None,
-                 md: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, node: Any, beg: int = 0, end: int | None = None, md: dict[str, Any] | None = None
+    ) -> None:
         structure = node.structure()
         shape = tuple(int(n) for n in structure.shape)
         if len(shape) < 3:
@@ -75,12 +88,20 @@ class ProductFrames:
         self.beg = int(beg)
         self.end = self.nimgs if end is None else int(end)
         if not 0 <= self.beg <= self.end <= self.nimgs:
-            raise ValueError(f"beg and end must satisfy 0 <= beg <= end <= {self.nimgs}, "
-                             f"not {beg} and {end}.")
+            raise ValueError(
+                f"beg and end must satisfy 0 <= beg <= end <= {self.nimgs}, not {beg} and {end}."
+            )
         self.md: dict[str, Any] = dict.fromkeys(MD_KEYS)
         self.md.update(md or {})
-        self.md.update(bytes=self.byts, ncols=rows, nrows=cols, rows_begin=0, rows_end=rows,
-                       cols_begin=0, cols_end=cols)
+        self.md.update(
+            bytes=self.byts,
+            ncols=rows,
+            nrows=cols,
+            rows_begin=0,
+            rows_end=rows,
+            cols_begin=0,
+            cols_end=cols,
+        )
         self.filename = _local_file(node)
         self._dataset: Any = None
         self._buffer = np.empty((rows, cols), self.valtype)
@@ -103,8 +124,12 @@ class ProductFrames:
             dataset = h5[self.node.data_sources()[0].parameters["dataset"]]
             # Products hold frames, (frames, rows, cols); older ones the run's shape.
             flat = dataset.ndim == 3
-            self._dataset = (h5, dataset, flat,
-                             decodable(dataset) and (flat or self._one_per_chunk))
+            self._dataset = (
+                h5,
+                dataset,
+                flat,
+                decodable(dataset) and (flat or self._one_per_chunk),
+            )
         _, dataset, flat, fast = self._dataset
         where = (n,) if flat else index
         if fast:

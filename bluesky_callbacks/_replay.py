@@ -25,9 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["masked_frames", "open_run_store", "replay_masked", "run_composite"]
 
 
-def open_run_store(
-    directory: str | Path, *, readable_storage: Sequence[str | Path] = ()
-) -> Any:
+def open_run_store(directory: str | Path, *, readable_storage: Sequence[str | Path] = ()) -> Any:
     """A tiled catalog of Bluesky runs in a local directory, served in-process.
 
     TiledWriter writes runs into it; ``client[uid].documents()`` replays

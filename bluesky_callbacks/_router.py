@@ -307,8 +307,7 @@ class _MaskedRun(DocumentRouter):
                 logger.exception("downstream %r failed on %s", callback, name)
                 self._errors.append(f"downstream {callback!r} failed on {name}: {err}")
 
-    def _fail(self, what: str, err: BaseException, *, log: bool = True,
-              note: bool = True) -> None:
+    def _fail(self, what: str, err: BaseException, *, log: bool = True, note: bool = True) -> None:
         """``what`` went wrong ("cannot fill ..."): one log line, one entry in the stop.
 
         ``log=False`` where the line was written already; ``note=False`` where
@@ -320,8 +319,14 @@ class _MaskedRun(DocumentRouter):
             # An expected failure (registry down, mask missing) is one line;
             # only an unexpected one carries its traceback.
             expected = isinstance(err, ChxMasksError)
-            logger.error("Masking run %s: %s (%s: %s)", str(self._raw_start.get("uid"))[:8],
-                         what, type(err).__name__, err, exc_info=None if expected else err)
+            logger.error(
+                "Masking run %s: %s (%s: %s)",
+                str(self._raw_start.get("uid"))[:8],
+                what,
+                type(err).__name__,
+                err,
+                exc_info=None if expected else err,
+            )
         if note:
             self._errors.append(f"{what}: {type(err).__name__}: {err}")
 
@@ -352,7 +357,6 @@ class _MaskedRun(DocumentRouter):
 
     # ------------------------------------------------------------ documents
 
-
     def start(self, doc: dict) -> None:
         self._filler("start", doc)
         recorded = doc.get("masks") or {}
@@ -366,9 +370,11 @@ class _MaskedRun(DocumentRouter):
         unreachable = None
         if time.time() - doc.get("time", 0.0) < OUTAGE_NEWS_SECONDS:
             unreachable = _unreachable_at_open(doc)
-        by_names = {} if unreachable else {
-            key: names for key, names in self._router.masks.items() if key not in by_uids
-        }
+        by_names = (
+            {}
+            if unreachable
+            else {key: names for key, names in self._router.masks.items() if key not in by_uids}
+        )
         found: dict[str, Any] = {}
         failed_together: Exception | None = None  # logged once, not once per detector
         if by_uids or by_names:
@@ -378,21 +384,27 @@ class _MaskedRun(DocumentRouter):
                 dated = {**doc, "time": when.timestamp()}
                 found = self._router.breaker.call(
                     lambda registry: resolve_run_masks(
-                        registry, dated, [*by_uids, *by_names], masks=by_names),
-                    self._router.timeout, "building the run's masks",
+                        registry, dated, [*by_uids, *by_names], masks=by_names
+                    ),
+                    self._router.timeout,
+                    "building the run's masks",
                     setting="MaskingRouter's timeout",
                 )
             except Exception as err:
-                self._fail(f"cannot build the masks of {', '.join([*by_uids, *by_names])}",
-                           err, note=False)
+                self._fail(
+                    f"cannot build the masks of {', '.join([*by_uids, *by_names])}", err, note=False
+                )
                 found = dict.fromkeys([*by_uids, *by_names], err)
                 failed_together = err
         for key, record in by_uids.items():
             result = found[key]
             if isinstance(result, Exception):
                 if result is not failed_together:
-                    self._fail(f"cannot rebuild the masks of {key} from uids "
-                               f"{record['uids']}", result, note=False)
+                    self._fail(
+                        f"cannot rebuild the masks of {key} from uids {record['uids']}",
+                        result,
+                        note=False,
+                    )
                 records[key] = {**record, "error": f"{type(result).__name__}: {result}"}
                 continue
             self._composites[key] = result
@@ -401,10 +413,16 @@ class _MaskedRun(DocumentRouter):
             result = found[key]
             if isinstance(result, Exception):
                 if result is not failed_together:
-                    self._fail(f"cannot resolve the masks {names} of {key} as of "
-                               f"{when.isoformat()}", result, note=False)
+                    self._fail(
+                        f"cannot resolve the masks {names} of {key} as of {when.isoformat()}",
+                        result,
+                        note=False,
+                    )
                 records[key] = {
-                    "names": names, "uids": [], "versions": [], "sha256": None,
+                    "names": names,
+                    "uids": [],
+                    "versions": [],
+                    "sha256": None,
                     "error": f"{type(result).__name__}: {result}",
                 }
                 continue
@@ -413,7 +431,10 @@ class _MaskedRun(DocumentRouter):
             resolved_as_of[key] = when.isoformat()
             logger.info(
                 "Run %s recorded no masks for %s; using %s as of its start %s",
-                doc.get("uid"), key, list(result.uids), when.isoformat(),
+                doc.get("uid"),
+                key,
+                list(result.uids),
+                when.isoformat(),
             )
         self._unresolved = (set(recorded) | set(self._router.masks)) - set(self._composites)
         for key in sorted(self._unresolved):
@@ -427,8 +448,7 @@ class _MaskedRun(DocumentRouter):
         self._unknown = doc.get(MASK_ERROR_KEY)
         if self._unknown:
             self._errors.append(
-                f"the run's masks are unknown ({self._unknown}): frames without "
-                "masks are withheld"
+                f"the run's masks are unknown ({self._unknown}): frames without masks are withheld"
             )
         _warn_ignored_mask_names(doc)
         uids = [u for c in self._composites.values() for u in c.uids]
@@ -517,9 +537,7 @@ class _MaskedRun(DocumentRouter):
         derived_uid, masked, passed, name = stream
         data = doc["data"]
         present = [k for k in masked if k in data]
-        if present and any(
-            not all(doc.get("filled", {}).get(k, [True])) for k in present
-        ):
+        if present and any(not all(doc.get("filled", {}).get(k, [True])) for k in present):
             try:
                 doc = self._filler.event_page(doc)
                 data = doc["data"]
@@ -536,8 +554,14 @@ class _MaskedRun(DocumentRouter):
             # Never pass on a page with a masked field left out or unmasked;
             # the failure is in the derived stop document.
             return
-        self._emit_page(derived_uid, name, doc["seq_num"], doc["time"], out,
-                        {k: doc["timestamps"][k] for k in out if k in doc["timestamps"]})
+        self._emit_page(
+            derived_uid,
+            name,
+            doc["seq_num"],
+            doc["time"],
+            out,
+            {k: doc["timestamps"][k] for k in out if k in doc["timestamps"]},
+        )
 
     def _emit_page(
         self,
@@ -569,9 +593,14 @@ class _MaskedRun(DocumentRouter):
         self._counts[stream] = self._counts.get(stream, 0) + len(seq_num)
         send("event_page", page)
 
-    def _to_files(self, descriptor: str, seq_num: Sequence[int], data: dict[str, list],
-                  timestamps: dict[str, list], send: Callable[[str, dict], None],
-                  ) -> tuple[dict[str, list], dict[str, list]]:
+    def _to_files(
+        self,
+        descriptor: str,
+        seq_num: Sequence[int],
+        data: dict[str, list],
+        timestamps: dict[str, list],
+        send: Callable[[str, dict], None],
+    ) -> tuple[dict[str, list], dict[str, list]]:
         """Write the page's masked frames to files; StreamDatum for them; the rest."""
         doc, masked = self._derived[descriptor]
         for key in [k for k in data if k in masked]:
@@ -582,12 +611,17 @@ class _MaskedRun(DocumentRouter):
                 assert self._router.directory is not None and self._derived_start_uid
                 first_frame = frames[0]
                 out = self._frame_files[key] = _FramesFile(
-                    self._router.directory / self._derived_start_uid, key,
-                    first_frame.shape, first_frame.dtype)
+                    self._router.directory / self._derived_start_uid,
+                    key,
+                    first_frame.shape,
+                    first_frame.dtype,
+                )
                 resource = self._bundle.compose_stream_resource(
-                    mimetype="application/x-hdf5", uri=out.uri, data_key=key,
-                    parameters={"dataset": DATA_PATH,
-                                "chunk_shape": (1, *out.frame_shape)})
+                    mimetype="application/x-hdf5",
+                    uri=out.uri,
+                    data_key=key,
+                    parameters={"dataset": DATA_PATH, "chunk_shape": (1, *out.frame_shape)},
+                )
                 out.resource = resource
                 send("stream_resource", resource.stream_resource_doc)
             first = out.count
@@ -599,7 +633,8 @@ class _MaskedRun(DocumentRouter):
                     datum = out.resource.compose_stream_datum(
                         indices={"start": first + begin, "stop": first + i},
                         seq_nums={"start": seq_num[begin], "stop": seq_num[i - 1] + 1},
-                        descriptor=doc)
+                        descriptor=doc,
+                    )
                     send("stream_datum", datum)
                     begin = i
         return data, timestamps
@@ -644,11 +679,13 @@ class _MaskedRun(DocumentRouter):
             self._fail(f"cannot mask {key} frames {start}:{stop}", err)
             return
         now = time.time()
-        self._emit_page(derived_uid, name, seq_num, [now] * len(seq_num), data,
-                        {key: [now] * len(seq_num)})
+        self._emit_page(
+            derived_uid, name, seq_num, [now] * len(seq_num), data, {key: [now] * len(seq_num)}
+        )
 
-    def _decode(self, resource: dict, key: str, start: int, stop: int,
-                page: tuple[str, str, list[int]]) -> bool:
+    def _decode(
+        self, resource: dict, key: str, start: int, stop: int, page: tuple[str, str, list[int]]
+    ) -> bool:
         """Queue frames ``start:stop`` for decoding and masking on the decode threads.
 
         Raw chunks are read here, in order (HDF5's lock is held only to read
@@ -673,12 +710,15 @@ class _MaskedRun(DocumentRouter):
         if self._router.frames == "files" and per_index == 1:
             # Decoded, masked and encoded again in one task: the page then
             # carries the file's chunks (the frames never leave the thread).
-            futures = [pool.submit(remask_chunk, chunk, rows[i][0], mask)
-                       for i, chunk in enumerate(chunks)]
+            futures = [
+                pool.submit(remask_chunk, chunk, rows[i][0], mask) for i, chunk in enumerate(chunks)
+            ]
             outs = [_Encoded(f, event_shape, dataset.dtype) for f in futures]
         else:
-            futures = [pool.submit(decode_chunk, chunk, rows[i // per_index][i % per_index],
-                                   mask) for i, chunk in enumerate(chunks)]
+            futures = [
+                pool.submit(decode_chunk, chunk, rows[i // per_index][i % per_index], mask)
+                for i, chunk in enumerate(chunks)
+            ]
         self._queue.append((futures, outs, key, start, stop, page))
         self._drain(everything=False)
         return True
@@ -699,8 +739,15 @@ class _MaskedRun(DocumentRouter):
                 self._fail(f"cannot mask {key} frames {start}:{stop}", err)
                 continue
             now = time.time()
-            self._emit_page(derived_uid, name, seq_num, [now] * len(seq_num), {key: outs},
-                            {key: [now] * len(seq_num)}, queued=True)
+            self._emit_page(
+                derived_uid,
+                name,
+                seq_num,
+                [now] * len(seq_num),
+                {key: outs},
+                {key: [now] * len(seq_num)},
+                queued=True,
+            )
 
     def stop(self, doc: dict) -> None:
         self._drain(everything=True)
@@ -745,8 +792,9 @@ class _FramesFile:
     every frame written so far.
     """
 
-    def __init__(self, directory: Path, key: str, frame_shape: tuple[int, ...],
-                 dtype: np.dtype) -> None:
+    def __init__(
+        self, directory: Path, key: str, frame_shape: tuple[int, ...], dtype: np.dtype
+    ) -> None:
         from chx_masks.io import h5py_with_filters
 
         h5py = h5py_with_filters()
@@ -792,12 +840,13 @@ def _unreachable_at_open(start: Mapping[str, Any]) -> str | None:
     """
     unavailable = RegistryUnavailableError.__name__
     reasons = [start.get(MASK_ERROR_KEY) or ""] + [
-        record.get("error") or "" for record in (start.get("masks") or {}).values()
+        record.get("error") or ""
+        for record in (start.get("masks") or {}).values()
         if isinstance(record, Mapping)
     ]
     for reason in reasons:
         if unavailable in reason:
-            return reason[reason.index(unavailable):]
+            return reason[reason.index(unavailable) :]
     return None
 
 
@@ -823,5 +872,7 @@ def _warn_ignored_mask_names(start: Mapping[str, Any]) -> None:
         logger.warning(
             "Run %s: mask_names given to RE(...) cannot choose masks; put it in the plan's "
             "md=..., e.g. count([det], md={'mask_names': %r}). The run used: %s.",
-            str(start.get("uid", "?"))[:8], dict(given), "; ".join(ignored.values()),
+            str(start.get("uid", "?"))[:8],
+            dict(given),
+            "; ".join(ignored.values()),
         )

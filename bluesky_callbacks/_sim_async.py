@@ -52,9 +52,14 @@ class _EigerHDF5Writer:
     def open(self, directory: Path, prefix: str) -> None:
         self.close()
         pixel_mask = detector_pixel_mask(self.pattern)
-        self.series = SeriesWriter(directory, prefix, self.pattern.shape, self.pattern.dtype,
-                                   frames_per_file=self.frames_per_file,
-                                   pixel_mask=pixel_mask)
+        self.series = SeriesWriter(
+            directory,
+            prefix,
+            self.pattern.shape,
+            self.pattern.dtype,
+            frames_per_file=self.frames_per_file,
+            pixel_mask=pixel_mask,
+        )
         self.master = self.series.master
         self._set_frames_written(0)
 
@@ -118,8 +123,9 @@ class _SeriesDataProvider(StreamableDataProvider):
     written into it; StreamDatum ``indices`` count events within that file.
     """
 
-    def __init__(self, writer: _EigerHDF5Writer, data_key: str, directory_uri: str,
-                 prefix: str) -> None:
+    def __init__(
+        self, writer: _EigerHDF5Writer, data_key: str, directory_uri: str, prefix: str
+    ) -> None:
         self.writer = writer
         self.data_key = data_key
         self.directory_uri = directory_uri
@@ -161,14 +167,15 @@ class _SeriesDataProvider(StreamableDataProvider):
                     mimetype="application/x-hdf5",
                     uri=f"{self.directory_uri}{data_file_name(self.prefix, number + 1)}",
                     data_key=self.data_key,
-                    parameters={"dataset": DATA_PATH,
-                                "chunk_shape": (collections_per_event, rows, cols)},
+                    parameters={
+                        "dataset": DATA_PATH,
+                        "chunk_shape": (collections_per_event, rows, cols),
+                    },
                     uid=None,
                     validate=True,
                 )
                 yield "stream_resource", bundle.stream_resource_doc
-            yield "stream_datum", bundle.compose_stream_datum(
-                StreamRange(start=first, stop=stop))
+            yield "stream_datum", bundle.compose_stream_datum(StreamRange(start=first, stop=stop))
             self.last_emitted += stop - first
 
 
@@ -183,8 +190,9 @@ class _EigerDataLogic(DetectorDataLogic):
     async def prepare_unbounded(self, datakey_name: str) -> StreamableDataProvider:
         path_info = self.path_provider(datakey_name)
         self.writer.open(Path(path_info.directory_path), path_info.filename)
-        return _SeriesDataProvider(self.writer, datakey_name, path_info.directory_uri,
-                                   path_info.filename)
+        return _SeriesDataProvider(
+            self.writer, datakey_name, path_info.directory_uri, path_info.filename
+        )
 
     async def stop(self) -> None:
         self.writer.close()

@@ -23,8 +23,9 @@ __all__ = ["EIGER_SPECS", "EigerSeriesToStream", "eiger_data_files"]
 EIGER_SPECS = frozenset({"AD_EIGER2", "AD_EIGER"})
 
 
-def eiger_data_files(prefix: str, seq_id: int, frames: int,
-                     images_per_file: int) -> list[tuple[str, int]]:
+def eiger_data_files(
+    prefix: str, seq_id: int, frames: int, images_per_file: int
+) -> list[tuple[str, int]]:
     """The data files of one DECTRIS series and the frames each holds, in order.
 
     The Eiger's file writer names them ``<prefix>_<seq_id>_data_000001.h5``,
@@ -55,8 +56,13 @@ def eiger_data_files(prefix: str, seq_id: int, frames: int,
             f"{images_per_file}."
         )
     count = math.ceil(frames / images_per_file)
-    return [(f"{prefix}_{seq_id}_data_{k + 1:06d}.h5",
-             min(images_per_file, frames - k * images_per_file)) for k in range(count)]
+    return [
+        (
+            f"{prefix}_{seq_id}_data_{k + 1:06d}.h5",
+            min(images_per_file, frames - k * images_per_file),
+        )
+        for k in range(count)
+    ]
 
 
 class EigerSeriesToStream(DocumentRouter):
@@ -104,8 +110,9 @@ class EigerSeriesToStream(DocumentRouter):
         self._descriptors: dict[str, dict[str, Any]] = {}
         self._rows: dict[tuple[str, str], int] = {}
 
-    def __call__(self, name: str, doc: dict[str, Any],
-                 validate: bool = False) -> tuple[str, dict[str, Any]]:
+    def __call__(
+        self, name: str, doc: dict[str, Any], validate: bool = False
+    ) -> tuple[str, dict[str, Any]]:
         # Handlers emit what they pass on (a series becomes several documents).
         getattr(self, name)(doc)
         return name, doc
@@ -138,20 +145,27 @@ class EigerSeriesToStream(DocumentRouter):
 
     def event(self, doc: dict[str, Any]) -> None:
         filled = doc.get("filled", {})
-        series = {key: self._datums.pop(value) for key, value in doc["data"].items()
-                  if not filled.get(key) and isinstance(value, str) and value in self._datums}
+        series = {
+            key: self._datums.pop(value)
+            for key, value in doc["data"].items()
+            if not filled.get(key) and isinstance(value, str) and value in self._datums
+        }
         descriptor = self._descriptor(doc["descriptor"], series)
         if not series:
             self.emit("event", doc)
             return
         keep = [key for key in doc["data"] if key not in series]
-        self.emit("event", {
-            **doc,
-            "data": {key: doc["data"][key] for key in keep},
-            "timestamps": {key: doc["timestamps"][key] for key in keep
-                           if key in doc["timestamps"]},
-            "filled": {key: value for key, value in filled.items() if key in keep},
-        })
+        self.emit(
+            "event",
+            {
+                **doc,
+                "data": {key: doc["data"][key] for key in keep},
+                "timestamps": {
+                    key: doc["timestamps"][key] for key in keep if key in doc["timestamps"]
+                },
+                "filled": {key: value for key, value in filled.items() if key in keep},
+            },
+        )
         for key, datum in series.items():
             self._announce(descriptor, key, datum, doc["seq_num"])
 
@@ -170,15 +184,18 @@ class EigerSeriesToStream(DocumentRouter):
         if pending is None:
             return self._descriptors[uid]
         if series:
-            data_keys = {key: ({**value, "external": "STREAM:"} if key in series else value)
-                         for key, value in pending["data_keys"].items()}
+            data_keys = {
+                key: ({**value, "external": "STREAM:"} if key in series else value)
+                for key, value in pending["data_keys"].items()
+            }
             pending = {**pending, "data_keys": data_keys}
         self._descriptors[uid] = pending
         self.emit("descriptor", pending)
         return pending
 
-    def _announce(self, descriptor: dict[str, Any], key: str, datum: dict[str, Any],
-                  seq_num: int) -> None:
+    def _announce(
+        self, descriptor: dict[str, Any], key: str, datum: dict[str, Any], seq_num: int
+    ) -> None:
         resource = self._resources[datum["resource"]]
         shape = list(descriptor["data_keys"][key]["shape"])
         frames = shape[0] if len(shape) == 3 else 1
@@ -186,8 +203,7 @@ class EigerSeriesToStream(DocumentRouter):
         per_file = kwargs.get("images_per_file") or kwargs.get("frame_per_point") or frames
         pure = PureWindowsPath if resource.get("path_semantics") == "windows" else PurePosixPath
         prefix = str(pure(resource.get("root") or "", resource["resource_path"]))
-        files = eiger_data_files(prefix, datum["datum_kwargs"]["seq_id"], frames,
-                                 int(per_file))
+        files = eiger_data_files(prefix, datum["datum_kwargs"]["seq_id"], frames, int(per_file))
         row = self._rows.get((descriptor["uid"], key), 0)
         # One chunk per frame, as the file writer stores them: (event, frame) or (event).
         chunks = [1, 1] if len(shape) == 3 else [1]
@@ -204,11 +220,14 @@ class EigerSeriesToStream(DocumentRouter):
             }
             self.emit("stream_resource", stream_resource)
             stop = row + 1 if last else row
-            self.emit("stream_datum", {
-                "uid": f"{stream_resource['uid']}/0",
-                "stream_resource": stream_resource["uid"],
-                "descriptor": descriptor["uid"],
-                "indices": {"start": row, "stop": stop},
-                "seq_nums": {"start": seq_num, "stop": seq_num + 1 if last else seq_num},
-            })
+            self.emit(
+                "stream_datum",
+                {
+                    "uid": f"{stream_resource['uid']}/0",
+                    "stream_resource": stream_resource["uid"],
+                    "descriptor": descriptor["uid"],
+                    "indices": {"start": row, "stop": stop},
+                    "seq_nums": {"start": seq_num, "stop": seq_num + 1 if last else seq_num},
+                },
+            )
         self._rows[(descriptor["uid"], key)] = row + 1

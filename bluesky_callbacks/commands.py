@@ -25,43 +25,84 @@ def _masks_option(values: tuple[str, ...]) -> dict[str, list[str]]:
     for value in values:
         detector, sep, names = value.partition("=")
         if not sep or not detector or not names:
-            raise click.BadParameter(f"{value!r} is not DETECTOR=NAME[,NAME...]",
-                                     param_hint="--masks")
+            raise click.BadParameter(
+                f"{value!r} is not DETECTOR=NAME[,NAME...]", param_hint="--masks"
+            )
         masks[detector] = [n for n in names.split(",") if n]
     return masks
 
 
 @click.command()
 @click.argument("run_uids", metavar="RUN_UID...", nargs=-1, required=True)
-@click.option("--runs", metavar="URI|DIR", default=None,
-              help="Where the raw runs are (default: $CHX_MASKS_RUNS_URI, else DIR/runs "
-              "beside the registry).")
-@click.option("--processed", metavar="URI|DIR", default=None,
-              help="Where products go (default: $CHX_MASKS_PROCESSED_URI, else "
-              "DIR/processed beside the registry).")
-@click.option("--readable-storage", "readable", metavar="DIR", multiple=True,
-              type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="A directory of detector files (HDF5, .npy) the runs refer to; give it "
-              "again for more (default: the run store's parent directory and the store "
-              "itself). Local run stores only.")
-@click.option("--masks", "mask_specs", metavar="DET=NAME[,NAME...]", multiple=True,
-              help="Masks for runs that recorded none, resolved as of each run's start.")
+@click.option(
+    "--runs",
+    metavar="URI|DIR",
+    default=None,
+    help="Where the raw runs are (default: $CHX_MASKS_RUNS_URI, else DIR/runs "
+    "beside the registry).",
+)
+@click.option(
+    "--processed",
+    metavar="URI|DIR",
+    default=None,
+    help="Where products go (default: $CHX_MASKS_PROCESSED_URI, else "
+    "DIR/processed beside the registry).",
+)
+@click.option(
+    "--readable-storage",
+    "readable",
+    metavar="DIR",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A directory of detector files (HDF5, .npy) the runs refer to; give it "
+    "again for more (default: the run store's parent directory and the store "
+    "itself). Local run stores only.",
+)
+@click.option(
+    "--masks",
+    "mask_specs",
+    metavar="DET=NAME[,NAME...]",
+    multiple=True,
+    help="Masks for runs that recorded none, resolved as of each run's start.",
+)
 @click.option("--stream", default="primary", show_default=True)
-@click.option("--scheduler", metavar="ADDRESS", default=None,
-              help="A dask.distributed scheduler (default: threads in this process).")
-@click.option("--frames-per-chunk", type=click.IntRange(1), default=None,
-              help="Frames per chunk of work (default: about 64 MiB).")
-@click.option("--product-files", "product_files", metavar="DIR", default=None,
-              type=click.Path(file_okay=False, path_type=Path),
-              help="Where the product's HDF5 files go; the processed store must read "
-              "that directory (default: inside a local processed store; a tiled server "
-              "without it stores the product in tiled, sparse, several times larger).")
+@click.option(
+    "--scheduler",
+    metavar="ADDRESS",
+    default=None,
+    help="A dask.distributed scheduler (default: threads in this process).",
+)
+@click.option(
+    "--frames-per-chunk",
+    type=click.IntRange(1),
+    default=None,
+    help="Frames per chunk of work (default: about 64 MiB).",
+)
+@click.option(
+    "--product-files",
+    "product_files",
+    metavar="DIR",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the product's HDF5 files go; the processed store must read "
+    "that directory (default: inside a local processed store; a tiled server "
+    "without it stores the product in tiled, sparse, several times larger).",
+)
 @json_option
 @pass_state
-def process(state: State, run_uids: tuple[str, ...], runs: str | None,
-            processed: str | None, readable: tuple[Path, ...], mask_specs: tuple[str, ...],
-            stream: str, scheduler: str | None, frames_per_chunk: int | None,
-            product_files: Path | None, as_json: bool) -> None:
+def process(
+    state: State,
+    run_uids: tuple[str, ...],
+    runs: str | None,
+    processed: str | None,
+    readable: tuple[Path, ...],
+    mask_specs: tuple[str, ...],
+    stream: str,
+    scheduler: str | None,
+    frames_per_chunk: int | None,
+    product_files: Path | None,
+    as_json: bool,
+) -> None:
     """Mask stored runs with the masks they recorded; store the masked frames.
 
     The same processing as the end-of-run Prefect flow, without Prefect. A
@@ -77,8 +118,10 @@ def process(state: State, run_uids: tuple[str, ...], runs: str | None,
         # notice on a terminal (and reports the import) although no flow runs here.
         from ._process import located_store, plan_processing, write_product
     except ImportError as err:
-        raise CommandFailure(f"process needs the workflows extra ({err.name} is missing): "
-                       'pip install "chx-masks[workflows]"') from err
+        raise CommandFailure(
+            f"process needs the workflows extra ({err.name} is missing): "
+            'pip install "chx-masks[workflows]"'
+        ) from err
 
     source = located_store(runs, "runs", state.directory)
     target = located_store(processed, "processed", state.directory)
@@ -87,11 +130,14 @@ def process(state: State, run_uids: tuple[str, ...], runs: str | None,
             raise click.UsageError(
                 f"--readable-storage is for a local run store; {source.location} is a tiled "
                 "server, which reads the detector files its own configuration's "
-                "readable_storage lists: drop --readable-storage.")
+                "readable_storage lists: drop --readable-storage."
+            )
     else:
         if not Path(source.location, "catalog.db").is_file():
-            raise CommandFailure(f"No run store at {source.location}: give --runs URI|DIR (where "
-                           "TiledWriter writes the runs).")
+            raise CommandFailure(
+                f"No run store at {source.location}: give --runs URI|DIR (where "
+                "TiledWriter writes the runs)."
+            )
         source = source.reading(readable or None)
     client = None
     if scheduler is not None:
@@ -101,23 +147,42 @@ def process(state: State, run_uids: tuple[str, ...], runs: str | None,
     reports = []
     try:
         for run_uid in run_uids:
-            plan = plan_processing(run_uid, runs=source, registry=state.registry,
-                                   masks=masks or None, stream=stream,
-                                   frames_per_chunk=frames_per_chunk)
+            plan = plan_processing(
+                run_uid,
+                runs=source,
+                registry=state.registry,
+                masks=masks or None,
+                stream=stream,
+                frames_per_chunk=frames_per_chunk,
+            )
             chunks = sum(len(d.chunks) for d in plan.detectors)
-            with click.progressbar(length=chunks, label=f"run {run_uid[:8]}",
-                                   file=sys.stderr) as bar:
+            with click.progressbar(
+                length=chunks, label=f"run {run_uid[:8]}", file=sys.stderr
+            ) as bar:
+
                 def progress(done: int, total: int, bar: Any = bar) -> None:
                     bar.update(done - bar.pos)
 
-                product = write_product(plan, runs=source, processed=target, client=client,
-                                        progress=progress, files=product_files)
-            reports.append({
-                "uid": product.uid, "parent_uid": product.parent_uid,
-                "created": product.created, "frames": product.frames,
-                "nonzero": product.nonzero, "masks": product.masks,
-                "processed": target.location, "seconds": round(product.seconds, 3),
-            })
+                product = write_product(
+                    plan,
+                    runs=source,
+                    processed=target,
+                    client=client,
+                    progress=progress,
+                    files=product_files,
+                )
+            reports.append(
+                {
+                    "uid": product.uid,
+                    "parent_uid": product.parent_uid,
+                    "created": product.created,
+                    "frames": product.frames,
+                    "nonzero": product.nonzero,
+                    "masks": product.masks,
+                    "processed": target.location,
+                    "seconds": round(product.seconds, 3),
+                }
+            )
     finally:
         if client is not None:
             client.close()
@@ -126,25 +191,39 @@ def process(state: State, run_uids: tuple[str, ...], runs: str | None,
         return
     for r in reports:
         state_word = "processed" if r["created"] else "already processed"
-        counts = ", ".join(f"{k}: {n} frames, {r['nonzero'].get(k, 0)} non-zero pixels"
-                           for k, n in r["frames"].items())
-        click.echo(f"run {r['parent_uid']} {state_word}: product {r['uid']} in "
-                   f"{r['processed']} ({counts}; {r['seconds']:.1f} s)")
+        counts = ", ".join(
+            f"{k}: {n} frames, {r['nonzero'].get(k, 0)} non-zero pixels"
+            for k, n in r["frames"].items()
+        )
+        click.echo(
+            f"run {r['parent_uid']} {state_word}: product {r['uid']} in "
+            f"{r['processed']} ({counts}; {r['seconds']:.1f} s)"
+        )
 
 
 @click.command()
-@click.option("--dir", "demo_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="The demo's own directory: its registry, run store and "
-              "pictures (default: 'demo' in the data directory, i.e. $CHX_MASKS_DIR/demo "
-              "or ~/.local/share/chx-masks/demo).")
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              hidden=True)
-@click.option("--frames", type=click.IntRange(1, 1000), default=20, show_default=True,
-              help="Frames in the scan (Eiger 4M, uint32).")
+@click.option(
+    "--dir",
+    "demo_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The demo's own directory: its registry, run store and "
+    "pictures (default: 'demo' in the data directory, i.e. $CHX_MASKS_DIR/demo "
+    "or ~/.local/share/chx-masks/demo).",
+)
+@click.option(
+    "--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None, hidden=True
+)
+@click.option(
+    "--frames",
+    type=click.IntRange(1, 1000),
+    default=20,
+    show_default=True,
+    help="Frames in the scan (Eiger 4M, uint32).",
+)
 @json_option
 @pass_state
-def demo(state: State, demo_dir: Path | None, out: Path | None, frames: int,
-         as_json: bool) -> None:
+def demo(state: State, demo_dir: Path | None, out: Path | None, frames: int, as_json: bool) -> None:
     """The main job end to end, in a registry of its own.
 
     Registers masks for a simulated Eiger 4M, runs a scan with the RunEngine,
@@ -160,18 +239,22 @@ def demo(state: State, demo_dir: Path | None, out: Path | None, frames: int,
 
         from ._demo import run_demo
     except ImportError as err:
-        raise CommandFailure(f'The demo needs Bluesky ({err.name} is missing): '
-                       'pip install "chx-masks[all]".') from err
+        raise CommandFailure(
+            f'The demo needs Bluesky ({err.name} is missing): pip install "chx-masks[all]".'
+        ) from err
     if state.uri is not None or state.profile is not None:
-        raise click.UsageError("The demo keeps a registry of its own and never writes to a "
-                               "shared one: drop --uri/--profile (use `chx-masks demo --dir "
-                               "DIR` to choose where it goes).")
+        raise click.UsageError(
+            "The demo keeps a registry of its own and never writes to a "
+            "shared one: drop --uri/--profile (use `chx-masks demo --dir "
+            "DIR` to choose where it goes)."
+        )
     directory = demo_dir or out
     if directory is None:
         from chx_masks.stores import default_directory
 
-        directory = (state.directory.expanduser() if state.directory is not None
-                     else default_directory()) / "demo"
+        directory = (
+            state.directory.expanduser() if state.directory is not None else default_directory()
+        ) / "demo"
 
     def progress(label: str, total: int) -> Any:
         return click.progressbar(length=total, label=label, file=sys.stderr)
@@ -187,13 +270,19 @@ def demo(state: State, demo_dir: Path | None, out: Path | None, frames: int,
         click.echo(f"  masked run   {summary.derived_uid} (replayed as {summary.replay_uid})")
         for name, info in summary.masks.items():
             click.echo(f"  mask         {name} v{info['version']}  {info['uid']}")
-        click.echo(f"  masked       {percent(summary.masked_fraction)} of each frame; "
-                   f"composite sha256 {summary.composite_sha256[:16]}...")
-        click.echo(f"  router       {summary.router_frames_per_second:,.0f} frames/s alone "
-                   f"(4M uint32); {summary.scan_router_frames_per_second:,.0f} frames/s "
-                   "during the scan")
-        click.echo(f"  replay       equal to live: {summary.replay_equal}; lazy dask path "
-                   f"equal: {summary.lazy_equal}")
+        click.echo(
+            f"  masked       {percent(summary.masked_fraction)} of each frame; "
+            f"composite sha256 {summary.composite_sha256[:16]}..."
+        )
+        click.echo(
+            f"  router       {summary.router_frames_per_second:,.0f} frames/s alone "
+            f"(4M uint32); {summary.scan_router_frames_per_second:,.0f} frames/s "
+            "during the scan"
+        )
+        click.echo(
+            f"  replay       equal to live: {summary.replay_equal}; lazy dask path "
+            f"equal: {summary.lazy_equal}"
+        )
         click.echo(f"  took         {summary.seconds:.1f} s")
         for kind, path in summary.pngs.items():
             wrote(kind.replace("_", " "), Path(path))

@@ -304,8 +304,11 @@ class SimEiger(Device):
             )
         if pattern is None:
             shape = _resolve_shape(name, shape)
-            pattern = (XPCSPattern(shape, np.dtype(dtype), seed, mean) if mode == "eiger"
-                       else EigerPattern(shape, np.dtype(dtype), seed))
+            pattern = (
+                XPCSPattern(shape, np.dtype(dtype), seed, mean)
+                if mode == "eiger"
+                else EigerPattern(shape, np.dtype(dtype), seed)
+            )
         super().__init__(name=name, **kwargs)
         self.pattern = pattern
         self.mode: _Mode = mode
@@ -368,15 +371,26 @@ class SimEiger(Device):
         resource = self._new_resource("AD_EIGER2", {"images_per_file": self.frames_per_file})
         seq_id = first // self.frames_per_trigger + 1
         pixel_mask = detector_pixel_mask(self.pattern)
-        with SeriesWriter(self.save_path, f"{resource['resource_path']}_{seq_id}",
-                          self.pattern.shape, self.pattern.dtype,
-                          frames_per_file=self.frames_per_file, pixel_mask=pixel_mask) as series:
+        with SeriesWriter(
+            self.save_path,
+            f"{resource['resource_path']}_{seq_id}",
+            self.pattern.shape,
+            self.pattern.dtype,
+            frames_per_file=self.frames_per_file,
+            pixel_mask=pixel_mask,
+        ) as series:
             for i in range(first, first + self.frames_per_trigger):
                 series.write(self.pattern.frame(i))
         datum_id = f"{resource['uid']}/{seq_id}"
         self._asset_docs.append(
-            ("datum", {"resource": resource["uid"], "datum_id": datum_id,
-                       "datum_kwargs": {"seq_id": seq_id}})
+            (
+                "datum",
+                {
+                    "resource": resource["uid"],
+                    "datum_id": datum_id,
+                    "datum_kwargs": {"seq_id": seq_id},
+                },
+            )
         )
         return datum_id
 

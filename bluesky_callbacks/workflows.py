@@ -47,8 +47,15 @@ from ._process import (
     write_product,
 )
 
-__all__ = ["DEPLOYMENT", "EndOfRunTrigger", "end_of_run_workflow", "plan_run",
-           "processed_store", "runs_store", "write_masked_product"]
+__all__ = [
+    "DEPLOYMENT",
+    "EndOfRunTrigger",
+    "end_of_run_workflow",
+    "plan_run",
+    "processed_store",
+    "runs_store",
+    "write_masked_product",
+]
 
 #: The deployment ``deploy/prefect.yaml`` creates: "<flow name>/<deployment name>".
 DEPLOYMENT = "chx-masks-end-of-run/chx-masks-end-of-run"
@@ -88,35 +95,65 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
 
     try:
         state.result()
-    except (RegistryUnavailableError, StoreUnavailableError, httpx.TransportError,
-            ConnectionError, TimeoutError):
+    except (
+        RegistryUnavailableError,
+        StoreUnavailableError,
+        httpx.TransportError,
+        ConnectionError,
+        TimeoutError,
+    ):
         return True
     except Exception:
         return False
     return False
 
 
-@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=_transient,
-      cache_policy=NO_CACHE, persist_result=False)
-def plan_run(run_uid: str, runs: RunStore, data_keys: Sequence[str] | None = None,
-             masks: Mapping[str, Sequence[str]] | None = None,
-             stream: str = "primary") -> ProcessingPlan:
+@task(
+    retries=3,
+    retry_delay_seconds=[5, 30, 120],
+    retry_condition_fn=_transient,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def plan_run(
+    run_uid: str,
+    runs: RunStore,
+    data_keys: Sequence[str] | None = None,
+    masks: Mapping[str, Sequence[str]] | None = None,
+    stream: str = "primary",
+) -> ProcessingPlan:
     """Check the finished run and resolve its masks (metadata only)."""
-    plan = plan_processing(run_uid, runs=runs, registry=default_registry(),
-                           data_keys=data_keys, masks=masks, stream=stream)
+    plan = plan_processing(
+        run_uid,
+        runs=runs,
+        registry=default_registry(),
+        data_keys=data_keys,
+        masks=masks,
+        stream=stream,
+    )
     logger = get_run_logger()
     for detector in plan.detectors:
-        logger.info("%s: %d frames, masks %s (uids %s)%s", detector.data_key,
-                    detector.frames, detector.record.get("names"), list(detector.composite.uids),
-                    f", resolved as of {detector.resolved_as_of}"
-                    if detector.resolved_as_of else "")
+        logger.info(
+            "%s: %d frames, masks %s (uids %s)%s",
+            detector.data_key,
+            detector.frames,
+            detector.record.get("names"),
+            list(detector.composite.uids),
+            f", resolved as of {detector.resolved_as_of}" if detector.resolved_as_of else "",
+        )
     return plan
 
 
-@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=_transient,
-      cache_policy=NO_CACHE, persist_result=False)
-def write_masked_product(plan: ProcessingPlan, runs: RunStore, processed: RunStore,
-                         dask_address: str | None = None) -> ProcessedRun:
+@task(
+    retries=3,
+    retry_delay_seconds=[5, 30, 120],
+    retry_condition_fn=_transient,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def write_masked_product(
+    plan: ProcessingPlan, runs: RunStore, processed: RunStore, dask_address: str | None = None
+) -> ProcessedRun:
     """Mask the frames chunk by chunk and store the product (idempotent)."""
     logger = get_run_logger()
     client = None
@@ -132,21 +169,34 @@ def write_masked_product(plan: ProcessingPlan, runs: RunStore, processed: RunSto
                 shown[0] = done
                 logger.info("%d/%d chunks written", done, total)
 
-        product = write_product(plan, runs=runs, processed=processed, client=client,
-                                flow_run_id=flow_run.get_id(), progress=progress)
+        product = write_product(
+            plan,
+            runs=runs,
+            processed=processed,
+            client=client,
+            flow_run_id=flow_run.get_id(),
+            progress=progress,
+        )
     finally:
         if client is not None:
             client.close()
-    logger.info("product %s of run %s (%s)", product.uid, product.parent_uid,
-                "written" if product.created else "already there: returned unchanged")
+    logger.info(
+        "product %s of run %s (%s)",
+        product.uid,
+        product.parent_uid,
+        "written" if product.created else "already there: returned unchanged",
+    )
     return product
 
 
 @flow(name="chx-masks-end-of-run", persist_result=False)
-def end_of_run_workflow(stop_doc: dict, runs: str | None = None,
-                        processed: str | None = None,
-                        masks: dict[str, list[str]] | None = None,
-                        dask_address: str | None = None) -> str:
+def end_of_run_workflow(
+    stop_doc: dict,
+    runs: str | None = None,
+    processed: str | None = None,
+    masks: dict[str, list[str]] | None = None,
+    dask_address: str | None = None,
+) -> str:
     """Mask the run that ``stop_doc`` ends and store the product; the product's uid.
 
     Parameters
@@ -191,9 +241,13 @@ class EndOfRunTrigger:
     >>> RE.subscribe(EndOfRunTrigger())  # doctest: +SKIP
     """
 
-    def __init__(self, deployment: str = DEPLOYMENT, *,
-                 parameters: Mapping[str, Any] | None = None,
-                 only_successful: bool = False) -> None:
+    def __init__(
+        self,
+        deployment: str = DEPLOYMENT,
+        *,
+        parameters: Mapping[str, Any] | None = None,
+        only_successful: bool = False,
+    ) -> None:
         self.deployment = deployment
         self.parameters = dict(parameters or {})
         self.only_successful = only_successful
@@ -212,16 +266,17 @@ class EndOfRunTrigger:
     def _request(self, stop_doc: dict) -> str:
         from prefect.deployments import run_deployment
 
-        flow_run = run_deployment(self.deployment,
-                                  parameters={"stop_doc": stop_doc, **self.parameters},
-                                  timeout=0)
+        flow_run = run_deployment(
+            self.deployment, parameters={"stop_doc": stop_doc, **self.parameters}, timeout=0
+        )
         return str(flow_run.id)
 
     def _report(self, future: Future) -> None:
         err = future.exception()
         if err is not None:
-            logger.error("End-of-run flow %s not started: %s: %s", self.deployment,
-                         type(err).__name__, err)
+            logger.error(
+                "End-of-run flow %s not started: %s: %s", self.deployment, type(err).__name__, err
+            )
 
     def close(self) -> None:
         """Wait for the requests already made, then stop the thread."""

@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 FORMATS = ("npy", "npz", "tiff", "edf", "msk", "nexus", "indices")
 CONVENTIONS = ("keep", "masked-nonzero")
 #: What applies to a detector whose active set names nothing (said wherever that shows).
-FALLBACK = ("runs use the preprocessor's configured fallback masks (the profile's "
-            "CHX_MASKS_FALLBACK)")
+FALLBACK = (
+    "runs use the preprocessor's configured fallback masks (the profile's CHX_MASKS_FALLBACK)"
+)
 
 
 class _Failure(click.ClickException):
@@ -60,12 +61,18 @@ def _unavailable(name: str, ep: Any, err: ImportError) -> click.Command:
     """A stand-in for a contributed command whose package cannot be imported."""
     missing = err.name or str(err)
 
-    @click.command(name, context_settings={"ignore_unknown_options": True},
-                   add_help_option=False, help=f"(unavailable: {missing} is missing)")
+    @click.command(
+        name,
+        context_settings={"ignore_unknown_options": True},
+        add_help_option=False,
+        help=f"(unavailable: {missing} is missing)",
+    )
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
     def command(args: tuple[str, ...]) -> None:
-        raise _Failure(f"{name} comes from {ep.value.split(':')[0]}, which needs {missing}: "
-                       'pip install "chx-masks[all]"')
+        raise _Failure(
+            f"{name} comes from {ep.value.split(':')[0]}, which needs {missing}: "
+            'pip install "chx-masks[all]"'
+        )
 
     return command
 
@@ -110,23 +117,30 @@ def _read_key_file(path: Path) -> str:
     try:
         lines = path.expanduser().read_text().splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise click.BadParameter(f"cannot read {path}: {err.__class__.__name__}: "
-                                 f"{getattr(err, 'strerror', None) or err}",
-                                 param_hint="--api-key-file") from None
+        raise click.BadParameter(
+            f"cannot read {path}: {err.__class__.__name__}: "
+            f"{getattr(err, 'strerror', None) or err}",
+            param_hint="--api-key-file",
+        ) from None
     key = lines[0].strip() if lines else ""
     if not key:
-        raise click.BadParameter(f"{path} is empty; put the API key on its first line.",
-                                 param_hint="--api-key-file")
+        raise click.BadParameter(
+            f"{path} is empty; put the API key on its first line.", param_hint="--api-key-file"
+        )
     return key
 
 
 class _State:
     """The options every command shares; the registry opens on first use."""
 
-    def __init__(self, uri: str | None, api_key: str | None, profile: str | None,
-                 directory: Path | None) -> None:
-        chosen = [n for n, v in (("--uri", uri), ("--profile", profile),
-                                 ("--dir", directory)) if v is not None]
+    def __init__(
+        self, uri: str | None, api_key: str | None, profile: str | None, directory: Path | None
+    ) -> None:
+        chosen = [
+            n
+            for n, v in (("--uri", uri), ("--profile", profile), ("--dir", directory))
+            if v is not None
+        ]
         if len(chosen) > 1:
             raise click.UsageError(f"Give one of {', '.join(chosen)}, not several.")
         self.uri, self.api_key, self.profile, self.directory = uri, api_key, profile, directory
@@ -147,7 +161,8 @@ class _State:
             elif self.directory is not None:
                 self._registry, self._owned = _embedded(self.directory), True
             elif opened_default() is None and not any(
-                    os.environ.get(v) for v in ("CHX_MASKS_URI", "CHX_MASKS_PROFILE")):
+                os.environ.get(v) for v in ("CHX_MASKS_URI", "CHX_MASKS_PROFILE")
+            ):
                 # The embedded default, through its local server; a registry this
                 # process already chose (set_default_registry) is used as it is.
                 from ._embedded import default_directory
@@ -194,21 +209,48 @@ pass_state = click.make_pass_decorator(_State)
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="chx-masks")
-@click.option("--uri", metavar="URI", default=None,
-              help="tiled URI of the registry container (default: $CHX_MASKS_URI).")
-@click.option("--api-key", metavar="KEY", default=None,
-              help="API key for --uri (default: $CHX_MASKS_API_KEY). Other users of the "
-              "machine see it in `ps`: prefer $CHX_MASKS_API_KEY or --api-key-file.")
-@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Read the API key for --uri from this file (its first line).")
-@click.option("--profile", metavar="NAME", default=None,
-              help="A tiled profile naming the registry (default: $CHX_MASKS_PROFILE).")
-@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="An embedded registry in this directory "
-              "(default: $CHX_MASKS_DIR or the user data directory).")
+@click.option(
+    "--uri",
+    metavar="URI",
+    default=None,
+    help="tiled URI of the registry container (default: $CHX_MASKS_URI).",
+)
+@click.option(
+    "--api-key",
+    metavar="KEY",
+    default=None,
+    help="API key for --uri (default: $CHX_MASKS_API_KEY). Other users of the "
+    "machine see it in `ps`: prefer $CHX_MASKS_API_KEY or --api-key-file.",
+)
+@click.option(
+    "--api-key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Read the API key for --uri from this file (its first line).",
+)
+@click.option(
+    "--profile",
+    metavar="NAME",
+    default=None,
+    help="A tiled profile naming the registry (default: $CHX_MASKS_PROFILE).",
+)
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="An embedded registry in this directory "
+    "(default: $CHX_MASKS_DIR or the user data directory).",
+)
 @click.pass_context
-def main(ctx: click.Context, uri: str | None, api_key: str | None,
-         api_key_file: Path | None, profile: str | None, directory: Path | None) -> None:
+def main(
+    ctx: click.Context,
+    uri: str | None,
+    api_key: str | None,
+    api_key_file: Path | None,
+    profile: str | None,
+    directory: Path | None,
+) -> None:
     """Detector masks for CHX: a versioned registry on tiled.
 
     A mask is True where a pixel is kept. Every version has a uid that
@@ -227,8 +269,9 @@ def main(ctx: click.Context, uri: str | None, api_key: str | None,
 
 
 def _json_option(func: Callable) -> Callable:
-    return click.option("--json", "as_json", is_flag=True,
-                        help="Print JSON for scripts instead of a table.")(func)
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table."
+    )(func)
 
 
 def _print_json(value: Any) -> None:
@@ -260,8 +303,9 @@ def _masked(pixels: int, total: int) -> str:
     return f"{pixels:,} pixel{'' if pixels == 1 else 's'} ({_percent(pixels / total)})"
 
 
-def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
-           right: Iterable[int] = ()) -> None:
+def _table(
+    headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Iterable[int] = ()
+) -> None:
     """Aligned columns; the header bold when stdout is a terminal."""
     rows = [[str(c) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
@@ -306,9 +350,15 @@ def _state_of(record: MaskRecord) -> str:
 
 
 def _active_json(active: ActiveSet, missing: Sequence[str] = ()) -> dict[str, Any]:
-    return {"detector": active.detector, "names": list(active.names),
-            "version": active.version, "at": active.at, "note": active.note,
-            "created_by": active.created_by, "missing": list(missing)}
+    return {
+        "detector": active.detector,
+        "names": list(active.names),
+        "version": active.version,
+        "at": active.at,
+        "note": active.note,
+        "created_by": active.created_by,
+        "missing": list(missing),
+    }
 
 
 def _missing(reg: MaskRegistry, sets: Iterable[ActiveSet]) -> dict[str, dict[str, str]]:
@@ -333,17 +383,21 @@ def _missing(reg: MaskRegistry, sets: Iterable[ActiveSet]) -> dict[str, dict[str
 
 def _names_flagged(names: Sequence[str], missing: dict[str, str]) -> str:
     """``'gaps, beamstop (not registered: retired), ghost (not registered)'``."""
-    why = {n: " (not registered: retired)" if w == "retired" else " (not registered)"
-           for n, w in missing.items()}
+    why = {
+        n: " (not registered: retired)" if w == "retired" else " (not registered)"
+        for n, w in missing.items()
+    }
     return ", ".join(n + why.get(n, "") for n in names)
 
 
 def _missing_advice(missing: dict[str, dict[str, str]]) -> None:
     for detector, names in missing.items():
         them = "it" if len(names) == 1 else "them"
-        click.echo(f"Runs on {detector} cannot resolve {', '.join(names)}: register {them}, "
-                   f"or choose masks without {them} with `chx-masks activate {detector} "
-                   "NAME...`.")
+        click.echo(
+            f"Runs on {detector} cannot resolve {', '.join(names)}: register {them}, "
+            f"or choose masks without {them} with `chx-masks activate {detector} "
+            "NAME...`."
+        )
 
 
 def _composite_json(composite: CompositeMask) -> dict[str, Any]:
@@ -379,12 +433,20 @@ def _parse_meta(pairs: Sequence[str]) -> dict[str, Any] | None:
 
 
 _meta_option = click.option(
-    "-m", "--meta", "meta", multiple=True, metavar="KEY=VALUE",
+    "-m",
+    "--meta",
+    "meta",
+    multiple=True,
+    metavar="KEY=VALUE",
     help="Metadata stored with the version (repeatable; JSON values allowed). With an "
-    "update, -m replaces all of the previous version's metadata; without -m it is kept.")
+    "update, -m replaces all of the previous version's metadata; without -m it is kept.",
+)
 _png_option = click.option(
-    "--png", type=click.Path(dir_okay=False, path_type=Path), default=None,
-    help="Also write a picture of the mask to this PNG file.")
+    "--png",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write a picture of the mask to this PNG file.",
+)
 
 
 # ---------------------------------------------------------------- listings
@@ -396,20 +458,34 @@ def _list_detectors(state: _State, as_json: bool) -> None:
     active = reg.active_sets()
     missing = _missing(reg, active.values())
     if as_json:
-        _print_json([
-            {"detector": d.name, "shape": list(d.shape), "builtin": d.builtin,
-             "metadata": dict(d.metadata),
-             "active": list(active[d.name].names) if d.name in active else None,
-             "missing": list(missing.get(d.name, {}))}
-            for d in found
-        ])
+        _print_json(
+            [
+                {
+                    "detector": d.name,
+                    "shape": list(d.shape),
+                    "builtin": d.builtin,
+                    "metadata": dict(d.metadata),
+                    "active": list(active[d.name].names) if d.name in active else None,
+                    "missing": list(missing.get(d.name, {})),
+                }
+                for d in found
+            ]
+        )
         return
     _table(
         ["detector", "shape", "pixels", "built in", "active masks"],
-        [[d.name, f"{d.shape[0]} x {d.shape[1]}", f"{d.pixels:,}",
-          "yes" if d.builtin else "no",
-          _names_flagged(active[d.name].names, missing.get(d.name, {}))
-          if d.name in active else ""] for d in found],
+        [
+            [
+                d.name,
+                f"{d.shape[0]} x {d.shape[1]}",
+                f"{d.pixels:,}",
+                "yes" if d.builtin else "no",
+                _names_flagged(active[d.name].names, missing.get(d.name, {}))
+                if d.name in active
+                else "",
+            ]
+            for d in found
+        ],
         right=[2],
     )
     _missing_advice(missing)
@@ -435,8 +511,9 @@ def detector() -> None:
 @_meta_option
 @_json_option
 @pass_state
-def detector_add(state: _State, name: str, rows: int, cols: int, meta: tuple[str, ...],
-                 as_json: bool) -> None:
+def detector_add(
+    state: _State, name: str, rows: int, cols: int, meta: tuple[str, ...], as_json: bool
+) -> None:
     """Make detector NAME known, with its frame shape ROWS x COLS.
 
     NAME is the image data key its runs record (e.g. pilatus800k_image).
@@ -451,13 +528,20 @@ def detector_add(state: _State, name: str, rows: int, cols: int, meta: tuple[str
         known = None
     record = reg.register_detector(name, (rows, cols), metadata=_parse_meta(meta))
     if as_json:
-        _print_json({"detector": record.name, "shape": list(record.shape),
-                     "builtin": record.builtin, "metadata": dict(record.metadata),
-                     "created": known is None})
+        _print_json(
+            {
+                "detector": record.name,
+                "shape": list(record.shape),
+                "builtin": record.builtin,
+                "metadata": dict(record.metadata),
+                "created": known is None,
+            }
+        )
         return
     verb = "added detector" if known is None else "already known:"
-    click.echo(f"{verb} {record.name} {record.shape[0]} x {record.shape[1]} "
-               f"({record.pixels:,} pixels)")
+    click.echo(
+        f"{verb} {record.name} {record.shape[0]} x {record.shape[1]} ({record.pixels:,} pixels)"
+    )
 
 
 @detector.command("list")
@@ -485,9 +569,11 @@ def list_(state: _State, detector: str | None, show_all: bool, as_json: bool) ->
         click.echo("No masks registered" + (f" for {detector}." if detector else "."))
         return
     headers = ["detector", "name", "version", "uid", "masked", "registered at"]
-    rows = [[r.detector, r.name, r.version, r.uid[:8], _masked_short(r),
-             _when(r.registered_at)] + ([_state_of(r)] if show_all else [])
-            for r in records]
+    rows = [
+        [r.detector, r.name, r.version, r.uid[:8], _masked_short(r), _when(r.registered_at)]
+        + ([_state_of(r)] if show_all else [])
+        for r in records
+    ]
     _table(headers + (["state"] if show_all else []), rows, right=[2, 4])
 
 
@@ -509,8 +595,18 @@ def history(state: _State, detector: str, name: str, as_json: bool) -> None:
         return
     _table(
         ["version", "uid", "masked", "registered at", "by", "until", "state"],
-        [[r.version, r.uid, _masked_short(r), _when(r.registered_at), r.created_by or "",
-          _when(r.valid_until), _state_of(r)] for r in records],
+        [
+            [
+                r.version,
+                r.uid,
+                _masked_short(r),
+                _when(r.registered_at),
+                r.created_by or "",
+                _when(r.valid_until),
+                _state_of(r),
+            ]
+            for r in records
+        ],
         right=[0, 2],
     )
 
@@ -529,20 +625,30 @@ def _picture_of(reg: MaskRegistry, record: MaskRecord, png: Path | None) -> Path
 @click.argument("detector", required=False)
 @click.argument("name", required=False)
 @click.option("--version", "version", type=int, default=None, help="An exact version.")
-@click.option("--as-of", default=None, metavar="TIME",
-              help="The version active at this time (ISO 8601).")
+@click.option(
+    "--as-of", default=None, metavar="TIME", help="The version active at this time (ISO 8601)."
+)
 @click.option("--uid", default=None, help="Any mask ever registered, by uid.")
 @_png_option
 @_json_option
 @pass_state
-def show(state: _State, detector: str | None, name: str | None, version: int | None,
-         as_of: str | None, uid: str | None, png: Path | None, as_json: bool) -> None:
+def show(
+    state: _State,
+    detector: str | None,
+    name: str | None,
+    version: int | None,
+    as_of: str | None,
+    uid: str | None,
+    png: Path | None,
+    as_json: bool,
+) -> None:
     """One mask version: its record, metadata and (with --png) a picture."""
     reg = state.registry
     if uid is not None:
         if detector is not None or version is not None or as_of is not None:
-            raise click.UsageError("--uid names one version: give no DETECTOR, NAME, "
-                                   "--version or --as-of with it.")
+            raise click.UsageError(
+                "--uid names one version: give no DETECTOR, NAME, --version or --as-of with it."
+            )
     elif detector is None or name is None:
         raise click.UsageError("Give DETECTOR NAME (or --uid UID).")
     else:
@@ -577,18 +683,33 @@ def show(state: _State, detector: str | None, name: str | None, version: int | N
 
 
 def _file_options(func: Callable) -> Callable:
-    func = click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
-                        help="File format (default: from the suffix).")(func)
-    func = click.option("--convention", type=click.Choice(CONVENTIONS), default=None,
-                        help="What nonzero means in the file (default: the format's own).")(func)
-    func = click.option("--dataset", default=None, metavar="PATH",
-                        help="Array inside an .npz or HDF5/NeXus file.")(func)
+    func = click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(FORMATS),
+        default=None,
+        help="File format (default: from the suffix).",
+    )(func)
+    func = click.option(
+        "--convention",
+        type=click.Choice(CONVENTIONS),
+        default=None,
+        help="What nonzero means in the file (default: the format's own).",
+    )(func)
+    func = click.option(
+        "--dataset", default=None, metavar="PATH", help="Array inside an .npz or HDF5/NeXus file."
+    )(func)
     return func
 
 
-def _report_version(reg: MaskRegistry, uid: str, verb: str, as_json: bool,
-                    png: Path | None = None,
-                    replaced: dict[str, Any] | None = None) -> None:
+def _report_version(
+    reg: MaskRegistry,
+    uid: str,
+    verb: str,
+    as_json: bool,
+    png: Path | None = None,
+    replaced: dict[str, Any] | None = None,
+) -> None:
     """One line for a new version; ``replaced``: the metadata it no longer carries."""
     record = reg.describe(uid)
     picture = _picture_of(reg, record, png)
@@ -597,9 +718,11 @@ def _report_version(reg: MaskRegistry, uid: str, verb: str, as_json: bool,
         _print_json({**_record_json(record), **extra, "png": picture})
         return
     by = f"  by {record.created_by}" if record.created_by else ""
-    click.echo(f"{verb} {record.detector}/{record.name} v{record.version}  uid {record.uid}  "
-               f"masks {_masked(record.masked_pixels, record.shape[0] * record.shape[1])}"
-               f"{by}")
+    click.echo(
+        f"{verb} {record.detector}/{record.name} v{record.version}  uid {record.uid}  "
+        f"masks {_masked(record.masked_pixels, record.shape[0] * record.shape[1])}"
+        f"{by}"
+    )
     if replaced is not None:
         kept = {k: v for k, v in record.metadata.items() if k != "source"}
         dropped = f"; dropped {json.dumps(replaced, default=str)}" if replaced else ""
@@ -608,8 +731,9 @@ def _report_version(reg: MaskRegistry, uid: str, verb: str, as_json: bool,
         _wrote("picture", picture)
 
 
-def _earlier_metadata(reg: MaskRegistry, detector: str, name: str,
-                      metadata: dict[str, Any] | None, update: bool) -> dict[str, Any] | None:
+def _earlier_metadata(
+    reg: MaskRegistry, detector: str, name: str, metadata: dict[str, Any] | None, update: bool
+) -> dict[str, Any] | None:
     """What an update with ``-m`` drops of the current version's metadata (None: no -m)."""
     if not update or metadata is None:
         return None
@@ -618,13 +742,18 @@ def _earlier_metadata(reg: MaskRegistry, detector: str, name: str,
 
 
 def _read_kw(fmt: str | None, convention: str | None, dataset: str | None) -> dict[str, Any]:
-    return {k: v for k, v in (("format", fmt), ("convention", convention),
-                              ("dataset", dataset)) if v is not None}
+    return {
+        k: v
+        for k, v in (("format", fmt), ("convention", convention), ("dataset", dataset))
+        if v is not None
+    }
 
 
 _force_option = click.option(
-    "--force", is_flag=True,
-    help="Add the version even if it holds exactly the current version's mask.")
+    "--force",
+    is_flag=True,
+    help="Add the version even if it holds exactly the current version's mask.",
+)
 
 
 def _file_command(command: str, update: bool, doc: str) -> None:
@@ -643,43 +772,82 @@ def _file_command(command: str, update: bool, doc: str) -> None:
     @_png_option
     @_json_option
     @pass_state
-    def from_file(state: _State, detector: str, name: str, file: Path, fmt: str | None,
-                  convention: str | None, dataset: str | None, meta: tuple[str, ...],
-                  png: Path | None, as_json: bool, force: bool = False) -> None:
+    def from_file(
+        state: _State,
+        detector: str,
+        name: str,
+        file: Path,
+        fmt: str | None,
+        convention: str | None,
+        dataset: str | None,
+        meta: tuple[str, ...],
+        png: Path | None,
+        as_json: bool,
+        force: bool = False,
+    ) -> None:
         from .io import register_from_file
 
         metadata = _parse_meta(meta)
         replaced = _earlier_metadata(state.registry, detector, name, metadata, update)
-        uid = register_from_file(state.registry, detector, name, file, update=update,
-                                 metadata=metadata, force=force,
-                                 **_read_kw(fmt, convention, dataset))
-        _report_version(state.registry, uid, "updated" if update else "registered",
-                        as_json, png, replaced)
+        uid = register_from_file(
+            state.registry,
+            detector,
+            name,
+            file,
+            update=update,
+            metadata=metadata,
+            force=force,
+            **_read_kw(fmt, convention, dataset),
+        )
+        _report_version(
+            state.registry, uid, "updated" if update else "registered", as_json, png, replaced
+        )
 
 
-_file_command("register", False, "Start the lineage DETECTOR/NAME with the mask in FILE "
-              "(version 0).")
-_file_command("update", True, "Add the next version of DETECTOR/NAME from FILE. The "
-              "previous version's metadata is kept, unless -m is given: then -m replaces "
-              "all of it. A file holding exactly the current mask is refused (--force adds "
-              "it anyway).")
+_file_command(
+    "register", False, "Start the lineage DETECTOR/NAME with the mask in FILE (version 0)."
+)
+_file_command(
+    "update",
+    True,
+    "Add the next version of DETECTOR/NAME from FILE. The "
+    "previous version's metadata is kept, unless -m is given: then -m replaces "
+    "all of it. A file holding exactly the current mask is refused (--force adds "
+    "it anyway).",
+)
 
 
 @main.command("import")
 @click.argument("detector")
-@click.argument("files", nargs=-1, required=True,
-                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument(
+    "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
 @_file_options
-@click.option("--update", "update_existing", is_flag=True,
-              help="Add a version to names that exist instead of skipping them.")
-@click.option("--force", is_flag=True,
-              help="With --update, add a version even where the file holds exactly the "
-              "current mask (reported as unchanged otherwise).")
+@click.option(
+    "--update",
+    "update_existing",
+    is_flag=True,
+    help="Add a version to names that exist instead of skipping them.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="With --update, add a version even where the file holds exactly the "
+    "current mask (reported as unchanged otherwise).",
+)
 @_json_option
 @pass_state
-def import_(state: _State, detector: str, files: tuple[Path, ...], fmt: str | None,
-            convention: str | None, dataset: str | None, update_existing: bool, force: bool,
-            as_json: bool) -> None:
+def import_(
+    state: _State,
+    detector: str,
+    files: tuple[Path, ...],
+    fmt: str | None,
+    convention: str | None,
+    dataset: str | None,
+    update_existing: bool,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Register many mask FILES for DETECTOR, each named after its file stem.
 
     Every file is read and checked first: one bad file refuses the whole
@@ -700,19 +868,29 @@ def import_(state: _State, detector: str, files: tuple[Path, ...], fmt: str | No
         raise MaskValidationError(f"Several files would be named {repeated}; rename them.")
     for name in names:  # a bad name refuses the import before anything is written
         check_name(name, "mask name (the file's stem)")
-    loaded = [(path, *_read_for(reg, detector, path, _read_kw(fmt, convention, dataset))[:2])
-              for path in files]
+    loaded = [
+        (path, *_read_for(reg, detector, path, _read_kw(fmt, convention, dataset))[:2])
+        for path in files
+    ]
     current = {r.name: r for r in reg.search(detector=detector)}
     done: list[dict[str, Any]] = []
 
     def report(path: Path, outcome: str, uid: str | None, version: int | None) -> None:
-        done.append({"file": str(path), "name": path.stem, "outcome": outcome, "uid": uid,
-                     "version": version})
+        done.append(
+            {
+                "file": str(path),
+                "name": path.stem,
+                "outcome": outcome,
+                "uid": uid,
+                "version": version,
+            }
+        )
 
     def update(path: Path, array: Any, source: dict[str, Any]) -> None:
         try:
-            uid = register_with_source(reg, detector, path.stem, array, source, update=True,
-                                       force=force)
+            uid = register_with_source(
+                reg, detector, path.stem, array, source, update=True, force=force
+            )
         except MaskExistsError:  # another writer has just registered this very mask
             now = reg.describe(reg.get_mask_uid(detector, path.stem))
             report(path, "unchanged", now.uid, now.version)
@@ -741,22 +919,35 @@ def import_(state: _State, detector: str, files: tuple[Path, ...], fmt: str | No
     if as_json:
         _print_json(done)
         return
-    _table(["file", "name", "outcome", "version", "uid"],
-           [[d["file"], d["name"], d["outcome"], "" if d["version"] is None else d["version"],
-             d["uid"] or "(exists; --update adds a version)"] for d in done], right=[3])
+    _table(
+        ["file", "name", "outcome", "version", "uid"],
+        [
+            [
+                d["file"],
+                d["name"],
+                d["outcome"],
+                "" if d["version"] is None else d["version"],
+                d["uid"] or "(exists; --update adds a version)",
+            ]
+            for d in done
+        ],
+        right=[3],
+    )
 
 
 @main.command()
 @click.argument("detector")
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--force", is_flag=True,
-              help="Also when the detector's active set names it: the name is first "
-              "removed from the active set (a new version of it).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Also when the detector's active set names it: the name is first "
+    "removed from the active set (a new version of it).",
+)
 @_json_option
 @pass_state
-def delete(state: _State, detector: str, name: str, yes: bool, force: bool,
-           as_json: bool) -> None:
+def delete(state: _State, detector: str, name: str, yes: bool, force: bool, as_json: bool) -> None:
     """Retire DETECTOR/NAME: gone from listings; every uid stays readable.
 
     A name the detector's active set uses is refused (every later run would
@@ -774,27 +965,35 @@ def delete(state: _State, detector: str, name: str, yes: bool, force: bool,
         also = ""
         if in_use:
             rest = [n for n in active.names if n != name]
-            also = (f" The active set of {detector} (v{active.version}: "
-                    f"{', '.join(active.names)}) names it; it becomes "
-                    f"{', '.join(rest) or '(none)'}.")
-        click.confirm(f"Retire {detector}/{name} (v{current.version})?{also} Its uids stay "
-                      "readable", abort=True)
+            also = (
+                f" The active set of {detector} (v{active.version}: "
+                f"{', '.join(active.names)}) names it; it becomes "
+                f"{', '.join(rest) or '(none)'}."
+            )
+        click.confirm(
+            f"Retire {detector}/{name} (v{current.version})?{also} Its uids stay readable",
+            abort=True,
+        )
     last = reg.delete_mask(detector, name, force=force)
     after = reg.active_set(detector) if in_use else None
     if as_json:
-        _print_json({**_record_json(last),
-                     "active_set": None if after is None else _active_json(after)})
+        _print_json(
+            {**_record_json(last), "active_set": None if after is None else _active_json(after)}
+        )
         return
-    click.echo(f"retired {detector}/{name} at v{last.version}; uid {last.uid} still reads "
-               "with `chx-masks show --uid`.")
+    click.echo(
+        f"retired {detector}/{name} at v{last.version}; uid {last.uid} still reads "
+        "with `chx-masks show --uid`."
+    )
     if after is not None:
         click.echo(f"active for {detector} from the next run: {_active_words(after)}")
 
 
 @main.command()
 @click.argument("uid")
-@click.option("--reason", required=True, metavar="TEXT",
-              help="Why the mask must go; the change log keeps it.")
+@click.option(
+    "--reason", required=True, metavar="TEXT", help="Why the mask must go; the change log keeps it."
+)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @_json_option
 @pass_state
@@ -810,8 +1009,10 @@ def purge(state: _State, uid: str, reason: str, yes: bool, as_json: bool) -> Non
     try:
         uuid.UUID(uid)
     except ValueError:
-        raise _Failure(f"{uid!r} is not a full uid: a purge cannot be undone, so it takes "
-                       "the whole uid (`chx-masks show --uid PREFIX` prints it).") from None
+        raise _Failure(
+            f"{uid!r} is not a full uid: a purge cannot be undone, so it takes "
+            "the whole uid (`chx-masks show --uid PREFIX` prints it)."
+        ) from None
     reg = state.registry
     if not yes:
         try:
@@ -819,14 +1020,19 @@ def purge(state: _State, uid: str, reason: str, yes: bool, as_json: bool) -> Non
             what = f" ({known.detector}/{known.name} v{known.version})"
         except MaskIntegrityError:
             what = " (its record fails its integrity check)"
-        click.confirm(f"Purge mask {uid}{what} for good? Runs that recorded it can no "
-                      "longer be reprocessed with it", abort=True)
+        click.confirm(
+            f"Purge mask {uid}{what} for good? Runs that recorded it can no "
+            "longer be reprocessed with it",
+            abort=True,
+        )
     record = reg.purge(uid, reason=reason)
     if as_json:
         _print_json({**_record_json(record), "purged": True, "reason": reason})
         return
-    click.echo(f"purged {record.detector}/{record.name} v{record.version} (uid {record.uid}); "
-               "the change log records who and why.")
+    click.echo(
+        f"purged {record.detector}/{record.name} v{record.version} (uid {record.uid}); "
+        "the change log records who and why."
+    )
 
 
 @main.command()
@@ -835,16 +1041,34 @@ def purge(state: _State, uid: str, reason: str, yes: bool, as_json: bool) -> Non
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--version", "version", type=int, default=None, help="An exact version.")
 @click.option("--uid", default=None, help="A uid of DETECTOR/NAME instead of the current one.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
-              help="File format (default: from the suffix).")
-@click.option("--convention", type=click.Choice(CONVENTIONS), default=None,
-              help="What nonzero means in the file (default: the format's own).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default=None,
+    help="File format (default: from the suffix).",
+)
+@click.option(
+    "--convention",
+    type=click.Choice(CONVENTIONS),
+    default=None,
+    help="What nonzero means in the file (default: the format's own).",
+)
 @click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
 @_json_option
 @pass_state
-def export(state: _State, detector: str, name: str, file: Path, version: int | None,
-           uid: str | None, fmt: str | None, convention: str | None, force: bool,
-           as_json: bool) -> None:
+def export(
+    state: _State,
+    detector: str,
+    name: str,
+    file: Path,
+    version: int | None,
+    uid: str | None,
+    fmt: str | None,
+    convention: str | None,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Write DETECTOR/NAME to FILE in a format other tools read (pyFAI, Fit2D, ...).
 
     EDF, Fit2D .msk, NeXus and index lists are written nonzero = masked (as
@@ -859,28 +1083,43 @@ def export(state: _State, detector: str, name: str, file: Path, version: int | N
     reg = state.registry
     if uid is None:  # one exact version, so what is reported is what was written
         uid, version = reg.get_mask_uid(detector, name, version=version), None
-    path = export_mask(reg, detector, name, file, version=version, uid=uid,
-                       format=fmt, convention=convention)
+    path = export_mask(
+        reg, detector, name, file, version=version, uid=uid, format=fmt, convention=convention
+    )
     written = _resolve_format(path, fmt)
     used = convention or export_convention(written)
     record = reg.describe(uid)
     if as_json:
-        _print_json({"path": path, "format": written, "convention": used,
-                     "meaning": _convention_words(written, used), "uid": record.uid,
-                     "detector": record.detector, "name": record.name,
-                     "version": record.version})
+        _print_json(
+            {
+                "path": path,
+                "format": written,
+                "convention": used,
+                "meaning": _convention_words(written, used),
+                "uid": record.uid,
+                "detector": record.detector,
+                "name": record.name,
+                "version": record.version,
+            }
+        )
         return
-    _wrote("mask", path, f"{record.detector}/{record.name} v{record.version}; "
-           f"{_convention_words(written, used)}")
+    _wrote(
+        "mask",
+        path,
+        f"{record.detector}/{record.name} v{record.version}; {_convention_words(written, used)}",
+    )
 
 
 # -------------------------------------------------------------- composites
 
 
 @main.command()
-@click.option("--repair", is_flag=True,
-              help="Remove orphans of interrupted registrations (never a sealed mask) and "
-              "seal registered masks whose seal was interrupted.")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Remove orphans of interrupted registrations (never a sealed mask) and "
+    "seal registered masks whose seal was interrupted.",
+)
 @_json_option
 @pass_state
 @click.pass_context
@@ -897,8 +1136,7 @@ def verify(ctx: click.Context, state: _State, repair: bool, as_json: bool) -> No
     def progress(done: int, total: int) -> None:
         nonlocal bar
         if bar is None and total:
-            bar = click.progressbar(length=total, label="Checking mask arrays",
-                                    file=sys.stderr)
+            bar = click.progressbar(length=total, label="Checking mask arrays", file=sys.stderr)
             bar.__enter__()
         if bar is not None:
             bar.update(done - bar.pos)
@@ -920,10 +1158,14 @@ def verify(ctx: click.Context, state: _State, repair: bool, as_json: bool) -> No
             click.echo(f"Registry at {reg.location} is clean ({counts}).")
         else:
             fixable = [p for p in report.problems if p.kind in ("orphan", "unsealed")]
-            advice = " `chx-masks verify --repair` fixes the orphans and seals." if (
-                fixable and not repair) else ""
-            click.echo(f"Registry at {reg.location}: {len(report.problems)} problem(s) "
-                       f"({counts}).{advice}")
+            advice = (
+                " `chx-masks verify --repair` fixes the orphans and seals."
+                if (fixable and not repair)
+                else ""
+            )
+            click.echo(
+                f"Registry at {reg.location}: {len(report.problems)} problem(s) ({counts}).{advice}"
+            )
     if not report.clean:
         ctx.exit(1)
 
@@ -931,22 +1173,32 @@ def verify(ctx: click.Context, state: _State, repair: bool, as_json: bool) -> No
 @main.command()
 @click.argument("detector")
 @click.argument("names", nargs=-1)
-@click.option("--as-of", default=None, metavar="TIME",
-              help="The versions active at this time (ISO 8601).")
+@click.option(
+    "--as-of", default=None, metavar="TIME", help="The versions active at this time (ISO 8601)."
+)
 @click.option("--explain", is_flag=True, help="What each component masks.")
 @_png_option
 @_json_option
 @pass_state
-def composite(state: _State, detector: str, names: tuple[str, ...], as_of: str | None,
-              explain: bool, png: Path | None, as_json: bool) -> None:
+def composite(
+    state: _State,
+    detector: str,
+    names: tuple[str, ...],
+    as_of: str | None,
+    explain: bool,
+    png: Path | None,
+    as_json: bool,
+) -> None:
     """The AND of NAMES for DETECTOR (default: the detector's active set)."""
     reg = state.registry
     chosen = list(names)
     if not chosen:
         active = reg.active_set(detector, as_of=as_of)
         if active is None or not active.names:
-            raise _Failure(f"No mask names given and {detector} has no active set; give "
-                           f"names or choose them with `chx-masks activate {detector} NAME...`.")
+            raise _Failure(
+                f"No mask names given and {detector} has no active set; give "
+                f"names or choose them with `chx-masks activate {detector} NAME...`."
+            )
         chosen = list(active.names)
     result = reg.resolve_composite(detector, chosen, as_of=as_of)
     picture = None
@@ -960,9 +1212,11 @@ def composite(state: _State, detector: str, names: tuple[str, ...], as_of: str |
     explanation = result.explain()
     parts = [f"{n} v{v}" for n, v in zip(result.names, result.versions, strict=True)]
     click.echo(f"{detector}: {' & '.join(parts)}")
-    click.echo(f"  masked {explanation.masked_pixels:,} pixels "
-               f"({_percent(explanation.masked_pixels / explanation.total_pixels)}); "
-               f"sha256 {result.sha256}")
+    click.echo(
+        f"  masked {explanation.masked_pixels:,} pixels "
+        f"({_percent(explanation.masked_pixels / explanation.total_pixels)}); "
+        f"sha256 {result.sha256}"
+    )
     click.echo(f"  uids {', '.join(result.uids)}")
     if explain:
         click.echo("  " + str(explanation).replace("\n", "\n  "))
@@ -973,14 +1227,24 @@ def composite(state: _State, detector: str, names: tuple[str, ...], as_of: str |
 @main.command()
 @click.argument("detector")
 @click.argument("names", nargs=-1)
-@click.option("--none", "clear", is_flag=True,
-              help="Withdraw the choice: runs use the preprocessor's configured fallback "
-              "masks (the profile's CHX_MASKS_FALLBACK).")
+@click.option(
+    "--none",
+    "clear",
+    is_flag=True,
+    help="Withdraw the choice: runs use the preprocessor's configured fallback "
+    "masks (the profile's CHX_MASKS_FALLBACK).",
+)
 @click.option("--note", default=None, help="Why (e.g. the sample); kept in the history.")
 @_json_option
 @pass_state
-def activate(state: _State, detector: str, names: tuple[str, ...], clear: bool,
-             note: str | None, as_json: bool) -> None:
+def activate(
+    state: _State,
+    detector: str,
+    names: tuple[str, ...],
+    clear: bool,
+    note: str | None,
+    as_json: bool,
+) -> None:
     """Choose the masks applied to DETECTOR from the next run on.
 
     Every IPython session and callback reads the choice at its next run
@@ -1037,10 +1301,21 @@ def active(state: _State, detector: str | None, show_history: bool, as_json: boo
     if not sets:
         click.echo(f"No active sets: {FALLBACK}.")
         return
-    _table(["detector", "version", "since", "by", "masks", "note"],
-           [[s.detector, s.version, _when(s.at), s.created_by or "",
-             _names_flagged(s.names, flagged(s)) or "(none)", s.note or ""] for s in sets],
-           right=[1])
+    _table(
+        ["detector", "version", "since", "by", "masks", "note"],
+        [
+            [
+                s.detector,
+                s.version,
+                _when(s.at),
+                s.created_by or "",
+                _names_flagged(s.names, flagged(s)) or "(none)",
+                s.note or "",
+            ]
+            for s in sets
+        ],
+        right=[1],
+    )
     if any(not s.names for s in now.values()):
         click.echo(f"(none): {FALLBACK}.")
     _missing_advice(missing)
@@ -1055,26 +1330,47 @@ def generate() -> None:
 
 
 def _generator_options(func: Callable) -> Callable:
-    for option in reversed([
-        click.argument("detector"),
-        click.argument("name"),
-        click.option("--grow", "grow_by", type=int, default=0,
-                     help="Grow the masked region by this many pixels."),
-        click.option("--update", "update_existing", is_flag=True,
-                     help="Add a version to an existing DETECTOR/NAME."),
-        _force_option,
-        click.option("--dry-run", is_flag=True, help="Make the mask; register nothing."),
-        _meta_option,
-        _png_option,
-        _json_option,
-    ]):
+    for option in reversed(
+        [
+            click.argument("detector"),
+            click.argument("name"),
+            click.option(
+                "--grow",
+                "grow_by",
+                type=int,
+                default=0,
+                help="Grow the masked region by this many pixels.",
+            ),
+            click.option(
+                "--update",
+                "update_existing",
+                is_flag=True,
+                help="Add a version to an existing DETECTOR/NAME.",
+            ),
+            _force_option,
+            click.option("--dry-run", is_flag=True, help="Make the mask; register nothing."),
+            _meta_option,
+            _png_option,
+            _json_option,
+        ]
+    ):
         func = option(func)
     return func
 
 
-def _finish_generated(state: _State, made: Any, detector: str, name: str, grow_by: int,
-                      update_existing: bool, force: bool, dry_run: bool,
-                      meta: tuple[str, ...], png: Path | None, as_json: bool) -> None:
+def _finish_generated(
+    state: _State,
+    made: Any,
+    detector: str,
+    name: str,
+    grow_by: int,
+    update_existing: bool,
+    force: bool,
+    dry_run: bool,
+    meta: tuple[str, ...],
+    png: Path | None,
+    as_json: bool,
+) -> None:
     from . import generate as gen
 
     if grow_by:
@@ -1082,31 +1378,44 @@ def _finish_generated(state: _State, made: Any, detector: str, name: str, grow_b
     reg = state.registry
     shape = reg.get_detector(detector).shape
     if made.mask.shape != shape:
-        raise MaskValidationError(f"The generated mask is {made.mask.shape}, but {detector} "
-                                  f"frames are {shape}.")
+        raise MaskValidationError(
+            f"The generated mask is {made.mask.shape}, but {detector} frames are {shape}."
+        )
     if dry_run:
         picture = None
         if png is not None:
             from ._plot import mask_png
 
             fraction = made.masked_pixels / made.mask.size
-            picture = mask_png(made.mask, png, title=f"{detector}/{name} (not registered)  "
-                               f"masked {_percent(fraction)}")
+            picture = mask_png(
+                made.mask,
+                png,
+                title=f"{detector}/{name} (not registered)  masked {_percent(fraction)}",
+            )
         if as_json:
-            _print_json({"detector": detector, "name": name, "masked_pixels": made.masked_pixels,
-                         "source": made.source, "png": picture})
+            _print_json(
+                {
+                    "detector": detector,
+                    "name": name,
+                    "masked_pixels": made.masked_pixels,
+                    "source": made.source,
+                    "png": picture,
+                }
+            )
         else:
-            click.echo(f"would register {detector}/{name}: masks "
-                       f"{_masked(made.masked_pixels, made.mask.size)}")
+            click.echo(
+                f"would register {detector}/{name}: masks "
+                f"{_masked(made.masked_pixels, made.mask.size)}"
+            )
             if picture is not None:
                 _wrote("picture", picture)
         return
     metadata = _parse_meta(meta)
     replaced = _earlier_metadata(reg, detector, name, metadata, update_existing)
-    uid = made.register(reg, detector, name, update=update_existing, metadata=metadata,
-                        force=force)
-    _report_version(reg, uid, "updated" if update_existing else "registered", as_json, png,
-                    replaced)
+    uid = made.register(reg, detector, name, update=update_existing, metadata=metadata, force=force)
+    _report_version(
+        reg, uid, "updated" if update_existing else "registered", as_json, png, replaced
+    )
 
 
 @generate.command("module-gaps")
@@ -1123,8 +1432,9 @@ def generate_module_gaps(state: _State, detector: str, name: str, **options: Any
 @_generator_options
 @click.option("--width", type=int, default=1, help="Pixels masked each side of a boundary.")
 @pass_state
-def generate_chip_lines(state: _State, detector: str, name: str, width: int,
-                        **options: Any) -> None:
+def generate_chip_lines(
+    state: _State, detector: str, name: str, width: int, **options: Any
+) -> None:
     """The double-size pixels along the chip boundaries of a CHX Eiger."""
     from . import generate as gen
 
@@ -1144,8 +1454,9 @@ def _read_stack(path: Path, dataset: str | None) -> Any:
 
             h5py = h5py_with_filters()
         except ImportError as err:
-            raise _Failure('Reading HDF5 needs h5py and hdf5plugin: pip install '
-                           '"chx-masks[io]".') from err
+            raise _Failure(
+                'Reading HDF5 needs h5py and hdf5plugin: pip install "chx-masks[io]".'
+            ) from err
         try:
             handle = h5py.File(path, "r")
         except OSError as err:
@@ -1159,10 +1470,12 @@ def _read_stack(path: Path, dataset: str | None) -> Any:
         if source.ndim != 3:
             raise MaskValidationError(
                 f"{path} holds an array of shape {tuple(source.shape)}; a dark series is "
-                "(frames, rows, cols).")
+                "(frames, rows, cols)."
+            )
         stack = np.empty(source.shape, dtype=source.dtype)
-        with click.progressbar(range(source.shape[0]), label="reading darks",
-                               file=sys.stderr) as bar:
+        with click.progressbar(
+            range(source.shape[0]), label="reading darks", file=sys.stderr
+        ) as bar:
             for i in bar:
                 stack[i] = source[i]
     finally:
@@ -1174,12 +1487,23 @@ def _read_stack(path: Path, dataset: str | None) -> Any:
 @generate.command("hot-pixels")
 @_generator_options
 @click.argument("darks", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--threshold", type=float, required=True,
-              help="Mean dark counts per frame above which a pixel is hot.")
+@click.option(
+    "--threshold",
+    type=float,
+    required=True,
+    help="Mean dark counts per frame above which a pixel is hot.",
+)
 @click.option("--dataset", default=None, help="HDF5 dataset (default /entry/data/data).")
 @pass_state
-def generate_hot_pixels(state: _State, detector: str, name: str, darks: Path,
-                        threshold: float, dataset: str | None, **options: Any) -> None:
+def generate_hot_pixels(
+    state: _State,
+    detector: str,
+    name: str,
+    darks: Path,
+    threshold: float,
+    dataset: str | None,
+    **options: Any,
+) -> None:
     """Hot pixels from a dark series DARKS (.npy or HDF5, frames x rows x cols)."""
     from . import generate as gen
 
@@ -1192,8 +1516,14 @@ def generate_hot_pixels(state: _State, detector: str, name: str, darks: Path,
 @click.option("--center", nargs=2, type=float, required=True, metavar="ROW COL")
 @click.option("--radius", type=float, required=True, help="In pixels.")
 @pass_state
-def generate_circle(state: _State, detector: str, name: str, center: tuple[float, float],
-                    radius: float, **options: Any) -> None:
+def generate_circle(
+    state: _State,
+    detector: str,
+    name: str,
+    center: tuple[float, float],
+    radius: float,
+    **options: Any,
+) -> None:
     """A round region (e.g. a beamstop) masked."""
     from . import generate as gen
 
@@ -1206,8 +1536,14 @@ def generate_circle(state: _State, detector: str, name: str, center: tuple[float
 @click.option("--top-left", nargs=2, type=int, required=True, metavar="ROW COL")
 @click.option("--bottom-right", nargs=2, type=int, required=True, metavar="ROW COL")
 @pass_state
-def generate_rectangle(state: _State, detector: str, name: str, top_left: tuple[int, int],
-                       bottom_right: tuple[int, int], **options: Any) -> None:
+def generate_rectangle(
+    state: _State,
+    detector: str,
+    name: str,
+    top_left: tuple[int, int],
+    bottom_right: tuple[int, int],
+    **options: Any,
+) -> None:
     """A rectangle masked (e.g. a beamstop arm)."""
     from . import generate as gen
 
@@ -1218,11 +1554,24 @@ def generate_rectangle(state: _State, detector: str, name: str, top_left: tuple[
 
 @generate.command("polygon")
 @_generator_options
-@click.option("--vertex", "vertices", nargs=2, type=float, multiple=True, required=True,
-              metavar="ROW COL", help="Repeat for each vertex (at least 3).")
+@click.option(
+    "--vertex",
+    "vertices",
+    nargs=2,
+    type=float,
+    multiple=True,
+    required=True,
+    metavar="ROW COL",
+    help="Repeat for each vertex (at least 3).",
+)
 @pass_state
-def generate_polygon(state: _State, detector: str, name: str,
-                     vertices: tuple[tuple[float, float], ...], **options: Any) -> None:
+def generate_polygon(
+    state: _State,
+    detector: str,
+    name: str,
+    vertices: tuple[tuple[float, float], ...],
+    **options: Any,
+) -> None:
     """A polygon masked (even-odd rule)."""
     from . import generate as gen
 
@@ -1234,31 +1583,68 @@ def generate_polygon(state: _State, detector: str, name: str,
 
 
 @main.command()
-@click.option("--host", default=None, metavar="HOST",
-              help="Interface to listen on (default 127.0.0.1, this machine only; "
-              "0.0.0.0 for the network).")
-@click.option("--port", type=click.IntRange(0, 65535), default=None,
-              help="Port (default 8000; 0 picks a free one).")
-@click.option("--dir", "serve_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="Writable storage: arrays go to DIR/data, and the SQLite "
-              "catalog is DIR/catalog.db (default: the embedded registry's directory, "
-              "$CHX_MASKS_DIR or the user data directory).")
-@click.option("--catalog", metavar="URI", default=None,
-              help="Catalog database instead of DIR/catalog.db, e.g. "
-              "postgresql+asyncpg://USER@HOST:5432/DB for the shared deployment.")
-@click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
-              default=None, help="Run from a tiled configuration file instead (e.g. "
-              "deploy/tiled-config.yml: PostgreSQL, accounts, API keys with scopes).")
-@click.option("--api-key", "server_key", metavar="KEY", envvar="TILED_SINGLE_USER_API_KEY",
-              show_envvar=True, default=None,
-              help="The key clients must give (default: generated and printed once). "
-              "Given as a flag it shows in `ps`: prefer the environment variable.")
-@click.option("--public", is_flag=True,
-              help="Anyone who can connect may read without a key (writing still needs one).")
+@click.option(
+    "--host",
+    default=None,
+    metavar="HOST",
+    help="Interface to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for the network).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port (default 8000; 0 picks a free one).",
+)
+@click.option(
+    "--dir",
+    "serve_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Writable storage: arrays go to DIR/data, and the SQLite "
+    "catalog is DIR/catalog.db (default: the embedded registry's directory, "
+    "$CHX_MASKS_DIR or the user data directory).",
+)
+@click.option(
+    "--catalog",
+    metavar="URI",
+    default=None,
+    help="Catalog database instead of DIR/catalog.db, e.g. "
+    "postgresql+asyncpg://USER@HOST:5432/DB for the shared deployment.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Run from a tiled configuration file instead (e.g. "
+    "deploy/tiled-config.yml: PostgreSQL, accounts, API keys with scopes).",
+)
+@click.option(
+    "--api-key",
+    "server_key",
+    metavar="KEY",
+    envvar="TILED_SINGLE_USER_API_KEY",
+    show_envvar=True,
+    default=None,
+    help="The key clients must give (default: generated and printed once). "
+    "Given as a flag it shows in `ps`: prefer the environment variable.",
+)
+@click.option(
+    "--public",
+    is_flag=True,
+    help="Anyone who can connect may read without a key (writing still needs one).",
+)
 @pass_state
-def serve(state: _State, host: str | None, port: int | None, serve_dir: Path | None,
-          catalog: str | None, config_file: Path | None, server_key: str | None,
-          public: bool) -> None:
+def serve(
+    state: _State,
+    host: str | None,
+    port: int | None,
+    serve_dir: Path | None,
+    catalog: str | None,
+    config_file: Path | None,
+    server_key: str | None,
+    public: bool,
+) -> None:
     """Serve a registry over HTTP with tiled, for other processes and machines.
 
     Prints the URI to give clients as CHX_MASKS_URI. Runs until Ctrl-C or
@@ -1267,27 +1653,36 @@ def serve(state: _State, host: str | None, port: int | None, serve_dir: Path | N
     from . import _serve
 
     if state.uri is not None or state.profile is not None:
-        raise click.UsageError("serve serves a local registry; --uri and --profile name "
-                               "a remote one. Use `chx-masks serve --dir DIR`.")
+        raise click.UsageError(
+            "serve serves a local registry; --uri and --profile name "
+            "a remote one. Use `chx-masks serve --dir DIR`."
+        )
     if state.api_key is not None:
-        raise click.UsageError("Give the server's key after the command: "
-                               "`chx-masks serve --api-key KEY`.")
+        raise click.UsageError(
+            "Give the server's key after the command: `chx-masks serve --api-key KEY`."
+        )
     directory = serve_dir or state.directory
     if config_file is not None:
         if directory is not None or catalog is not None:
-            raise click.UsageError("--config describes the catalog and storage; do not "
-                                   "also give --dir or --catalog.")
-        plan = _serve.plan_config(config_file, host=host, port=port, api_key=server_key,
-                                  public=public)
+            raise click.UsageError(
+                "--config describes the catalog and storage; do not also give --dir or --catalog."
+            )
+        plan = _serve.plan_config(
+            config_file, host=host, port=port, api_key=server_key, public=public
+        )
     else:
         if directory is None:
             from ._embedded import default_directory
 
             directory = default_directory()
-        plan = _serve.plan_directory(directory.expanduser().resolve(), catalog=catalog,
-                                     host=host or "127.0.0.1",
-                                     port=8000 if port is None else port,
-                                     api_key=server_key, public=public)
+        plan = _serve.plan_directory(
+            directory.expanduser().resolve(),
+            catalog=catalog,
+            host=host or "127.0.0.1",
+            port=8000 if port is None else port,
+            api_key=server_key,
+            public=public,
+        )
 
     def ready(info: Any) -> None:
         click.echo(_serve.announcement(info, plan.generated_key))

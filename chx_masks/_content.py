@@ -125,13 +125,11 @@ def check_name(value: Any, what: str = "mask name") -> str:
         )
     if not value.strip():
         raise MaskValidationError(
-            f"The {what} {value!r} is empty or only white space; give a name such "
-            "as 'chip_mask'."
+            f"The {what} {value!r} is empty or only white space; give a name such as 'chip_mask'."
         )
     if value != value.strip():
         raise MaskValidationError(
-            f"The {what} {value!r} starts or ends with white space; use "
-            f"{value.strip()!r}."
+            f"The {what} {value!r} starts or ends with white space; use {value.strip()!r}."
         )
     if set(value) == {"."}:
         raise MaskValidationError(
@@ -140,8 +138,7 @@ def check_name(value: Any, what: str = "mask name") -> str:
         )
     if len(value) > MAX_NAME_LENGTH:
         raise MaskValidationError(
-            f"The {what} is {len(value)} characters long; at most "
-            f"{MAX_NAME_LENGTH} are allowed."
+            f"The {what} is {len(value)} characters long; at most {MAX_NAME_LENGTH} are allowed."
         )
     bad = sorted(
         {c for c in value if c in _FORBIDDEN_NAME_CHARS or unicodedata.category(c)[0] == "C"}
@@ -208,8 +205,7 @@ def check_storable(value: Any, where: str = "metadata") -> None:
                     _check_text(key, f"the key {key!r} of {at}")
                     stack.append((child, f"{at}[{key!r}]", depth + 1, top))
             else:
-                stack.extend((child, f"{at}[{i}]", depth + 1, top)
-                             for i, child in enumerate(item))
+                stack.extend((child, f"{at}[{i}]", depth + 1, top) for i, child in enumerate(item))
         elif isinstance(item, str):
             _check_text(item, at)
         elif isinstance(item, bool) or item is None:
@@ -253,9 +249,7 @@ def check_metadata(metadata: Any) -> dict[str, Any]:
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping):
-        raise MaskValidationError(
-            f"metadata must be a dict, not {type(metadata).__name__}."
-        )
+        raise MaskValidationError(f"metadata must be a dict, not {type(metadata).__name__}.")
     for key in metadata:
         if not isinstance(key, str):
             raise MaskValidationError(
@@ -272,7 +266,7 @@ def check_metadata(metadata: Any) -> dict[str, Any]:
             raise MaskValidationError(
                 f"{said} in searches, so nest a dict instead.",
                 cli=f"{said} in searches, so give a JSON object instead, e.g. "
-                "-m 'sample={\"name\": \"silica\"}'.",
+                '-m \'sample={"name": "silica"}\'.',
             )
     check_storable(dict(metadata))
     try:
@@ -280,8 +274,10 @@ def check_metadata(metadata: Any) -> dict[str, Any]:
     except (TypeError, ValueError) as err:
         where = next((k for k, v in metadata.items() if not _json_ok(v)), None)
         at = f" (key {where!r})" if where is not None else ""
-        said = (f"metadata must be JSON-serializable (str, numbers, bool, None, lists "
-                f"and dicts; no NaN/inf): {err}{at}.")
+        said = (
+            f"metadata must be JSON-serializable (str, numbers, bool, None, lists "
+            f"and dicts; no NaN/inf): {err}{at}."
+        )
         raise MaskValidationError(
             f"{said} Convert the offending value, e.g. a numpy scalar with .item() or a "
             "datetime with .isoformat().",
@@ -321,9 +317,7 @@ def coerce_mask(
     dtype('bool')
     """
     if isinstance(mask, (str, bytes, Mapping)) or mask is None or np.isscalar(mask):
-        raise MaskValidationError(
-            f"A mask must be a 2-D array of bool, not {type(mask).__name__}."
-        )
+        raise MaskValidationError(f"A mask must be a 2-D array of bool, not {type(mask).__name__}.")
     try:
         arr = np.asarray(mask)
     except (TypeError, ValueError) as err:
@@ -347,9 +341,7 @@ def coerce_mask(
         )
     if arr.dtype != np.bool_:
         if arr.dtype.kind not in "uif":
-            raise MaskValidationError(
-                f"A mask must be an array of bool, not of dtype {arr.dtype}."
-            )
+            raise MaskValidationError(f"A mask must be an array of bool, not of dtype {arr.dtype}.")
         if not allow_binary:
             raise MaskValidationError(
                 f"A mask must be an array of bool; got dtype {arr.dtype}. Convert "
@@ -368,8 +360,10 @@ def coerce_mask(
             f"got {arr.ndim}-D with shape {shape_str(arr.shape)}."
         )
     if arr.shape != tuple(shape):
-        said = (f"The mask has shape {shape_str(arr.shape)} but detector {detector!r} "
-                f"is {shape_str(shape)}.")
+        said = (
+            f"The mask has shape {shape_str(arr.shape)} but detector {detector!r} "
+            f"is {shape_str(shape)}."
+        )
         if arr.shape != tuple(shape)[::-1]:
             raise MaskValidationError(said)
         raise MaskValidationError(

@@ -169,9 +169,7 @@ def get_composite_mask(
     return default_registry().get_composite_mask(detector, names, as_of=as_of)
 
 
-def get_mask_uid(
-    detector: str, name: str, *, version: int | None = None, as_of: Any = None
-) -> str:
+def get_mask_uid(detector: str, name: str, *, version: int | None = None, as_of: Any = None) -> str:
     """The uid of a mask in the default registry.
 
     Examples

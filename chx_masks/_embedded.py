@@ -176,8 +176,13 @@ def open_embedded(
         Passed to tiled (the root's specs; exporters such as Bluesky's
         ``application/json-seq``).
     """
-    app = embedded_app(directory, tabular=tabular, readable_storage=readable_storage,
-                       specs=specs, serialization_registry=serialization_registry)
+    app = embedded_app(
+        directory,
+        tabular=tabular,
+        readable_storage=readable_storage,
+        specs=specs,
+        serialization_registry=serialization_registry,
+    )
     with _collection_paused():
         from tiled.client import Context, from_context
 

@@ -88,8 +88,9 @@ class MaskPurgedError(MaskNotFoundError):
     ``purge`` holds the change-log entry (``at``, ``by``, ``reason``, ``sha256``).
     """
 
-    def __init__(self, *args: object, purge: Mapping[str, Any] | None = None,
-                 cli: str | None = None) -> None:
+    def __init__(
+        self, *args: object, purge: Mapping[str, Any] | None = None, cli: str | None = None
+    ) -> None:
         super().__init__(*args, cli=cli)
         self.purge = dict(purge or {})
 

@@ -84,8 +84,7 @@ def _signature() -> dict[str, str]:
 
     # The environment, not the interpreter's name: `chx-masks` may run as
     # .../bin/python3 and `python -m chx_masks` as .../bin/python.
-    return {"chx_masks": version("chx-masks"), "tiled": version("tiled"),
-            "environment": sys.prefix}
+    return {"chx_masks": version("chx-masks"), "tiled": version("tiled"), "environment": sys.prefix}
 
 
 def _read_state(directory: Path) -> dict[str, Any] | None:
@@ -182,13 +181,14 @@ def _attach(directory: Path) -> MaskRegistry | None:
     state = _read_state(directory)
     if state is None:
         return None
-    if not _alive(state.get("pid")) or any(
-            state.get(k) != v for k, v in _signature().items()):
+    if not _alive(state.get("pid")) or any(state.get(k) != v for k, v in _signature().items()):
         return None
     try:
         registry = MaskRegistry.from_uri(
             f"http://127.0.0.1:{int(state['port'])}/api/v1",
-            api_key=str(state["key"]), timeout=CONNECT_TIMEOUT)
+            api_key=str(state["key"]),
+            timeout=CONNECT_TIMEOUT,
+        )
         registry.last_change()  # the server answers, and its idle clock restarts
     except (ChxMasksError, KeyError, TypeError, ValueError):
         logger.debug("the local server of %s did not answer", directory, exc_info=True)
@@ -209,8 +209,11 @@ def _start(directory: Path) -> bool:
     with log:
         child = subprocess.Popen(
             [sys.executable, "-m", "chx_masks._local", str(directory)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            start_new_session=True, close_fds=True,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
         )
     _started.append(child)
     deadline = time.monotonic() + START_TIMEOUT
@@ -219,8 +222,11 @@ def _start(directory: Path) -> bool:
         if state is not None and state.get("pid") == child.pid:
             return True
         if child.poll() is not None:
-            logger.warning("The local server of %s did not start (see %s); serving it "
-                           "in this process.", directory, directory / LOG)
+            logger.warning(
+                "The local server of %s did not start (see %s); serving it in this process.",
+                directory,
+                directory / LOG,
+            )
             return False
         time.sleep(0.05)
     child.terminate()
@@ -279,15 +285,25 @@ def serve(directory: Path) -> None:
 
     key = secrets.token_hex(32)
     clock = _IdleClock(embedded_app(directory, api_key=key))
-    plan = Plan(app=clock, host="127.0.0.1", port=0, catalogs=(str(directory / "catalog.db"),),
-                storage=(str(directory / "data"),), key_source="given", public=False)
+    plan = Plan(
+        app=clock,
+        host="127.0.0.1",
+        port=0,
+        catalogs=(str(directory / "catalog.db"),),
+        storage=(str(directory / "data"),),
+        key_source="given",
+        public=False,
+    )
 
     def ready(info: Any) -> None:
         port = int(info.uri.rsplit(":", 1)[1].split("/", 1)[0])
-        _write_state(directory, {"pid": os.getpid(), "port": port, "key": key,
-                                 **_signature()})
-        threading.Thread(target=_watch, args=(directory, clock, idle_seconds()),
-                         name="chx-masks-local-idle", daemon=True).start()
+        _write_state(directory, {"pid": os.getpid(), "port": port, "key": key, **_signature()})
+        threading.Thread(
+            target=_watch,
+            args=(directory, clock, idle_seconds()),
+            name="chx-masks-local-idle",
+            daemon=True,
+        ).start()
 
     try:
         run(plan, on_ready=ready)

@@ -277,10 +277,18 @@ def _legend(
 ) -> None:
     from matplotlib.patches import Patch
 
-    handles = [Patch(facecolor=color, edgecolor="0.3", linewidth=0.5, label=label)
-               for color, label in entries]
-    fig.legend(handles=handles, loc=loc, title=title,
-               fontsize="small", title_fontsize="small", frameon=False)
+    handles = [
+        Patch(facecolor=color, edgecolor="0.3", linewidth=0.5, label=label)
+        for color, label in entries
+    ]
+    fig.legend(
+        handles=handles,
+        loc=loc,
+        title=title,
+        fontsize="small",
+        title_fontsize="small",
+        frameon=False,
+    )
 
 
 def record_title(record: MaskRecord) -> str:
@@ -456,9 +464,7 @@ def composite_png(
     several = count >= 2
     codes[several] = n + 1
     n_several = int(np.count_nonzero(several))
-    lut = np.stack(
-        [_rgb(KEPT_COLOR)] + [_rgb(colors[i]) for i in order] + [_rgb(SEVERAL_COLOR)]
-    )
+    lut = np.stack([_rgb(KEPT_COLOR)] + [_rgb(colors[i]) for i in order] + [_rgb(SEVERAL_COLOR)])
 
     fig, ax = _figure(shape, title if title is not None else _composite_title(composite))
     entries = [
@@ -577,7 +583,10 @@ def frame_png(
     def add_colorbar(norm: SymLogNorm, factor: int, extend: str) -> Colorbar:
         blocks = f" (mean of {factor}\u00d7{factor} blocks)" if factor > 1 else ""
         return fig.colorbar(
-            ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.8, extend=extend,
+            ScalarMappable(norm=norm, cmap=cmap),
+            ax=ax,
+            shrink=0.8,
+            extend=extend,
             label=f"counts per pixel{blocks}; log scale above 1",
         )
 

@@ -108,9 +108,14 @@ class MaskRecord:
         return end is None or when < end
 
     def __str__(self) -> str:
-        state = "active" if self.active else (
-            f"retired {self.retired_at:%Y-%m-%d %H:%M}" if self.retired_at
-            else f"superseded {self.superseded_at:%Y-%m-%d %H:%M}"
+        state = (
+            "active"
+            if self.active
+            else (
+                f"retired {self.retired_at:%Y-%m-%d %H:%M}"
+                if self.retired_at
+                else f"superseded {self.superseded_at:%Y-%m-%d %H:%M}"
+            )
         )
         return (
             f"{self.detector}/{self.name} v{self.version} {self.uid} "

@@ -475,8 +475,10 @@ class MaskRegistry:
         known = [d.name for d in self.detectors()]
         close = _close_names(detector, known)
         guess = f"Did you mean {' or '.join(map(repr, close))}? " if close else ""
-        start = (f"Unknown detector {detector!r} in the registry at {self.location}. "
-                 f"{guess}Known: {', '.join(known)}. ")
+        start = (
+            f"Unknown detector {detector!r} in the registry at {self.location}. "
+            f"{guess}Known: {', '.join(known)}. "
+        )
         raise DetectorNotFoundError(
             f"{start}A new detector is registered with its frame shape: "
             f"register_detector({detector!r}, shape=(rows, cols)).",
@@ -630,8 +632,10 @@ class MaskRegistry:
         else:
             user_md = check_metadata(metadata)
         if current is not None and not force and mask_sha256(array) == current.sha256:
-            said = (f"{detector}/{name} v{slots[-1].version} (uid {current.uid}) already "
-                    "holds exactly this mask; nothing was registered.")
+            said = (
+                f"{detector}/{name} v{slots[-1].version} (uid {current.uid}) already "
+                "holds exactly this mask; nothing was registered."
+            )
             raise MaskExistsError(
                 f"{said} Pass force=True to add an identical version anyway.",
                 cli=f"{said} Add --force to register an identical version anyway.",
@@ -668,9 +672,11 @@ class MaskRegistry:
         if active is not None and name in active.names:
             if not force:
                 rest = [n for n in active.names if n != name]
-                said = (f"{detector}/{name} is in the active set of {detector} "
-                        f"(v{active.version}: {', '.join(active.names)}): every later run "
-                        "would fail to resolve it, so it was not retired.")
+                said = (
+                    f"{detector}/{name} is in the active set of {detector} "
+                    f"(v{active.version}: {', '.join(active.names)}): every later run "
+                    "would fail to resolve it, so it was not retired."
+                )
                 raise MaskInUseError(
                     f"{said} Activate a set without it first "
                     f"(activate({detector!r}, {rest!r})), or pass force=True to remove "
@@ -681,12 +687,19 @@ class MaskRegistry:
                 )
             node = self._active_node(detector)
             self._claim_active(
-                node, detector, tuple(n for n in active.names if n != name),
+                node,
+                detector,
+                tuple(n for n in active.names if n != name),
                 f"{name} removed: its lineage was retired (deleted with force)",
             )
         node = self._detector_node(detector)
         slots = self._claim(
-            node, detector, name, slots, kind="retired", uid=None,
+            node,
+            detector,
+            name,
+            slots,
+            kind="retired",
+            uid=None,
             check=functools.partial(self._refuse_inactive, detector, name),
         )
         return self._record_at(slots, len(slots) - 2)
@@ -759,8 +772,10 @@ class MaskRegistry:
             ) from err
         record = self._purgeable(uid)
         if not self._may_purge():
-            said = (f"Only a key that holds the admin scope ({ADMIN_SCOPE}) may purge; "
-                    f"the key in use at {self.location} does not. Nothing was written.")
+            said = (
+                f"Only a key that holds the admin scope ({ADMIN_SCOPE}) may purge; "
+                f"the key in use at {self.location} does not. Nothing was written."
+            )
             raise MaskPermissionError(
                 f"{said} Ask the facility's tiled admin, or use an admin key "
                 "(MaskRegistry.from_uri(uri, api_key=...)).",
@@ -768,12 +783,19 @@ class MaskRegistry:
                 "(--api-key-file FILE or CHX_MASKS_API_KEY).",
             )
         if self._purge_record(uid) is None:
-            self._append_change({
-                "detector": record.detector, "key": f"{record.name}@{record.version}",
-                "purged": uid, "sha256": record.sha256, "shape": list(record.shape),
-                "masked_pixels": record.masked_pixels, "reason": reason,
-                "by": self.identity,
-            }, "recording the purge")
+            self._append_change(
+                {
+                    "detector": record.detector,
+                    "key": f"{record.name}@{record.version}",
+                    "purged": uid,
+                    "sha256": record.sha256,
+                    "shape": list(record.shape),
+                    "masked_pixels": record.masked_pixels,
+                    "reason": reason,
+                    "by": self.identity,
+                },
+                "recording the purge",
+            )
         masks = self._container(MASKS)
         try:
             with self._translate(f"purging mask {uid}"):
@@ -830,8 +852,9 @@ class MaskRegistry:
         if log is None:
             return None
         with self._translate(f"looking up purges of {uid}"):
-            found = [dict(md) for md in
-                     (c.metadata for c in log.search(Eq("purged", uid)).values())]
+            found = [
+                dict(md) for md in (c.metadata for c in log.search(Eq("purged", uid)).values())
+            ]
         return found[0] if found else None
 
     def _refuse_purged(self, uid: str) -> None:
@@ -881,14 +904,16 @@ class MaskRegistry:
         self._remember(uid, array)
         return uid
 
-    def _store_mask(self, masks: Any, uid: str, array: np.ndarray,
-                    metadata: dict[str, Any], action: str) -> None:
+    def _store_mask(
+        self, masks: Any, uid: str, array: np.ndarray, metadata: dict[str, Any], action: str
+    ) -> None:
         """Write a new, unsealed mask node and its array (steps 1 and 2)."""
         from tiled.structures.core import Spec
 
         with self._translate(action):
-            masks.write_array(array, key=uid, metadata={**metadata, SEALED: False},
-                              specs=[Spec(MASK_SPEC)])
+            masks.write_array(
+                array, key=uid, metadata={**metadata, SEALED: False}, specs=[Spec(MASK_SPEC)]
+            )
 
     def _claim_and_seal(
         self,
@@ -907,8 +932,17 @@ class MaskRegistry:
         See :mod:`chx_masks.policy` for what a crash between the steps leaves.
         """
         try:
-            self._claim(node, detector, name, slots, kind="mask", uid=uid, check=check,
-                        version=version, record=record_sha256(metadata))
+            self._claim(
+                node,
+                detector,
+                name,
+                slots,
+                kind="mask",
+                uid=uid,
+                check=check,
+                version=version,
+                record=record_sha256(metadata),
+            )
         except BaseException:
             # The slot was not claimed, so nobody can know this uid: remove it
             # so that a refused call leaves nothing behind.
@@ -916,16 +950,18 @@ class MaskRegistry:
             raise
         self._seal(masks, uid, metadata)
 
-    def _seal(self, masks: Any, uid: str, metadata: dict[str, Any], *,
-              strict: bool = False) -> None:
+    def _seal(
+        self, masks: Any, uid: str, metadata: dict[str, Any], *, strict: bool = False
+    ) -> None:
         for attempt in range(3):
             try:
                 with self._translate(f"sealing mask {uid}"):
                     node = masks[uid]
                     if node.metadata.get(SEALED, True) is True:
                         return  # sealed already (an earlier attempt got through)
-                    node.replace_metadata(metadata={**metadata, SEALED: True},
-                                          specs=[MASK_SPEC], drop_revision=True)
+                    node.replace_metadata(
+                        metadata={**metadata, SEALED: True}, specs=[MASK_SPEC], drop_revision=True
+                    )
                 return
             except Exception as err:
                 if attempt < 2:
@@ -936,7 +972,9 @@ class MaskRegistry:
                 # checked on every read); only the seal is missing.
                 logger.warning(
                     "Registered mask %s but could not seal it (%s); `chx-masks verify "
-                    "--repair` seals it.", uid, type(err).__name__,
+                    "--repair` seals it.",
+                    uid,
+                    type(err).__name__,
                 )
 
     def _claim(
@@ -976,8 +1014,13 @@ class MaskRegistry:
             }
             if record is not None:
                 slot_md["record_sha256"] = record
-            if not self._create_new(node, f"{name}@{version}", slot_md, SLOT_SPEC,
-                                    f"recording {detector}/{name} v{version}"):
+            if not self._create_new(
+                node,
+                f"{name}@{version}",
+                slot_md,
+                SLOT_SPEC,
+                f"recording {detector}/{name} v{version}",
+            ):
                 if exact is not None:
                     raise MaskExistsError(
                         f"{detector}/{name} version {exact} was taken by another writer."
@@ -997,15 +1040,18 @@ class MaskRegistry:
         except Exception:
             logger.warning(
                 "Could not remove unclaimed mask array %s; it is not registered "
-                "under any name and can be deleted by hand.", uid, exc_info=True,
+                "under any name and can be deleted by hand.",
+                uid,
+                exc_info=True,
             )
 
     @staticmethod
     def _refuse_active(detector: str, name: str, slots: list[_Slot]) -> None:
         if slots and slots[-1].kind == "mask":
             last = slots[-1]
-            said = (f"{detector}/{name} is already registered (version {last.version}, "
-                    f"uid {last.uid}).")
+            said = (
+                f"{detector}/{name} is already registered (version {last.version}, uid {last.uid})."
+            )
             raise MaskExistsError(
                 f"{said} Use update_mask({detector!r}, {name!r}, mask) to add a version, "
                 "or delete_mask first to retire it.",
@@ -1017,8 +1063,7 @@ class MaskRegistry:
     def _refuse_inactive(detector: str, name: str, slots: list[_Slot]) -> None:
         if not slots:
             raise MaskNotFoundError(
-                f"No mask {detector}/{name} is registered; use register_mask to "
-                "start it.",
+                f"No mask {detector}/{name} is registered; use register_mask to start it.",
                 cli=f"No mask {detector}/{name} is registered; `chx-masks register "
                 f"{detector} {name} FILE` starts it.",
             )
@@ -1344,8 +1389,9 @@ class MaskRegistry:
         for key, value in check_query(metadata).items():
             results = results.search(Eq(key, value))
         with self._translate("searching masks"):
-            found = [self._stored_from_node(key, node)
-                     for key, node in _metadata_view(results).items()]
+            found = [
+                self._stored_from_node(key, node) for key, node in _metadata_view(results).items()
+            ]
         with self._lock:
             # What a mask's node says of itself never changes: the records
             # below need not ask for each one again.
@@ -1587,8 +1633,9 @@ class MaskRegistry:
         # One request: _node starts from the cached ``changes`` container.
         return self._node(CHANGES, str(change + 1)) is not None
 
-    def _create_new(self, parent: Any, key: str, metadata: dict[str, Any], spec: str,
-                    action: str) -> bool:
+    def _create_new(
+        self, parent: Any, key: str, metadata: dict[str, Any], spec: str, action: str
+    ) -> bool:
         """Create the container ``key``; False if it exists already (tiled's 409)."""
         from tiled.structures.core import Spec
 
@@ -1626,7 +1673,10 @@ class MaskRegistry:
             logger.warning(
                 "Stored %s/%s but could not log the change (%s: %s); run starts in "
                 "other processes may take up to a minute to see it.",
-                detector, key, type(err).__name__, err,
+                detector,
+                key,
+                type(err).__name__,
+                err,
             )
 
     def _active_node(self, detector: str) -> Any | None:
@@ -1656,8 +1706,9 @@ class MaskRegistry:
                 "at": at.isoformat(),
                 "created_by": self.identity,
             }
-            if not self._create_new(node, str(version), md, ACTIVE_SPEC,
-                                    f"recording the active set of {detector}"):
+            if not self._create_new(
+                node, str(version), md, ACTIVE_SPEC, f"recording the active set of {detector}"
+            ):
                 continue
             self._record_change(detector, f"{ACTIVE}/{version}")
             return _active_from_metadata(md)
@@ -1716,8 +1767,11 @@ class MaskRegistry:
             if any(s.version >= wanted for s in slots):
                 logger.warning(
                     "Not adopting legacy %s/%s v%s (uid %s): the registry already has "
-                    "that version or a later one.", stored.detector, stored.name,
-                    wanted, stored.uid,
+                    "that version or a later one.",
+                    stored.detector,
+                    stored.name,
+                    wanted,
+                    stored.uid,
                 )
                 continue
             if self._adopt_one(record, stored, array, slots, wanted):
@@ -1749,8 +1803,9 @@ class MaskRegistry:
             "chx_masks": SCHEMA_VERSION,
         }
         try:
-            self._store_mask(masks, stored.uid, array, stored_md,
-                             f"adopting legacy mask {stored.uid}")
+            self._store_mask(
+                masks, stored.uid, array, stored_md, f"adopting legacy mask {stored.uid}"
+            )
         except ChxMasksError:
             raise
         except Exception as err:
@@ -1758,8 +1813,17 @@ class MaskRegistry:
                 raise
             return False  # adopted concurrently by another process
         # Keep the legacy version number, even where older ones are missing.
-        self._claim_and_seal(node, masks, record.name, stored.name, slots, stored.uid,
-                             stored_md, lambda _slots: None, version=version)
+        self._claim_and_seal(
+            node,
+            masks,
+            record.name,
+            stored.name,
+            slots,
+            stored.uid,
+            stored_md,
+            lambda _slots: None,
+            version=version,
+        )
         return True
 
     def _legacy_record(self, stored: _Stored) -> MaskRecord:
@@ -1885,9 +1949,7 @@ class MaskRegistry:
     def _keys(container: Any) -> Iterable[str]:
         return list(container.keys())
 
-    def _slots(
-        self, detector: str, names: Sequence[str] | None = None
-    ) -> dict[str, list[_Slot]]:
+    def _slots(self, detector: str, names: Sequence[str] | None = None) -> dict[str, list[_Slot]]:
         """All slots of the given names of one detector, in one query."""
         from tiled.queries import In
 
@@ -1901,8 +1963,11 @@ class MaskRegistry:
                 md = child.metadata
                 if key != f"{md.get('name')}@{md.get('version')}":
                     # Not a slot the registry wrote (its key is the claim).
-                    logger.warning("Ignoring %s/%s: its key does not match its name "
-                                   "and version.", detector, key)
+                    logger.warning(
+                        "Ignoring %s/%s: its key does not match its name and version.",
+                        detector,
+                        key,
+                    )
                     continue
                 slot = _Slot(
                     md["name"],
@@ -1930,8 +1995,7 @@ class MaskRegistry:
         self.get_detector(detector)
         if isinstance(names, str):
             raise MaskValidationError(
-                f"names must be a list of mask names, not the string {names!r}; "
-                f"write [{names!r}]."
+                f"names must be a list of mask names, not the string {names!r}; write [{names!r}]."
             )
         if not isinstance(names, Iterable):
             raise MaskValidationError(
@@ -1986,9 +2050,14 @@ class MaskRegistry:
         if stored is None:
             assert purged is not None
             return MaskRecord(
-                uid=slot.uid, detector=str(purged.get("detector")), name=slot.name,
-                version=slot.version, registered_at=slot.at, superseded_at=superseded_at,
-                retired_at=retired_at, sha256=str(purged.get("sha256")),
+                uid=slot.uid,
+                detector=str(purged.get("detector")),
+                name=slot.name,
+                version=slot.version,
+                registered_at=slot.at,
+                superseded_at=superseded_at,
+                retired_at=retired_at,
+                sha256=str(purged.get("sha256")),
                 shape=tuple(purged.get("shape") or (0, 0)),
                 masked_pixels=int(purged.get("masked_pixels") or 0),
                 metadata={"purged": {k: purged.get(k) for k in ("at", "by", "reason")}},
@@ -2068,10 +2137,13 @@ class MaskRegistry:
             claims: list[Any] = []
             if node is not None:
                 with self._translate(f"looking up the version of {stored.uid}"):
-                    claims = [md for key, md in
-                              ((k, c.metadata) for k, c in
-                               node.search(Eq("uid", stored.uid)).items())
-                              if key == f"{md.get('name')}@{md.get('version')}"]
+                    claims = [
+                        md
+                        for key, md in (
+                            (k, c.metadata) for k, c in node.search(Eq("uid", stored.uid)).items()
+                        )
+                        if key == f"{md.get('name')}@{md.get('version')}"
+                    ]
             if not claims:
                 raise MaskNotFoundError(
                     f"uid {stored.uid} holds a mask array but was never registered under "
@@ -2308,9 +2380,7 @@ class MaskRegistry:
         import dask.array as da
 
         stored = self._stored_for(uid)
-        task = dask.delayed(self._read_copy, pure=True)(
-            uid, dask_key_name=f"chx-mask-read-{uid}"
-        )
+        task = dask.delayed(self._read_copy, pure=True)(uid, dask_key_name=f"chx-mask-read-{uid}")
         return da.from_delayed(task, shape=stored.shape, dtype=bool, name=f"chx-mask-{uid}")
 
 
@@ -2392,8 +2462,18 @@ def _metadata_view(container: Any) -> Any:
 _UID_PREFIX = re.compile(r"[0-9a-fA-F][0-9a-fA-F-]{7,34}")
 _LEGACY_KEYS = frozenset({"spec", "name", "detector", "version", "uid"})
 _STORED_KEYS = frozenset(
-    {"uid", "detector", "name", "sha256", "shape", "masked_pixels", "created_at", "created_by",
-     "chx_masks", SEALED}
+    {
+        "uid",
+        "detector",
+        "name",
+        "sha256",
+        "shape",
+        "masked_pixels",
+        "created_at",
+        "created_by",
+        "chx_masks",
+        SEALED,
+    }
 )
 
 
@@ -2491,8 +2571,11 @@ def _key_scopes(client: Any) -> frozenset[str]:
         return frozenset()
     info = info if isinstance(info, Mapping) else {}
     for k in info.get("api_keys") or []:
-        if isinstance(k, Mapping) and k.get("first_eight") and key.startswith(
-                str(k["first_eight"])):
+        if (
+            isinstance(k, Mapping)
+            and k.get("first_eight")
+            and key.startswith(str(k["first_eight"]))
+        ):
             scopes = set(k.get("scopes") or ())
             if "inherit" in scopes:
                 scopes.discard("inherit")
@@ -2525,9 +2608,14 @@ def _identity_of(client: Any) -> str:
         return f"{local} (API key; the server did not say whose)"
     # A service principal has no identity; its key's note says what it is for.
     key = str(context.api_key)
-    notes = [k.get("note") for k in info.get("api_keys") or []
-             if isinstance(k, Mapping) and k.get("first_eight") and k.get("note")
-             and key.startswith(str(k["first_eight"]))]
+    notes = [
+        k.get("note")
+        for k in info.get("api_keys") or []
+        if isinstance(k, Mapping)
+        and k.get("first_eight")
+        and k.get("note")
+        and key.startswith(str(k["first_eight"]))
+    ]
     return f"service principal {info['uuid']}" + (f" (key {notes[0]!r})" if notes else "")
 
 
@@ -2604,8 +2692,7 @@ def _select(
     if last.kind == "retired":
         said = f"{detector}/{name} was retired at {last.at:%Y-%m-%d %H:%M:%S} UTC."
         raise MaskNotFoundError(
-            f"{said} Its uids stay readable with get_mask_by_uid; register_mask starts "
-            "it again.",
+            f"{said} Its uids stay readable with get_mask_by_uid; register_mask starts it again.",
             cli=f"{said} Its uids stay readable with `chx-masks show --uid UID`; "
             f"`chx-masks register {detector} {name} FILE` starts it again.",
         )

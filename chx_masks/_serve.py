@@ -105,8 +105,8 @@ def check_api_key(key: str) -> str:
     if not key or not key.isalnum() or not key.isascii():
         raise MaskValidationError(
             "An API key must be letters and digits only (tiled puts it in URLs), "
-            "and not empty. Make one with: python -c \"import secrets; "
-            "print(secrets.token_hex(32))\"."
+            'and not empty. Make one with: python -c "import secrets; '
+            'print(secrets.token_hex(32))".'
         )
     return key
 
@@ -184,8 +184,7 @@ def plan_directory(
         data.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise MaskValidationError(
-            f"Cannot create the storage directory {data}: {err.strerror}. Give a "
-            "writable --dir."
+            f"Cannot create the storage directory {data}: {err.strerror}. Give a writable --dir."
         ) from err
     uri = catalog_uri(directory, catalog)
     is_sqlite = uri.split("://", 1)[0].startswith("sqlite")
@@ -211,8 +210,13 @@ def plan_directory(
         validation_registry=validation_registry(),
     )
     return Plan(
-        app=app, host=host, port=port, catalogs=(redact(uri),), storage=(str(data),),
-        key_source=source, public=public,
+        app=app,
+        host=host,
+        port=port,
+        catalogs=(redact(uri),),
+        storage=(str(data),),
+        key_source=source,
+        public=public,
         generated_key=key if source == "generated" else None,
     )
 
@@ -378,15 +382,19 @@ def announcement(info: ServerInfo, generated_key: str | None = None) -> str:
     lines += ["Point clients at it:", f"  export CHX_MASKS_URI={info.uri}"]
     if info.key_source == "generated":
         lines.append(f"  export CHX_MASKS_API_KEY={generated_key}")
-        lines.append("  (a key generated for this run, shown only here; give --api-key or "
-                     f"${API_KEY_ENV} to keep one)")
+        lines.append(
+            "  (a key generated for this run, shown only here; give --api-key or "
+            f"${API_KEY_ENV} to keep one)"
+        )
     elif info.key_source == "given":
         lines.append("  export CHX_MASKS_API_KEY=...   (the key this server was given)")
     elif info.key_source == "config":
         lines.append("  export CHX_MASKS_API_KEY=...   (single_user_api_key of the config)")
     else:
-        lines.append("  export CHX_MASKS_API_KEY=...   (a key an admin created for you, "
-                     "with the scopes you need; see deploy/README.md)")
+        lines.append(
+            "  export CHX_MASKS_API_KEY=...   (a key an admin created for you, "
+            "with the scopes you need; see deploy/README.md)"
+        )
     lines.append("Stop with Ctrl-C.")
     return "\n".join(lines)
 

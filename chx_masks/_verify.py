@@ -116,13 +116,15 @@ def verify_registry(
         masks = root[MASKS] if MASKS in root else None
         nodes = {} if masks is None else dict(masks.items())
         log = root[CHANGES] if CHANGES in root else None
-        purged = {md["purged"]: md for md in
-                  (dict(c.metadata) for c in ({} if log is None else log).values())
-                  if isinstance(md.get("purged"), str)}
+        purged = {
+            md["purged"]: md
+            for md in (dict(c.metadata) for c in ({} if log is None else log).values())
+            if isinstance(md.get("purged"), str)
+        }
         detectors = root[DETECTORS] if DETECTORS in root else None
         claims: dict[str, tuple[str, Mapping[str, Any]]] = {}
         lineages: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
-        for det, node in ({} if detectors is None else detectors.items()):
+        for det, node in {} if detectors is None else detectors.items():
             for key, child in node.items():
                 md = dict(child.metadata)
                 where = f"{DETECTORS}/{det}/{key}"
@@ -142,11 +144,15 @@ def verify_registry(
             _check_lineage(det, name, slots, nodes, purged, problems)
         for uid, md in sorted(purged.items()):
             if uid in nodes:
-                problems.append(Problem(
-                    "purge", f"{MASKS}/{uid}",
-                    f"change {md.get('n')} records its purge but it is still stored (the "
-                    "delete was refused or interrupted: run `chx-masks purge` again with "
-                    "an admin key)"))
+                problems.append(
+                    Problem(
+                        "purge",
+                        f"{MASKS}/{uid}",
+                        f"change {md.get('n')} records its purge but it is still stored (the "
+                        "delete was refused or interrupted: run `chx-masks purge` again with "
+                        "an admin key)",
+                    )
+                )
 
         for i, (uid, node) in enumerate(sorted(nodes.items())):
             if progress is not None:
@@ -157,9 +163,10 @@ def verify_registry(
 
         active = root[ACTIVE] if ACTIVE in root else None
         sets = 0
-        for det, node in ({} if active is None else active.items()):
-            history = sorted((dict(c.metadata) for c in node.values()),
-                             key=lambda md: md.get("version", -1))
+        for det, node in {} if active is None else active.items():
+            history = sorted(
+                (dict(c.metadata) for c in node.values()), key=lambda md: md.get("version", -1)
+            )
             sets += len(history)
             _check_active(det, history, lineages, problems)
         report.counts["active sets"] = sets
@@ -176,9 +183,14 @@ def _at(md: Mapping[str, Any]) -> datetime | None:
         return None
 
 
-def _check_lineage(det: str, name: str, slots: list[Mapping[str, Any]],
-                   nodes: Mapping[str, Any], purged: Mapping[str, Any],
-                   problems: list[Problem]) -> None:
+def _check_lineage(
+    det: str,
+    name: str,
+    slots: list[Mapping[str, Any]],
+    nodes: Mapping[str, Any],
+    purged: Mapping[str, Any],
+    problems: list[Problem],
+) -> None:
     slots.sort(key=lambda md: md["version"])
     where = f"{det}/{name}"
     previous: Mapping[str, Any] | None = None
@@ -188,42 +200,64 @@ def _check_lineage(det: str, name: str, slots: list[Mapping[str, Any]],
         adopted = node is not None and "adopted_from" in node.metadata
         expected = 0 if previous is None else previous["version"] + 1
         if version != expected and not (adopted and version > expected):
-            problems.append(Problem("versions", f"{where}@{version}",
-                                    f"expected version {expected}"))
+            problems.append(
+                Problem("versions", f"{where}@{version}", f"expected version {expected}")
+            )
         at = _at(md)
         if at is None:
             problems.append(Problem("times", f"{where}@{version}", "no valid 'at'"))
         elif previous is not None and (_at(previous) or at) >= at:
-            problems.append(Problem("times", f"{where}@{version}",
-                                    "starts no later than the version before"))
+            problems.append(
+                Problem("times", f"{where}@{version}", "starts no later than the version before")
+            )
         if md.get("kind") == "mask":
             uid = md.get("uid")
             if node is None:
                 if uid not in purged:
-                    problems.append(Problem("slot", f"{where}@{version}",
-                                            f"names mask {uid}, which is not in the registry"))
+                    problems.append(
+                        Problem(
+                            "slot",
+                            f"{where}@{version}",
+                            f"names mask {uid}, which is not in the registry",
+                        )
+                    )
             else:
                 stored = node.metadata
                 if stored.get("detector") != det or stored.get("name") != name:
-                    problems.append(Problem("slot", f"{where}@{version}",
-                                            f"names mask {uid} of another lineage"))
+                    problems.append(
+                        Problem(
+                            "slot", f"{where}@{version}", f"names mask {uid} of another lineage"
+                        )
+                    )
                 expected_record = md.get("record_sha256")
                 if expected_record is not None and expected_record != record_sha256(stored):
-                    problems.append(Problem("record", f"masks/{uid}",
-                                            f"not the record {where}@{version} registered"))
+                    problems.append(
+                        Problem(
+                            "record", f"masks/{uid}", f"not the record {where}@{version} registered"
+                        )
+                    )
         elif md.get("kind") == "retired":
             if previous is None or previous.get("kind") != "mask":
-                problems.append(Problem("slot", f"{where}@{version}",
-                                        "retires a lineage that was not registered"))
+                problems.append(
+                    Problem(
+                        "slot", f"{where}@{version}", "retires a lineage that was not registered"
+                    )
+                )
         else:
-            problems.append(Problem("slot", f"{where}@{version}",
-                                    f"unknown kind {md.get('kind')!r}"))
+            problems.append(
+                Problem("slot", f"{where}@{version}", f"unknown kind {md.get('kind')!r}")
+            )
         previous = md
 
 
-def _check_mask(registry: MaskRegistry, uid: str, node: Any,
-                claim: tuple[str, Mapping[str, Any]] | None, problems: list[Problem],
-                mask_spec: str) -> None:
+def _check_mask(
+    registry: MaskRegistry,
+    uid: str,
+    node: Any,
+    claim: tuple[str, Mapping[str, Any]] | None,
+    problems: list[Problem],
+    mask_spec: str,
+) -> None:
     where = f"masks/{uid}"
     md = dict(node.metadata)
     if mask_spec not in {getattr(s, "name", s) for s in node.specs}:
@@ -235,8 +269,9 @@ def _check_mask(registry: MaskRegistry, uid: str, node: Any,
         problems.append(Problem(kind, where, "no slot claims it (an interrupted registration)"))
         return
     if not sealed:
-        problems.append(Problem(UNSEALED, where, "claimed but not sealed (an interrupted "
-                                "registration)"))
+        problems.append(
+            Problem(UNSEALED, where, "claimed but not sealed (an interrupted registration)")
+        )
     try:
         array = np.asarray(node.read())
     except Exception as err:
@@ -250,13 +285,17 @@ def _check_mask(registry: MaskRegistry, uid: str, node: Any,
         except Exception:
             revisions = 0  # a server without revisions
         if revisions:
-            problems.append(Problem("revisions", where,
-                                    f"{revisions} metadata revision(s) on a sealed node"))
+            problems.append(
+                Problem("revisions", where, f"{revisions} metadata revision(s) on a sealed node")
+            )
 
 
-def _check_active(det: str, history: list[Mapping[str, Any]],
-                  lineages: Mapping[tuple[str, str], list[Mapping[str, Any]]],
-                  problems: list[Problem]) -> None:
+def _check_active(
+    det: str,
+    history: list[Mapping[str, Any]],
+    lineages: Mapping[tuple[str, str], list[Mapping[str, Any]]],
+    problems: list[Problem],
+) -> None:
     previous: Mapping[str, Any] | None = None
     for md in history:
         version = md.get("version")
@@ -268,11 +307,15 @@ def _check_active(det: str, history: list[Mapping[str, Any]],
         if at is None or (previous is not None and (_at(previous) or at) >= at):
             problems.append(Problem("times", where, "starts no later than the set before"))
         for name in md.get("names") or []:
-            slots = [s for s in lineages.get((det, name), []) if at is None or
-                     (_at(s) is not None and _at(s) <= at)]
+            slots = [
+                s
+                for s in lineages.get((det, name), [])
+                if at is None or (_at(s) is not None and _at(s) <= at)
+            ]
             if not slots or slots[-1].get("kind") != "mask":
-                problems.append(Problem("active", where,
-                                        f"names {name!r}, not registered at that time"))
+                problems.append(
+                    Problem("active", where, f"names {name!r}, not registered at that time")
+                )
         previous = md
 
 
@@ -289,7 +332,8 @@ def _repair(registry: MaskRegistry, masks: Any, report: VerifyReport) -> None:
                 report.counts["masks"] -= 1
             else:
                 node = masks[uid]
-                registry._seal(masks, uid, {k: v for k, v in node.metadata.items()
-                                            if k != SEALED}, strict=True)
+                registry._seal(
+                    masks, uid, {k: v for k, v in node.metadata.items() if k != SEALED}, strict=True
+                )
         report.problems.remove(problem)
         report.repaired.append(problem)

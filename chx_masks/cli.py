@@ -41,5 +41,13 @@ from ._cli import _print_json as print_json
 from ._cli import _State as State
 from ._cli import _wrote as wrote
 
-__all__ = ["COMMANDS_GROUP", "CommandFailure", "State", "json_option", "pass_state",
-           "percent", "print_json", "wrote"]
+__all__ = [
+    "COMMANDS_GROUP",
+    "CommandFailure",
+    "State",
+    "json_option",
+    "pass_state",
+    "percent",
+    "print_json",
+    "wrote",
+]

@@ -158,8 +158,14 @@ class GeneratedMask:
         'circle'
         """
         return register_with_source(
-            registry, detector, name, self.mask, copy.deepcopy(self.source),
-            update=update, metadata=metadata, force=force,
+            registry,
+            detector,
+            name,
+            self.mask,
+            copy.deepcopy(self.source),
+            update=update,
+            metadata=metadata,
+            force=force,
         )
 
 
@@ -201,9 +207,7 @@ def _check_shape(shape: Any) -> tuple[int, int]:
     if len(values) != 2 or not all(
         isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in values
     ):
-        raise MaskValidationError(
-            f"shape must be (rows, cols), two positive ints; got {shape!r}."
-        )
+        raise MaskValidationError(f"shape must be (rows, cols), two positive ints; got {shape!r}.")
     return int(values[0]), int(values[1])
 
 
@@ -215,9 +219,7 @@ def _check_point(point: Any, what: str) -> tuple[float, float]:
             f"{what} must be (row, col), two finite numbers; got {point!r}."
         ) from err
     if len(values) != 2 or not all(math.isfinite(v) for v in values):
-        raise MaskValidationError(
-            f"{what} must be (row, col), two finite numbers; got {point!r}."
-        )
+        raise MaskValidationError(f"{what} must be (row, col), two finite numbers; got {point!r}.")
     return values
 
 

@@ -107,9 +107,12 @@ def _refused_by_numpy(path: Path, err: BaseException, what: str) -> MaskValidati
         head = f.read(6)
     # A pickle (protocol 2 and later), or an object array inside .npy/.npz.
     if head.startswith((b"\x80", b"\x93NUMPY", b"PK")):
-        return _bad(path, "holds Python objects (pickled data), not a mask array, and is "
-                    "refused: loading pickled data can run code from the file. A mask "
-                    "file holds a plain bool or integer array.")
+        return _bad(
+            path,
+            "holds Python objects (pickled data), not a mask array, and is "
+            "refused: loading pickled data can run code from the file. A mask "
+            "file holds a plain bool or integer array.",
+        )
     return _bad(path, f"is not a readable {what}: it does not start with the header of one.")
 
 
@@ -120,10 +123,15 @@ def _resolve_format(path: Path, format: str | None) -> Format:
         return format  # type: ignore[return-value]
     found = _SUFFIXES.get(path.suffix.lower())
     if found is None:
-        said = (f"cannot tell the format from the suffix {path.suffix!r}; expected one of "
-                f"{', '.join(sorted(_SUFFIXES))}")
-        raise _bad(path, f"{said}, or pass format= (one of {', '.join(_FORMATS)}).",
-                   cli=f"{said}, or give --format (one of {', '.join(_FORMATS)}).")
+        said = (
+            f"cannot tell the format from the suffix {path.suffix!r}; expected one of "
+            f"{', '.join(sorted(_SUFFIXES))}"
+        )
+        raise _bad(
+            path,
+            f"{said}, or pass format= (one of {', '.join(_FORMATS)}).",
+            cli=f"{said}, or give --format (one of {', '.join(_FORMATS)}).",
+        )
     return found
 
 
@@ -160,9 +168,11 @@ def _read_npy(path: Path, dataset: str | None) -> tuple[np.ndarray, str | None, 
         raise _bad(path, f"is not a readable .npy array ({type(err).__name__}: {err}).") from err
     if not isinstance(loaded, np.ndarray):
         loaded.close()
-        raise _bad(path, "is an .npz archive, not an .npy array; name it .npz or pass "
-                   "format='npz'.", cli="is an .npz archive, not an .npy array; name it "
-                   ".npz or give --format npz.")
+        raise _bad(
+            path,
+            "is an .npz archive, not an .npy array; name it .npz or pass format='npz'.",
+            cli="is an .npz archive, not an .npy array; name it .npz or give --format npz.",
+        )
     return loaded, None, {}
 
 
@@ -170,19 +180,25 @@ def _read_npz(path: Path, dataset: str | None) -> tuple[np.ndarray, str | None, 
     try:
         with np.load(path, allow_pickle=False) as archive:
             if isinstance(archive, np.ndarray):
-                raise _bad(path, "is an .npy array, not an .npz archive; name it .npy or "
-                           "pass format='npy'.", cli="is an .npy array, not an .npz "
-                           "archive; name it .npy or give --format npy.")
+                raise _bad(
+                    path,
+                    "is an .npy array, not an .npz archive; name it .npy or pass format='npy'.",
+                    cli="is an .npy array, not an .npz archive; name it .npy or give --format npy.",
+                )
             keys = list(archive.keys())
             if dataset is None:
                 if len(keys) != 1:
                     said = f"holds {len(keys)} arrays ({', '.join(keys) or 'none'}); expected one"
-                    raise _bad(path, f"{said}, or pass dataset= naming the mask.",
-                               cli=f"{said}, or give --dataset NAME naming the mask.")
+                    raise _bad(
+                        path,
+                        f"{said}, or pass dataset= naming the mask.",
+                        cli=f"{said}, or give --dataset NAME naming the mask.",
+                    )
                 dataset = keys[0]
             elif dataset not in keys:
-                raise _bad(path, f"has no array {dataset!r}; it holds: "
-                           f"{', '.join(keys) or 'nothing'}.")
+                raise _bad(
+                    path, f"has no array {dataset!r}; it holds: {', '.join(keys) or 'nothing'}."
+                )
             return archive[dataset], dataset, {}
     except MaskValidationError:
         raise
@@ -224,8 +240,11 @@ def _read_fabio(path: Path, fmt: str) -> tuple[np.ndarray, str | None, dict]:
                     image.header.get("EDF_BinarySize", image.header.get("Size", 0))
                 )
                 if frames == 1 and os.path.getsize(path) < needed:
-                    raise _bad(path, f"is truncated: {os.path.getsize(path)} bytes, but its "
-                               f"header announces {needed}.")
+                    raise _bad(
+                        path,
+                        f"is truncated: {os.path.getsize(path)} bytes, but its "
+                        f"header announces {needed}.",
+                    )
     except MaskValidationError:
         raise
     except Exception as err:  # fabio raises OSError, Exception, AssertionError by case
@@ -244,8 +263,9 @@ def _read_nexus(path: Path, dataset: str | None) -> tuple[np.ndarray, str | None
     try:
         f = h5py.File(path, "r")
     except Exception as err:  # OSError for non-HDF5 or truncated files
-        raise _bad(path, f"is not a readable HDF5/NeXus file ({type(err).__name__}: "
-                   f"{err}).") from err
+        raise _bad(
+            path, f"is not a readable HDF5/NeXus file ({type(err).__name__}: {err})."
+        ) from err
     with f:
         if dataset is None:
             if isinstance(f.get(NEXUS_PIXEL_MASK), h5py.Dataset):
@@ -253,14 +273,19 @@ def _read_nexus(path: Path, dataset: str | None) -> tuple[np.ndarray, str | None
             else:
                 named: list[str] = []
                 f.visititems(
-                    lambda key, obj: named.append("/" + key)
-                    if isinstance(obj, h5py.Dataset) and key.rsplit("/", 1)[-1] == "pixel_mask"
-                    else None
+                    lambda key, obj: (
+                        named.append("/" + key)
+                        if isinstance(obj, h5py.Dataset) and key.rsplit("/", 1)[-1] == "pixel_mask"
+                        else None
+                    )
                 )
                 if len(named) > 1:
                     said = f"has several 'pixel_mask' datasets ({', '.join(named)})"
-                    raise _bad(path, f"{said}; pass dataset= to pick one.",
-                               cli=f"{said}; give --dataset PATH to pick one.")
+                    raise _bad(
+                        path,
+                        f"{said}; pass dataset= to pick one.",
+                        cli=f"{said}; give --dataset PATH to pick one.",
+                    )
                 dataset = named[0] if named else None
         node = f.get(dataset) if dataset is not None else None
         if not isinstance(node, h5py.Dataset):
@@ -276,20 +301,26 @@ def _read_nexus(path: Path, dataset: str | None) -> tuple[np.ndarray, str | None
                 else f"{NEXUS_PIXEL_MASK!r} or any dataset named 'pixel_mask'"
             )
             said = f"has no {wanted}. Datasets found: {shown}{more}."
-            raise _bad(path, f"{said} Pass dataset= naming the mask.",
-                       cli=f"{said} Give --dataset PATH naming the mask.")
+            raise _bad(
+                path,
+                f"{said} Pass dataset= naming the mask.",
+                cli=f"{said} Give --dataset PATH naming the mask.",
+            )
         try:
             data = node[()]
         except Exception as err:
-            raise _bad(path, f"dataset {dataset!r} cannot be read ({type(err).__name__}: "
-                       f"{err}).") from err
+            raise _bad(
+                path, f"dataset {dataset!r} cannot be read ({type(err).__name__}: {err})."
+            ) from err
     return np.asarray(data), dataset, {"h5py": h5py.__version__}
 
 
 def _read_indices(path: Path, shape: tuple[int, int] | None) -> tuple[np.ndarray, dict]:
     if shape is None:
-        raise _bad(path, "is a list of flat pixel indices; pass shape=(rows, cols) of the "
-                   "detector to read it.")
+        raise _bad(
+            path,
+            "is a list of flat pixel indices; pass shape=(rows, cols) of the detector to read it.",
+        )
     try:
         text = path.read_text()
     except UnicodeDecodeError as err:
@@ -302,39 +333,57 @@ def _read_indices(path: Path, shape: tuple[int, int] | None) -> tuple[np.ndarray
     except ValueError as err:
         raise _bad(path, f"is not a list of flat pixel indices, one per line ({err}).") from err
     if values.ndim != 1:
-        raise _bad(path, f"has {values.shape[1]} columns; expected one flat pixel index per "
-                   "line (C order: row * cols + col).")
+        raise _bad(
+            path,
+            f"has {values.shape[1]} columns; expected one flat pixel index per "
+            "line (C order: row * cols + col).",
+        )
     # np.savetxt writes floats ('%.18e') by default, so accept integral floats.
     if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
-        raise _bad(path, "holds values that are not whole numbers; expected flat pixel "
-                   "indices, one per line.")
+        raise _bad(
+            path,
+            "holds values that are not whole numbers; expected flat pixel indices, one per line.",
+        )
     indices = values.astype(np.int64)
     size = int(np.prod(shape))
     out = (indices < 0) | (indices >= size)
     if out.any():
-        raise _bad(path, f"holds {int(out.sum())} indices outside 0..{size - 1} for shape "
-                   f"{shape_str(shape)}, e.g. {indices[out][:5].tolist()}; was it written for "
-                   "another detector?")
+        raise _bad(
+            path,
+            f"holds {int(out.sum())} indices outside 0..{size - 1} for shape "
+            f"{shape_str(shape)}, e.g. {indices[out][:5].tolist()}; was it written for "
+            "another detector?",
+        )
     listed = np.zeros(size, dtype=bool)
     listed[indices] = True
     return listed.reshape(shape), {}
 
 
-def _to_keep(raw: np.ndarray, fmt: str, convention: str | None, path: Path) -> tuple[np.ndarray,
-                                                                                      str]:
+def _to_keep(
+    raw: np.ndarray, fmt: str, convention: str | None, path: Path
+) -> tuple[np.ndarray, str]:
     """The bool keep-mask of a raw array read from ``path``, and the convention used."""
     kind = raw.dtype.kind
     if kind not in "buif":
-        raise _bad(path, f"holds dtype {raw.dtype}; a mask must be bool or 0/1 (or, for "
-                   "'masked-nonzero', integer) values.")
+        raise _bad(
+            path,
+            f"holds dtype {raw.dtype}; a mask must be bool or 0/1 (or, for "
+            "'masked-nonzero', integer) values.",
+        )
     if raw.ndim != 2:
-        raise _bad(path, f"holds a {raw.ndim}-D array of shape {shape_str(raw.shape)}; a mask "
-                   "is one 2-D frame (rows, cols).")
+        raise _bad(
+            path,
+            f"holds a {raw.ndim}-D array of shape {shape_str(raw.shape)}; a mask "
+            "is one 2-D frame (rows, cols).",
+        )
     if kind == "f":
         bad = ~np.isin(raw, (0, 1))
         if bad.any():
-            raise _bad(path, f"holds float values other than 0 and 1, e.g. "
-                       f"{np.unique(raw[bad])[:5].tolist()}; a mask holds 0/1 only.")
+            raise _bad(
+                path,
+                f"holds float values other than 0 and 1, e.g. "
+                f"{np.unique(raw[bad])[:5].tolist()}; a mask holds 0/1 only.",
+            )
     if convention is None:
         if fmt in _NONZERO_MASKED:
             convention = "masked-nonzero"
@@ -342,20 +391,27 @@ def _to_keep(raw: np.ndarray, fmt: str, convention: str | None, path: Path) -> t
             convention = "keep"
         else:
             said = f"holds {raw.dtype} values, not bool, and {fmt} files have no agreed convention."
-            raise _bad(path, f"{said} Pass convention='keep' (1 = pixel kept, as in "
-                       "chx_masks) or convention='masked-nonzero' (nonzero = masked, as in "
-                       "pyFAI).", cli=f"{said} Give --convention keep (1 = pixel kept, as in "
-                       "chx-masks) or --convention masked-nonzero (nonzero = masked, as in "
-                       "pyFAI).")
+            raise _bad(
+                path,
+                f"{said} Pass convention='keep' (1 = pixel kept, as in "
+                "chx_masks) or convention='masked-nonzero' (nonzero = masked, as in "
+                "pyFAI).",
+                cli=f"{said} Give --convention keep (1 = pixel kept, as in "
+                "chx-masks) or --convention masked-nonzero (nonzero = masked, as in "
+                "pyFAI).",
+            )
     if convention == "masked-nonzero":
         return raw == 0, convention
     if kind != "b":
         bad = ~np.isin(raw, (0, 1))
         if bad.any():
             said = f"holds values other than 0 and 1 (e.g. {np.unique(raw[bad])[:5].tolist()})"
-            raise _bad(path, f"{said}, which convention='keep' cannot read; is it "
-                       "convention='masked-nonzero'?", cli=f"{said}, which --convention keep "
-                       "cannot read; is it --convention masked-nonzero?")
+            raise _bad(
+                path,
+                f"{said}, which convention='keep' cannot read; is it convention='masked-nonzero'?",
+                cli=f"{said}, which --convention keep "
+                "cannot read; is it --convention masked-nonzero?",
+            )
     return raw != 0, convention
 
 
@@ -443,8 +499,9 @@ def read_mask(
         mask, used = _to_keep(raw, fmt, convention, path)
     if shape is not None and mask.shape != shape:
         hint = " It is transposed." if mask.shape == shape[::-1] else ""
-        raise _bad(path, f"holds a {shape_str(mask.shape)} mask; expected {shape_str(shape)}."
-                   f"{hint}")
+        raise _bad(
+            path, f"holds a {shape_str(mask.shape)} mask; expected {shape_str(shape)}.{hint}"
+        )
     source: dict[str, Any] = {
         "kind": "file",
         "path": str(path),
@@ -549,8 +606,9 @@ def write_mask(
         with h5py.File(path, "w") as f:
             classes = ("NXentry", "NXinstrument", "NXdetector", "NXcollection")
             group = f
-            for key, nx_class in zip(NEXUS_PIXEL_MASK.strip("/").split("/")[:-1], classes,
-                                     strict=True):
+            for key, nx_class in zip(
+                NEXUS_PIXEL_MASK.strip("/").split("/")[:-1], classes, strict=True
+            ):
                 group = group.require_group(key)
                 group.attrs["NX_class"] = nx_class
             group.create_dataset("pixel_mask", data=out, compression="gzip")
@@ -602,15 +660,18 @@ def _writing_convention(path: Path, fmt: Format, convention: str | None) -> str:
     used = convention or export_convention(fmt)
     if used is None:
         said = "TIFF masks are read both ways, so the convention to write must be given"
-        raise _bad(path, f"{said}: convention='masked-nonzero' (nonzero = masked, as pyFAI "
-                   "and fabio read it) or convention='keep' (True = kept, as chx-masks reads "
-                   "a bool TIFF).", cli=f"{said}: --convention masked-nonzero (pyFAI, "
-                   "fabio) or --convention keep (chx-masks).")
+        raise _bad(
+            path,
+            f"{said}: convention='masked-nonzero' (nonzero = masked, as pyFAI "
+            "and fabio read it) or convention='keep' (True = kept, as chx-masks reads "
+            "a bool TIFF).",
+            cli=f"{said}: --convention masked-nonzero (pyFAI, "
+            "fabio) or --convention keep (chx-masks).",
+        )
     return used
 
 
-def _coerce_for(registry: MaskRegistry, detector: str, mask: np.ndarray,
-                path: Path) -> np.ndarray:
+def _coerce_for(registry: MaskRegistry, detector: str, mask: np.ndarray, path: Path) -> np.ndarray:
     shape = registry.get_detector(detector).shape
     try:
         return coerce_mask(mask, shape, detector)
@@ -618,8 +679,9 @@ def _coerce_for(registry: MaskRegistry, detector: str, mask: np.ndarray,
         raise _bad(path, str(err), cli=err.cli_message) from err
 
 
-def _read_for(registry: MaskRegistry, detector: str, path: str | os.PathLike[str],
-              read_kw: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any], Path]:
+def _read_for(
+    registry: MaskRegistry, detector: str, path: str | os.PathLike[str], read_kw: dict[str, Any]
+) -> tuple[np.ndarray, dict[str, Any], Path]:
     absolute = Path(path).expanduser().absolute()
     shape = registry.get_detector(detector).shape
     # An index list carries no shape of its own; the detector's is the right one.
@@ -692,9 +754,9 @@ def register_from_file(
     'gap.npy'
     """
     array, source, _ = _read_for(registry, detector, path, dict(read_kw))
-    return register_with_source(registry, detector, name, array, source, update=update,
-                                metadata=metadata,
-                  force=force)
+    return register_with_source(
+        registry, detector, name, array, source, update=update, metadata=metadata, force=force
+    )
 
 
 def export_mask(
@@ -740,8 +802,9 @@ def export_mask(
     _writing_convention(path, _resolve_format(path, format), convention)  # before reading
     if uid is not None:
         if version is not None:
-            raise MaskValidationError("Give version= or uid=, not both.",
-                                      cli="Give --version or --uid, not both.")
+            raise MaskValidationError(
+                "Give version= or uid=, not both.", cli="Give --version or --uid, not both."
+            )
         record = registry.describe(uid)
         if (record.detector, record.name) != (detector, name):
             raise MaskValidationError(

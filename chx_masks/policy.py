@@ -134,7 +134,11 @@ class AppendOnlyPolicy(AccessPolicy):
         return (False, access_tags or normalize_access_tags())
 
     async def filters(
-        self, node: Any, principal: Any, authn_access_tags: Any, authn_scopes: Any,
+        self,
+        node: Any,
+        principal: Any,
+        authn_access_tags: Any,
+        authn_scopes: Any,
         scopes: Any,
     ) -> list[Any]:
         return []  # everyone with read:metadata sees everything
@@ -154,7 +158,11 @@ class AppendOnlyPolicy(AccessPolicy):
         return granted & READ_SCOPES
 
     async def modify_node(
-        self, node: Any, principal: Any, authn_access_tags: Any, authn_scopes: Any,
+        self,
+        node: Any,
+        principal: Any,
+        authn_access_tags: Any,
+        authn_scopes: Any,
         access_tags: Any,
     ) -> tuple[bool, Any]:
         # tiled asks this before every metadata rewrite (PATCH and PUT).
@@ -212,9 +220,7 @@ async def _parent_metadata(node: Any, parent: int) -> Mapping[str, Any] | None:
     from tiled.catalog import orm
 
     async with node.context.session() as db:
-        return (await db.execute(
-            select(orm.Node.metadata_).where(orm.Node.id == parent)
-        )).scalar()
+        return (await db.execute(select(orm.Node.metadata_).where(orm.Node.id == parent))).scalar()
 
 
 async def _children(parent: Any, key_prefix: str | None = None) -> list[tuple[str, Any]]:
@@ -222,9 +228,7 @@ async def _children(parent: Any, key_prefix: str | None = None) -> list[tuple[st
     from sqlalchemy import select
     from tiled.catalog import orm
 
-    statement = select(orm.Node.key, orm.Node.metadata_).where(
-        orm.Node.parent == parent.node.id
-    )
+    statement = select(orm.Node.key, orm.Node.metadata_).where(orm.Node.parent == parent.node.id)
     if key_prefix is not None:
         escaped = key_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         statement = statement.where(orm.Node.key.like(escaped + "%", escape="\\"))
@@ -266,9 +270,11 @@ async def _node_by_key(context: Any, key: str) -> tuple[Any, Any] | None:
     from tiled.catalog import orm
 
     async with context.session() as db:
-        rows = (await db.execute(
-            select(orm.Node.metadata_, orm.Node.specs).where(orm.Node.key == key).limit(2)
-        )).all()
+        rows = (
+            await db.execute(
+                select(orm.Node.metadata_, orm.Node.specs).where(orm.Node.key == key).limit(2)
+            )
+        ).all()
     return tuple(rows[0]) if len(rows) == 1 else None
 
 
@@ -310,62 +316,79 @@ def _time(value: Any, what: str) -> datetime:
 
 def _parent() -> Any:
     parent = _CHECKED.get(None)
-    _require(parent is not None and hasattr(parent, "node"),
-             "a registry record must be created inside the registry")
+    _require(
+        parent is not None and hasattr(parent, "node"),
+        "a registry record must be created inside the registry",
+    )
     return parent
 
 
-async def validate_mask(spec: Any, metadata: dict, entry: Any, structure_family: Any,
-                        structure: Any) -> None:
+async def validate_mask(
+    spec: Any, metadata: dict, entry: Any, structure_family: Any, structure: Any
+) -> None:
     """A mask node starts unsealed; sealing is its one and only change."""
     if entry is None:
-        _require(str(structure_family) in ("array", "StructureFamily.array"),
-                 "a chx_mask node is an array")
-        for key in ("uid", "detector", "name", "sha256", "shape", "masked_pixels",
-                    "created_at"):
+        _require(
+            str(structure_family) in ("array", "StructureFamily.array"),
+            "a chx_mask node is an array",
+        )
+        for key in ("uid", "detector", "name", "sha256", "shape", "masked_pixels", "created_at"):
             _require(key in metadata, f"a chx_mask node needs {key!r} in its metadata")
-        _require(metadata.get(SEALED) is False,
-                 "a new chx_mask node starts with sealed: false; it is sealed once "
-                 "its array is written")
+        _require(
+            metadata.get(SEALED) is False,
+            "a new chx_mask node starts with sealed: false; it is sealed once its array is written",
+        )
         parent = _parent()
-        _require(_is_marker(_metadata(parent)),
-                 "a chx_mask node goes in the registry's masks container")
+        _require(
+            _is_marker(_metadata(parent)), "a chx_mask node goes in the registry's masks container"
+        )
         return None
     before = dict(_metadata(entry))
     _require(before.get(SEALED) is False, "a sealed chx_mask node never changes")
-    _require(metadata.get(SEALED) is True and record_sha256(metadata) == record_sha256(before),
-             "the only change to a chx_mask node is sealing it (sealed: true)")
+    _require(
+        metadata.get(SEALED) is True and record_sha256(metadata) == record_sha256(before),
+        "the only change to a chx_mask node is sealing it (sealed: true)",
+    )
     return None
 
 
-async def validate_slot(spec: Any, metadata: dict, entry: Any, structure_family: Any,
-                        structure: Any) -> None:
+async def validate_slot(
+    spec: Any, metadata: dict, entry: Any, structure_family: Any, structure: Any
+) -> None:
     """A slot is the next version of its lineage and names a matching mask record."""
     _require(entry is None, "a slot never changes")
     parent = _parent()
     detector = getattr(parent.node, "key", None)
     name, version, kind = metadata.get("name"), metadata.get("version"), metadata.get("kind")
     _require("shape" in _metadata(parent), "a slot goes in a detector's container")
-    _require(metadata.get("detector") == detector,
-             f"a slot in detectors/{detector} must say detector: {detector!r}")
+    _require(
+        metadata.get("detector") == detector,
+        f"a slot in detectors/{detector} must say detector: {detector!r}",
+    )
     _require(isinstance(name, str) and name != "", "a slot needs its lineage's name")
     _require(_is_int(version) and version >= 0, "a slot's version is an integer >= 0")
     _require(kind in ("mask", "retired"), "a slot's kind is 'mask' or 'retired'")
     at = _time(metadata.get("at"), "a slot's 'at'")
     before = [
-        md for key, md in await _children(parent, f"{name}@")
-        if isinstance(md, Mapping) and md.get("name") == name
+        md
+        for key, md in await _children(parent, f"{name}@")
+        if isinstance(md, Mapping)
+        and md.get("name") == name
         and key == f"{name}@{md.get('version')}"
     ]
     last = max(before, key=lambda md: md["version"]) if before else None
     expected = last["version"] + 1 if last else 0
     _not_taken(version, expected, f"{detector}/{name}")
-    _require(last is None or _time(last.get("at"), "at") < at,
-             f"{detector}/{name} v{version} must start after v{expected - 1}")
+    _require(
+        last is None or _time(last.get("at"), "at") < at,
+        f"{detector}/{name} v{version} must start after v{expected - 1}",
+    )
     if kind == "retired":
         _require(metadata.get("uid") is None, "a retired slot names no uid")
-        _require(last is not None and last.get("kind") == "mask",
-                 f"{detector}/{name} has no registered lineage to retire")
+        _require(
+            last is not None and last.get("kind") == "mask",
+            f"{detector}/{name} has no registered lineage to retire",
+        )
         _require(version == expected, f"the next version of {detector}/{name} is {expected}")
         return None
     uid = metadata.get("uid")
@@ -374,41 +397,63 @@ async def validate_slot(spec: Any, metadata: dict, entry: Any, structure_family:
     _require(found is not None, f"no mask node {uid!r} to claim")
     record, specs = found
     names = {s.get("name") if isinstance(s, Mapping) else s for s in specs or ()}
-    _require(MASK_SPEC in names and isinstance(record, Mapping)
-             and record.get("uid") == uid and record.get("detector") == detector
-             and record.get("name") == name,
-             f"{uid} is not a mask node of {detector}/{name}")
-    _require(metadata.get("record_sha256") == record_sha256(record),
-             f"the slot's record_sha256 does not match mask node {uid}")
+    _require(
+        MASK_SPEC in names
+        and isinstance(record, Mapping)
+        and record.get("uid") == uid
+        and record.get("detector") == detector
+        and record.get("name") == name,
+        f"{uid} is not a mask node of {detector}/{name}",
+    )
+    _require(
+        metadata.get("record_sha256") == record_sha256(record),
+        f"the slot's record_sha256 does not match mask node {uid}",
+    )
     gap_allowed = "adopted_from" in record  # legacy numbers are kept as they were
-    _require(version == expected or (gap_allowed and version > expected),
-             f"the next version of {detector}/{name} is {expected}, not {version}")
+    _require(
+        version == expected or (gap_allowed and version > expected),
+        f"the next version of {detector}/{name} is {expected}, not {version}",
+    )
     return None
 
 
-async def validate_active_set(spec: Any, metadata: dict, entry: Any,
-                              structure_family: Any, structure: Any) -> None:
+async def validate_active_set(
+    spec: Any, metadata: dict, entry: Any, structure_family: Any, structure: Any
+) -> None:
     """An active set is the detector's next one, later than the one before."""
     _require(entry is None, "an active set never changes")
     parent = _parent()
     detector = getattr(parent.node, "key", None)
-    _require(metadata.get("detector") == detector,
-             f"an active set in active/{detector} must say detector: {detector!r}")
+    _require(
+        metadata.get("detector") == detector,
+        f"an active set in active/{detector} must say detector: {detector!r}",
+    )
     version, names = metadata.get("version"), metadata.get("names")
     _require(_is_int(version) and version >= 0, "an active set's version is an integer >= 0")
-    _require(isinstance(names, list) and all(isinstance(n, str) for n in names)
-             and len(set(names)) == len(names), "names is a list of distinct mask names")
-    _require(metadata.get("note") is None or isinstance(metadata.get("note"), str),
-             "note is text or null")
+    _require(
+        isinstance(names, list)
+        and all(isinstance(n, str) for n in names)
+        and len(set(names)) == len(names),
+        "names is a list of distinct mask names",
+    )
+    _require(
+        metadata.get("note") is None or isinstance(metadata.get("note"), str),
+        "note is text or null",
+    )
     at = _time(metadata.get("at"), "an active set's 'at'")
-    before = [md for key, md in await _children(parent)
-              if isinstance(md, Mapping) and key == str(md.get("version"))]
+    before = [
+        md
+        for key, md in await _children(parent)
+        if isinstance(md, Mapping) and key == str(md.get("version"))
+    ]
     last = max(before, key=lambda md: md["version"]) if before else None
     expected = last["version"] + 1 if last else 0
     _not_taken(version, expected, f"the active set of {detector}")
     _require(version == expected, f"the next active set of {detector} is {expected}")
-    _require(last is None or _time(last.get("at"), "at") < at,
-             f"active set {version} of {detector} must start after {expected - 1}")
+    _require(
+        last is None or _time(last.get("at"), "at") < at,
+        f"active set {version} of {detector} must start after {expected - 1}",
+    )
     return None
 
 

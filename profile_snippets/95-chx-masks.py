@@ -83,8 +83,13 @@ CHX_MASKS_START_TIMEOUT = 2.0
 
 # What this file remembers between calls; kept if the file is run again.
 if "_chx_masks_state" not in globals():
-    _chx_masks_state = {"registry": None, "lock": __import__("threading").Lock(),
-                        "breaker": None, "runs": None, "subscription": None}
+    _chx_masks_state = {
+        "registry": None,
+        "lock": __import__("threading").Lock(),
+        "breaker": None,
+        "runs": None,
+        "subscription": None,
+    }
 
 
 def _chx_masks_open():
@@ -108,7 +113,8 @@ def _chx_masks_open():
         try:
             if uri:
                 registry = chx_masks.MaskRegistry.from_uri(
-                    uri, api_key=os.environ.get("CHX_MASKS_API_KEY"))
+                    uri, api_key=os.environ.get("CHX_MASKS_API_KEY")
+                )
             elif profile:
                 registry = chx_masks.MaskRegistry.from_profile(profile)
             else:
@@ -156,9 +162,13 @@ def chx_masks_registry(*, retry=False):
     breaker = _chx_masks_state["breaker"]
     if breaker is None:  # the callbacks are not set up: no shared state to consult
         return _chx_masks_open()
-    return breaker.call(lambda registry: registry, CHX_MASKS_TIMEOUT,
-                        "opening the mask registry", retry=retry,
-                        setting="CHX_MASKS_TIMEOUT")
+    return breaker.call(
+        lambda registry: registry,
+        CHX_MASKS_TIMEOUT,
+        "opening the mask registry",
+        retry=retry,
+        setting="CHX_MASKS_TIMEOUT",
+    )
 
 
 def chx_masks_runs():
@@ -278,8 +288,14 @@ def masks_list(detector=None):
     _chx_masks_table(
         ["detector", "name", "version", "uid", "masked", "active"],
         [
-            [r.detector, r.name, r.version, r.uid[:8], f"{r.masked_fraction:.3%}",
-             "yes" if r.detector in active and r.name in active[r.detector].names else ""]
+            [
+                r.detector,
+                r.name,
+                r.version,
+                r.uid[:8],
+                f"{r.masked_fraction:.3%}",
+                "yes" if r.detector in active and r.name in active[r.detector].names else "",
+            ]
             for r in records
         ],
     )
@@ -303,9 +319,7 @@ def mask_show(detector, name, png=None, *, version=None):
     def when(t):
         return t.astimezone().strftime("%Y-%m-%d %H:%M:%S") if t is not None else ""
 
-    state = (
-        "retired" if record.retired_at else "superseded" if record.superseded_at else "current"
-    )
+    state = "retired" if record.retired_at else "superseded" if record.superseded_at else "current"
     print(f"{record.detector}/{record.name} v{record.version}")
     for label, value in [
         ("uid", record.uid),
@@ -393,12 +407,16 @@ def masks_activate(detector, names, note=None):
         names = [names]
     active = chx_masks_registry().activate(detector, list(names), note=note)
     if active.names:
-        print(f"from the next run, {detector} uses {', '.join(active.names)} "
-              f"(active set v{active.version})")
+        print(
+            f"from the next run, {detector} uses {', '.join(active.names)} "
+            f"(active set v{active.version})"
+        )
     else:
         fallback = CHX_MASKS_FALLBACK.get(detector)
-        print(f"{detector} has no active set (v{active.version}): runs use "
-              f"{'CHX_MASKS_FALLBACK ' + repr(fallback) if fallback else 'no masks'}")
+        print(
+            f"{detector} has no active set (v{active.version}): runs use "
+            f"{'CHX_MASKS_FALLBACK ' + repr(fallback) if fallback else 'no masks'}"
+        )
 
 
 def masks_active():
@@ -426,8 +444,15 @@ def masks_active():
         active = sets.get(detector)
         if active is not None and active.names:
             names, source = list(active.names), f"active set v{active.version}"
-            rows.append([detector, ", ".join(names), source,
-                         active.at.astimezone().strftime("%Y-%m-%d %H:%M"), active.note or ""])
+            rows.append(
+                [
+                    detector,
+                    ", ".join(names),
+                    source,
+                    active.at.astimezone().strftime("%Y-%m-%d %H:%M"),
+                    active.note or "",
+                ]
+            )
         else:
             names, source = list(fallback.get(detector, [])), "CHX_MASKS_FALLBACK"
             rows.append([detector, ", ".join(names) or "(none)", source, "", ""])
@@ -517,17 +542,24 @@ def _chx_masks_install(RE):
                         writer["open"] = TiledWriter(chx_masks_runs())
                     except Exception as err:
                         writer["skip"] = True
-                        print(f"chx-masks: the masked run of {doc.get('parent_uid')} is not "
-                              f"stored: cannot open the runs store ({type(err).__name__}: "
-                              f"{err})", file=sys.stderr)
+                        print(
+                            f"chx-masks: the masked run of {doc.get('parent_uid')} is not "
+                            f"stored: cannot open the runs store ({type(err).__name__}: "
+                            f"{err})",
+                            file=sys.stderr,
+                        )
                         return
             if writer["open"] is not None and not writer["skip"]:
                 writer["open"](name, doc)
 
         frames_dir = _chx_masks_frames_dir()
-        router = MaskingRouter(_chx_masks_open, write_masked_run, timeout=CHX_MASKS_TIMEOUT,
-                               frames="inline" if frames_dir is None else "files",
-                               directory=frames_dir)
+        router = MaskingRouter(
+            _chx_masks_open,
+            write_masked_run,
+            timeout=CHX_MASKS_TIMEOUT,
+            frames="inline" if frames_dir is None else "files",
+            directory=frames_dir,
+        )
 
         # Run again (e.g. %run of this file): replace, do not add, the wiring.
         previous = globals().get("chx_masks_provenance")
@@ -540,8 +572,11 @@ def _chx_masks_install(RE):
         _chx_masks_state["subscription"] = (RE, RE.subscribe(router))
         _chx_masks_state["breaker"] = provenance.breaker
     except Exception as err:
-        print(f"chx-masks: masks are NOT set up ({type(err).__name__}: {err}); the rest of "
-              "the profile is unaffected.", file=sys.stderr)
+        print(
+            f"chx-masks: masks are NOT set up ({type(err).__name__}: {err}); the rest of "
+            "the profile is unaffected.",
+            file=sys.stderr,
+        )
         return None, None
 
     import os
@@ -551,33 +586,63 @@ def _chx_masks_install(RE):
         # Off the main thread and bounded: tiled's retries of a server that
         # does not answer cost start CHX_MASKS_START_TIMEOUT at most, silently.
         registry = provenance.breaker.call(
-            lambda registry: registry, CHX_MASKS_START_TIMEOUT if remote else None,
-            "opening it at IPython start", retry=True, setting="CHX_MASKS_START_TIMEOUT")
+            lambda registry: registry,
+            CHX_MASKS_START_TIMEOUT if remote else None,
+            "opening it at IPython start",
+            retry=True,
+            setting="CHX_MASKS_START_TIMEOUT",
+        )
     except chx_masks.ChxMasksError as err:
-        policy = ("runs open at once and record that their masks are missing"
-                  if CHX_MASKS_ON_UNAVAILABLE == "record" else "runs refuse to open")
-        print(f"chx-masks: WARNING mask registry unavailable at {_chx_masks_open.location}; "
-              f"{policy} until a check in the background sees it answer: {err}",
-              file=sys.stderr)
+        policy = (
+            "runs open at once and record that their masks are missing"
+            if CHX_MASKS_ON_UNAVAILABLE == "record"
+            else "runs refuse to open"
+        )
+        print(
+            f"chx-masks: WARNING mask registry unavailable at {_chx_masks_open.location}; "
+            f"{policy} until a check in the background sees it answer: {err}",
+            file=sys.stderr,
+        )
     except KeyboardInterrupt:
-        print("chx-masks: registry check interrupted; it is tried again at the next run "
-              "start.", file=sys.stderr)
+        print(
+            "chx-masks: registry check interrupted; it is tried again at the next run start.",
+            file=sys.stderr,
+        )
     else:
         runs = str(_chx_masks_runs_location()).split("?")[0]
-        print(f"chx-masks: masks from {registry.location}, masked runs to {runs}; see "
-              "masks_active(), masks_list(), masks_activate(detector, names).")
+        print(
+            f"chx-masks: masks from {registry.location}, masked runs to {runs}; see "
+            "masks_active(), masks_list(), masks_activate(detector, names)."
+        )
     return provenance, router
 
 
 if "RE" in globals():
     chx_masks_provenance, chx_masks_router = _chx_masks_install(RE)  # noqa: F821
 else:
-    print("chx-masks: RE is not defined, so masks are not set up: 95-chx-masks.py must "
-          "run after the startup file that creates the RunEngine RE.")
-    del (CHX_MASKS_FALLBACK, CHX_MASKS_ON_UNAVAILABLE, CHX_MASKS_TIMEOUT,
-         CHX_MASKS_START_TIMEOUT, _chx_masks_state, _chx_masks_open, _chx_masks_location,
-         chx_masks_registry, chx_masks_runs, _chx_masks_runs_location,
-         _chx_masks_frames_dir, masked_run,
-         _chx_masks_table, masks_list, mask_show, mask_register, masks_activate,
-         masks_active, _chx_masks_log_lines)
+    print(
+        "chx-masks: RE is not defined, so masks are not set up: 95-chx-masks.py must "
+        "run after the startup file that creates the RunEngine RE."
+    )
+    del (
+        CHX_MASKS_FALLBACK,
+        CHX_MASKS_ON_UNAVAILABLE,
+        CHX_MASKS_TIMEOUT,
+        CHX_MASKS_START_TIMEOUT,
+        _chx_masks_state,
+        _chx_masks_open,
+        _chx_masks_location,
+        chx_masks_registry,
+        chx_masks_runs,
+        _chx_masks_runs_location,
+        _chx_masks_frames_dir,
+        masked_run,
+        _chx_masks_table,
+        masks_list,
+        mask_show,
+        mask_register,
+        masks_activate,
+        masks_active,
+        _chx_masks_log_lines,
+    )
 del _chx_masks_install

@@ -55,10 +55,26 @@ _MORE_METADATA: list[tuple[str, Any]] = [
 ]
 
 _AS_OF: list[Any] = [
-    "yesterday", "2026-13-45", "2026-11-25 25:00", "", "now", 1e20, -1e20, 2**70,
-    float("nan"), float("inf"), True, [], {}, b"2026-01-01",
-    datetime.datetime(1, 1, 1), "0001-01-01T00:00:00", "10000-01-01T00:00:00",
-    datetime.date(2026, 1, 1), 1_700_000_000, "2026-11-25T10:00:00+25:00",
+    "yesterday",
+    "2026-13-45",
+    "2026-11-25 25:00",
+    "",
+    "now",
+    1e20,
+    -1e20,
+    2**70,
+    float("nan"),
+    float("inf"),
+    True,
+    [],
+    {},
+    b"2026-01-01",
+    datetime.datetime(1, 1, 1),
+    "0001-01-01T00:00:00",
+    "10000-01-01T00:00:00",
+    datetime.date(2026, 1, 1),
+    1_700_000_000,
+    "2026-11-25T10:00:00+25:00",
 ]
 
 _SEARCH: list[tuple[str, Any]] = [
@@ -76,11 +92,35 @@ _SEARCH: list[tuple[str, Any]] = [
     ("empty key", {"": "x"}),
 ]
 
-_NAMES: list[Any] = ["", "a/b", "a?b", "a#b", "a%b", "a\\b", "x" * 201, "tab\tname",
-                     "nul\x00name", ".", "..", 5, None, ["base"], "\udc80"]
+_NAMES: list[Any] = [
+    "",
+    "a/b",
+    "a?b",
+    "a#b",
+    "a%b",
+    "a\\b",
+    "x" * 201,
+    "tab\tname",
+    "nul\x00name",
+    ".",
+    "..",
+    5,
+    None,
+    ["base"],
+    "\udc80",
+]
 
-_UIDS: list[Any] = ["", "xyz", 5, None, "1234567", str(uuid.uuid4()), "../masks",
-                    "zzzzzzzz-zzzz", ["a"]]
+_UIDS: list[Any] = [
+    "",
+    "xyz",
+    5,
+    None,
+    "1234567",
+    str(uuid.uuid4()),
+    "../masks",
+    "zzzzzzzz-zzzz",
+    ["a"],
+]
 
 
 def cases(detector: str, base: str, shape: tuple[int, int]) -> list[Case]:
@@ -93,61 +133,114 @@ def cases(detector: str, base: str, shape: tuple[int, int]) -> list[Case]:
         return rng.random(shape) >= 0.1
 
     table: list[Case] = []
-    metadata = ([(label, md) for label, md in KEPT]
-                + [(label, md) for label, md, _ in REFUSED] + _MORE_METADATA)
+    metadata = (
+        [(label, md) for label, md in KEPT]
+        + [(label, md) for label, md, _ in REFUSED]
+        + _MORE_METADATA
+    )
     for label, md in metadata:
         kept = md if isinstance(md, dict) else None
-        table.append(Case(
-            f"register_mask metadata: {label}",
-            lambda reg, md=md: reg.register_mask(detector, f"t{run_id}-{next(counter)}", fresh(),
-                                                 metadata=md), kept))
-        table.append(Case(
-            f"update_mask metadata: {label}",
-            lambda reg, md=md: reg.update_mask(detector, base, fresh(), metadata=md), kept))
-        table.append(Case(
-            f"register_detector metadata: {label}",
-            lambda reg, md=md: reg.register_detector(f"det{run_id}-{next(counter)}", (4, 5),
-                                                     metadata=md), kept))
+        table.append(
+            Case(
+                f"register_mask metadata: {label}",
+                lambda reg, md=md: reg.register_mask(
+                    detector, f"t{run_id}-{next(counter)}", fresh(), metadata=md
+                ),
+                kept,
+            )
+        )
+        table.append(
+            Case(
+                f"update_mask metadata: {label}",
+                lambda reg, md=md: reg.update_mask(detector, base, fresh(), metadata=md),
+                kept,
+            )
+        )
+        table.append(
+            Case(
+                f"register_detector metadata: {label}",
+                lambda reg, md=md: reg.register_detector(
+                    f"det{run_id}-{next(counter)}", (4, 5), metadata=md
+                ),
+                kept,
+            )
+        )
     for as_of in _AS_OF:
         for lookup in ("get_mask", "get_mask_uid", "resolve_composite", "active_set"):
             names: Any = [base] if lookup == "resolve_composite" else base
-            table.append(Case(
-                f"{lookup} as_of={as_of!r}",
-                (lambda reg, lookup=lookup, names=names, as_of=as_of:
-                 getattr(reg, lookup)(detector, as_of=as_of) if lookup == "active_set"
-                 else getattr(reg, lookup)(detector, names, as_of=as_of)), writes=False))
+            table.append(
+                Case(
+                    f"{lookup} as_of={as_of!r}",
+                    (
+                        lambda reg, lookup=lookup, names=names, as_of=as_of: (
+                            getattr(reg, lookup)(detector, as_of=as_of)
+                            if lookup == "active_set"
+                            else getattr(reg, lookup)(detector, names, as_of=as_of)
+                        )
+                    ),
+                    writes=False,
+                )
+            )
     for label, query in _SEARCH:
-        table.append(Case(f"search metadata: {label}",
-                          lambda reg, query=query: reg.search(metadata=query), writes=False))
+        table.append(
+            Case(
+                f"search metadata: {label}",
+                lambda reg, query=query: reg.search(metadata=query),
+                writes=False,
+            )
+        )
     for name in _NAMES:
         table += [
-            Case(f"register_mask name={name!r}",
-                 lambda reg, name=name: reg.register_mask(detector, name, fresh())),
-            Case(f"update_mask name={name!r}",
-                 lambda reg, name=name: reg.update_mask(detector, name, fresh())),
-            Case(f"delete_mask name={name!r}",
-                 lambda reg, name=name: reg.delete_mask(detector, name)),
-            Case(f"history name={name!r}", lambda reg, name=name: reg.history(detector, name),
-                 writes=False),
-            Case(f"activate names=[{name!r}]",
-                 lambda reg, name=name: reg.activate(detector, [name])),
-            Case(f"detector={name!r}", lambda reg, name=name: reg.get_masks(name),
-                 writes=False),
+            Case(
+                f"register_mask name={name!r}",
+                lambda reg, name=name: reg.register_mask(detector, name, fresh()),
+            ),
+            Case(
+                f"update_mask name={name!r}",
+                lambda reg, name=name: reg.update_mask(detector, name, fresh()),
+            ),
+            Case(
+                f"delete_mask name={name!r}", lambda reg, name=name: reg.delete_mask(detector, name)
+            ),
+            Case(
+                f"history name={name!r}",
+                lambda reg, name=name: reg.history(detector, name),
+                writes=False,
+            ),
+            Case(
+                f"activate names=[{name!r}]", lambda reg, name=name: reg.activate(detector, [name])
+            ),
+            Case(f"detector={name!r}", lambda reg, name=name: reg.get_masks(name), writes=False),
         ]
     for uid in _UIDS:
         table += [
-            Case(f"get_mask_by_uid({uid!r})", lambda reg, uid=uid: reg.get_mask_by_uid(uid),
-                 writes=False),
+            Case(
+                f"get_mask_by_uid({uid!r})",
+                lambda reg, uid=uid: reg.get_mask_by_uid(uid),
+                writes=False,
+            ),
             Case(f"describe({uid!r})", lambda reg, uid=uid: reg.describe(uid), writes=False),
-            Case(f"composite_from_uids([{uid!r}])",
-                 lambda reg, uid=uid: reg.composite_from_uids([uid]), writes=False),
+            Case(
+                f"composite_from_uids([{uid!r}])",
+                lambda reg, uid=uid: reg.composite_from_uids([uid]),
+                writes=False,
+            ),
         ]
-    for label, shape_ in (("shape 0", (0, 5)), ("shape 1-D", (5,)), ("shape floats", (4.0, 5)),
-                          ("shape negative", (-1, 5)), ("shape bools", (True, True)),
-                          ("shape string", "4x5"), ("shape 3-D", (2, 3, 4))):
-        table.append(Case(f"register_detector {label}",
-                          lambda reg, s=shape_: reg.register_detector(
-                              f"det{run_id}-{next(counter)}", s)))
+    for label, shape_ in (
+        ("shape 0", (0, 5)),
+        ("shape 1-D", (5,)),
+        ("shape floats", (4.0, 5)),
+        ("shape negative", (-1, 5)),
+        ("shape bools", (True, True)),
+        ("shape string", "4x5"),
+        ("shape 3-D", (2, 3, 4)),
+    ):
+        table.append(
+            Case(
+                f"register_detector {label}",
+                lambda reg, s=shape_: reg.register_detector(f"det{run_id}-{next(counter)}", s),
+            )
+        )
     return table
 
 
@@ -179,8 +272,9 @@ def snapshot(registry: MaskRegistry) -> tuple[int, ...]:
     return tuple(counts)
 
 
-def run(registry: MaskRegistry, detector: str, base: str,
-        shape: tuple[int, int]) -> tuple[dict[str, int], list[str]]:
+def run(
+    registry: MaskRegistry, detector: str, base: str, shape: tuple[int, int]
+) -> tuple[dict[str, int], list[str]]:
     """Every case on ``registry``: (outcome counts, what broke the rule)."""
     counts = {"refused": 0, "kept": 0, "answered": 0}
     problems: list[str] = []

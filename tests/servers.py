@@ -33,15 +33,27 @@ POSTGRES_ENV = "CHX_MASKS_TEST_POSTGRES"
 DEFAULT_POSTGRES = "postgresql://root@127.0.0.1:5432/postgres"
 DEPLOY_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "tiled-config.yml"
 READ_SCOPES = ["read:metadata", "read:data"]
-WRITE_SCOPES = [*READ_SCOPES, "create:node", "write:metadata", "write:data", "delete:node",
-                "delete:revision"]  # deleting the array of a refused write needs both
+WRITE_SCOPES = [
+    *READ_SCOPES,
+    "create:node",
+    "write:metadata",
+    "write:data",
+    "delete:node",
+    "delete:revision",
+]  # deleting the array of a refused write needs both
 DETECTOR = "eiger500K_single_image"
 SHAPE = (514, 1030)
 START_TIMEOUT = 120.0  # seconds for a server to print its URI
 COMMAND_TIMEOUT = 180.0  # seconds for one crew command, barrier included
 # Variables that would point a client or server somewhere else.
-_LEAKY_ENV = ("CHX_MASKS_URI", "CHX_MASKS_API_KEY", "CHX_MASKS_PROFILE", "TILED_API_KEY",
-              "TILED_SINGLE_USER_API_KEY", "TILED_CONFIG")
+_LEAKY_ENV = (
+    "CHX_MASKS_URI",
+    "CHX_MASKS_API_KEY",
+    "CHX_MASKS_PROFILE",
+    "TILED_API_KEY",
+    "TILED_SINGLE_USER_API_KEY",
+    "TILED_CONFIG",
+)
 
 
 class Unavailable(Exception):
@@ -132,17 +144,28 @@ class ServeProcess:
     lets the system choose a free port.
     """
 
-    def __init__(self, args: list[str], *, directory: Path, env: dict[str, str],
-                 port: int = 0) -> None:
+    def __init__(
+        self, args: list[str], *, directory: Path, env: dict[str, str], port: int = 0
+    ) -> None:
         self.directory = directory
         self.stdout_path = directory / "serve.stdout"
         self.stderr_path = directory / "serve.stderr"
-        command = [sys.executable, "-m", "chx_masks", "serve", "--host", "127.0.0.1",
-                   "--port", str(port), *args]
+        command = [
+            sys.executable,
+            "-m",
+            "chx_masks",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *args,
+        ]
         self.stdout_path.write_text("")  # the announcement of this start only
         with open(self.stdout_path, "a") as out, open(self.stderr_path, "a") as err:
-            self.process = subprocess.Popen(command, stdout=out, stderr=err,
-                                            stdin=subprocess.DEVNULL, env=env)
+            self.process = subprocess.Popen(
+                command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env
+            )
         self.returncode: int | None = None
         deadline = time.monotonic() + START_TIMEOUT
         while "Stop with Ctrl-C." not in self.stdout:
@@ -160,7 +183,7 @@ class ServeProcess:
     def _value(self, prefix: str) -> str:
         for line in self.stdout.splitlines():
             if line.strip().startswith(prefix):
-                return line.strip()[len(prefix):]
+                return line.strip()[len(prefix) :]
         raise AssertionError(f"no {prefix!r} line in:\n{self.stdout}")
 
     @property
@@ -184,8 +207,9 @@ class ServeProcess:
         return self.returncode
 
 
-def create_service_key(uri: str, username: str, password: str, scopes: list[str],
-                       note: str, *, role: str = "user") -> str:
+def create_service_key(
+    uri: str, username: str, password: str, scopes: list[str], note: str, *, role: str = "user"
+) -> str:
     """An API key with ``scopes`` for a new service account with ``role``, made by an admin.
 
     The HTTP equivalent of ``tiled login`` + ``tiled admin
@@ -195,14 +219,18 @@ def create_service_key(uri: str, username: str, password: str, scopes: list[str]
     import httpx
 
     with httpx.Client(base_url=uri, trust_env=False, timeout=30) as http:
-        tokens = http.post("/auth/provider/toy/token",
-                           data={"username": username, "password": password})
+        tokens = http.post(
+            "/auth/provider/toy/token", data={"username": username, "password": password}
+        )
         tokens.raise_for_status()
         bearer = {"Authorization": f"Bearer {tokens.json()['access_token']}"}
         principal = http.post("/auth/principal", params={"role": role}, headers=bearer)
         principal.raise_for_status()
-        key = http.post(f"/auth/principal/{principal.json()['uuid']}/apikey", headers=bearer,
-                        json={"scopes": scopes, "expires_in": None, "note": note})
+        key = http.post(
+            f"/auth/principal/{principal.json()['uuid']}/apikey",
+            headers=bearer,
+            json={"scopes": scopes, "expires_in": None, "note": note},
+        )
         key.raise_for_status()
         return key.json()["secret"]
 
@@ -262,10 +290,18 @@ def _op_poll(registry, client, stop, names, candidates):
                 problems.append(_failure(err))
                 continue
             matches = [i for i, mask in known.items() if np.array_equal(array, mask)]
-            if (array.dtype != np.bool_ or array.shape != SHAPE
-                    or mask_sha256(array) != recorded or len(matches) != 1):
-                problems.append(("PartialMask", f"uid {uid} read back {array.dtype} "
-                                 f"{array.shape}, matching {matches}"))
+            if (
+                array.dtype != np.bool_
+                or array.shape != SHAPE
+                or mask_sha256(array) != recorded
+                or len(matches) != 1
+            ):
+                problems.append(
+                    (
+                        "PartialMask",
+                        f"uid {uid} read back {array.dtype} {array.shape}, matching {matches}",
+                    )
+                )
                 continue
             reads += 1
             if uid not in seen:
@@ -274,8 +310,14 @@ def _op_poll(registry, client, stop, names, candidates):
         if len(problems) >= 20:
             break
         stop.wait(0.02)  # a client polling, not a load test: leave the writers room
-    return {"reads": reads, "rounds": rounds, "not_yet": not_yet, "problems": problems,
-            "seen": seen, "order": order}
+    return {
+        "reads": reads,
+        "rounds": rounds,
+        "not_yet": not_yet,
+        "problems": problems,
+        "seen": seen,
+        "order": order,
+    }
 
 
 _OPS = {"register": _op_register, "update": _op_update, "poll": _op_poll}
@@ -361,9 +403,20 @@ class Crew:
         crew = cls(size, results=ctx.Queue(), stop=ctx.Event(), barrier=ctx.Barrier(size))
         crew.commands = [ctx.Queue() for _ in range(size)]
         crew.processes = [
-            ctx.Process(target=crew_worker, daemon=True,
-                        args=(uri, api_keys[i], str(cache_dir), i, crew.barrier,
-                              crew.commands[i], crew.results, crew.stop))
+            ctx.Process(
+                target=crew_worker,
+                daemon=True,
+                args=(
+                    uri,
+                    api_keys[i],
+                    str(cache_dir),
+                    i,
+                    crew.barrier,
+                    crew.commands[i],
+                    crew.results,
+                    crew.stop,
+                ),
+            )
             for i in range(size)
         ]
         for process in crew.processes:
@@ -387,8 +440,10 @@ class Crew:
                 raw = self.results.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue_module.Empty:
                 dead = [p.pid for p in self.processes if not p.is_alive()]
-                raise TimeoutError(f"{len(reports)} of {count} reports in {timeout} s; "
-                                   f"dead workers {dead}; got {reports}") from None
+                raise TimeoutError(
+                    f"{len(reports)} of {count} reports in {timeout} s; "
+                    f"dead workers {dead}; got {reports}"
+                ) from None
             report = Report(*raw)
             if report.op == "crashed":
                 raise RuntimeError(f"crew worker {report.index} crashed: {report.value}")

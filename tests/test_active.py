@@ -37,7 +37,9 @@ def test_activate_records_versions_with_history_and_time_travel(registry):
     assert registry.active_set(EIGER500K, as_of=between) == first
     assert registry.active_set(EIGER500K, as_of="2000-01-01T00:00+00:00") is None
     assert [s.names for s in registry.active_history(EIGER500K)] == [
-        ("gaps", "hot"), ("gaps", "beamstop")]
+        ("gaps", "hot"),
+        ("gaps", "beamstop"),
+    ]
     assert registry.active_sets() == {EIGER500K: second}
     cleared = registry.deactivate(EIGER500K)
     assert cleared.names == () and cleared.version == 2
@@ -165,8 +167,15 @@ def test_active_set_naming_a_mask_retired_later_follows_the_policy(RE, embedded_
         # chx-masks (or by a plain tiled client) can still hold it, so write
         # the retirement slot as that writer did.
         slots = reg._slots(EIGER500K, ["hot"])["hot"]
-        reg._claim(reg._detector_node(EIGER500K), EIGER500K, "hot", slots, kind="retired",
-                   uid=None, check=lambda slots: None)
+        reg._claim(
+            reg._detector_node(EIGER500K),
+            EIGER500K,
+            "hot",
+            slots,
+            kind="retired",
+            uid=None,
+            check=lambda slots: None,
+        )
         det = sim_eiger500k()
         RE.preprocessors.append(MaskProvenance(reg, on_unavailable="record"))
         record = _start_doc(RE, count([det]))["masks"][EIGER500K]

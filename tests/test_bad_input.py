@@ -670,19 +670,30 @@ def _as_of_refusals(registry, values, *fragments) -> list[Case]:
 
 
 def test_unparseable_as_of(registry, base):
-    check_refusals(registry, _as_of_refusals(
-        registry, ("yesterday", "2026-13-45", "2026-11-25 25:00"), repr, "ISO 8601"))
+    check_refusals(
+        registry,
+        _as_of_refusals(
+            registry, ("yesterday", "2026-13-45", "2026-11-25 25:00"), repr, "ISO 8601"
+        ),
+    )
 
 
 def test_as_of_outside_the_calendar(registry, base):
     import datetime
 
-    check_refusals(registry, _as_of_refusals(
-        registry, (1e20, -1e20, 2**70, datetime.datetime(1, 1, 1), "0001-01-01T00:00:00"),
-        "as_of=", "'2026-11-25T10:00:00'"))
+    check_refusals(
+        registry,
+        _as_of_refusals(
+            registry,
+            (1e20, -1e20, 2**70, datetime.datetime(1, 1, 1), "0001-01-01T00:00:00"),
+            "as_of=",
+            "'2026-11-25T10:00:00'",
+        ),
+    )
     # The calendar's last minute is a time like any other.
-    late = registry.get_mask_uid(DET, "base", as_of=datetime.datetime(
-        9999, 12, 31, 23, 59, tzinfo=datetime.timezone.utc))
+    late = registry.get_mask_uid(
+        DET, "base", as_of=datetime.datetime(9999, 12, 31, 23, 59, tzinfo=datetime.timezone.utc)
+    )
     assert late == base
 
 
@@ -690,8 +701,12 @@ def test_search_values_that_cannot_be_compared_are_refused(registry, base):
     check_refusals(
         registry,
         [
-            (label, MaskValidationError,
-             lambda query=query: registry.search(metadata=query), fragment)
+            (
+                label,
+                MaskValidationError,
+                lambda query=query: registry.search(metadata=query),
+                fragment,
+            )
             for label, query, fragment in (
                 ("nested dict", {"sample": {"name": "x"}}, "'sample.name'"),
                 ("huge int", {"n": 2**70}, "int64"),
@@ -710,9 +725,13 @@ def test_metadata_at_the_edges_is_refused_and_writes_nothing(registry, base):
     check_refusals(
         registry,
         [
-            (label, MaskValidationError,
-             lambda md=md: registry.register_mask(DET, "edge", ones(), metadata=md),
-             "metadata", fragment)
+            (
+                label,
+                MaskValidationError,
+                lambda md=md: registry.register_mask(DET, "edge", ones(), metadata=md),
+                "metadata",
+                fragment,
+            )
             for label, md, fragment in REFUSED_METADATA
         ],
     )
@@ -722,13 +741,16 @@ def test_metadata_at_the_edges_reads_back_exactly_from_the_embedded_catalog(embe
     from chx_masks import MaskRegistry
 
     with MaskRegistry.embedded(embedded_dir) as writer:
-        uids = {label: writer.register_mask(DET, f"kept{i}", random_mask(seed=i),
-                                            metadata=md)
-                for i, (label, md) in enumerate(KEPT_METADATA)}
+        uids = {
+            label: writer.register_mask(DET, f"kept{i}", random_mask(seed=i), metadata=md)
+            for i, (label, md) in enumerate(KEPT_METADATA)
+        }
     with MaskRegistry.embedded(embedded_dir, disk_cache=False) as reader:
-        wrong = {label: reader.describe(uids[label]).metadata
-                 for label, md in KEPT_METADATA
-                 if dict(reader.describe(uids[label]).metadata) != md}
+        wrong = {
+            label: reader.describe(uids[label]).metadata
+            for label, md in KEPT_METADATA
+            if dict(reader.describe(uids[label]).metadata) != md
+        }
     assert not wrong
 
 

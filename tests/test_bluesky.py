@@ -70,8 +70,9 @@ def store(tmp_path):
 
 
 def _expected(det, composite, n):
-    return [det.expected_frame(i) * composite.mask.astype(det.expected_frame(0).dtype)
-            for i in range(n)]
+    return [
+        det.expected_frame(i) * composite.mask.astype(det.expected_frame(0).dtype) for i in range(n)
+    ]
 
 
 def _assert_frames_equal(got, want):
@@ -274,8 +275,9 @@ def test_missing_masks_are_named_with_where_they_come_from_and_the_fix(RE, reg):
     reg.delete_mask(K500, "gone")
     raw = Collector()
     RE.subscribe(raw)
-    RE.preprocessors.append(MaskProvenance(reg, masks={K500: ["gaps", "nope", "gone"]},
-                                           on_unavailable="record"))
+    RE.preprocessors.append(
+        MaskProvenance(reg, masks={K500: ["gaps", "nope", "gone"]}, on_unavailable="record")
+    )
     RE(count([det], num=1))
     error = raw.start()["masks"][K500]["error"]
     assert error.startswith("MaskNotFoundError: ")
@@ -307,8 +309,7 @@ def test_mask_names_given_to_the_run_engine_call_warn_once(RE, reg, caplog):
     assert raw.start()["masks"][K500]["names"] == ["gaps"]  # it could not choose
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warned) == 1, warned
-    assert "mask_names given to RE(...) cannot choose masks; put it in the plan's md=" \
-        in warned[0]
+    assert "mask_names given to RE(...) cannot choose masks; put it in the plan's md=" in warned[0]
     assert f"{K500} used gaps (configuration)" in warned[0]
 
     # In the plan's metadata it chooses, and nothing is said.
@@ -409,8 +410,10 @@ def test_registry_down_active_sets_only_policy_raise_opens_no_run(RE, doomed_ser
     seen = Collector()
     RE.subscribe(seen)
     doomed_server.stop()
-    with pytest.raises(RegistryUnavailableError,
-                       match=r"not opened: the active masks of its detectors \(eiger500K_single\)"):
+    with pytest.raises(
+        RegistryUnavailableError,
+        match=r"not opened: the active masks of its detectors \(eiger500K_single\)",
+    ):
         RE(count([sim_eiger500k()], num=1))
     assert seen.docs == []
 
@@ -527,8 +530,12 @@ def test_replay_from_databroker_v1_header_and_progress(RE, reg, store):
     assert replayed.start()["mask_uids"] == live.start()["mask_uids"]
 
     seen = []
-    replay_masked(store[uid], Collector(), registry=reg,
-                  progress=lambda done, total: seen.append((done, total)))
+    replay_masked(
+        store[uid],
+        Collector(),
+        registry=reg,
+        progress=lambda done, total: seen.append((done, total)),
+    )
     assert seen[-1] == (3, 3) and [d for d, _ in seen] == sorted(d for d, _ in seen)
     # A databroker v1 Header switched every client of this process to the v2
     # run layout; asking for v3 switches it back for the tests that follow.

@@ -78,11 +78,26 @@ def state(reg) -> tuple:
 
 
 def test_help_is_fast_and_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "chx_masks", "--help"], capture_output=True,
-                         text=True, check=True).stdout
-    for command in ("detectors", "detector", "list", "history", "show", "register", "update",
-                    "import", "generate", "delete", "export", "composite", "activate", "active",
-                    "demo"):
+    out = subprocess.run(
+        [sys.executable, "-m", "chx_masks", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in (
+        "detectors",
+        "detector",
+        "list",
+        "history",
+        "show",
+        "register",
+        "update",
+        "import",
+        "generate",
+        "delete",
+        "export",
+        "composite",
+        "activate",
+        "active",
+        "demo",
+    ):
         assert f"  {command} " in out or f"  {command}\n" in out, command
 
 
@@ -92,15 +107,22 @@ def test_detectors_table_and_json(reg):
     assert reg.detector in out
     rows = json.loads(ok("detectors", "--json"))
     mine = next(r for r in rows if r["detector"] == reg.detector)
-    assert mine == {"detector": reg.detector, "shape": list(SHAPE_500K), "builtin": False,
-                    "metadata": {}, "active": None, "missing": []}
+    assert mine == {
+        "detector": reg.detector,
+        "shape": list(SHAPE_500K),
+        "builtin": False,
+        "metadata": {},
+        "active": None,
+        "missing": [],
+    }
 
 
 def test_register_list_history_show(reg, tmp_path):
     det = reg.detector
     mask = random_mask(fraction=0.02, seed=4)
-    out = ok("register", det, "gaps", str(npy(tmp_path, mask)), "-m", "sample=silica",
-             "-m", "run=[1, 2]")
+    out = ok(
+        "register", det, "gaps", str(npy(tmp_path, mask)), "-m", "sample=silica", "-m", "run=[1, 2]"
+    )
     assert f"registered {det}/gaps v0" in out
     uid0 = reg.get_mask_uid(det, "gaps")
     assert reg.describe(uid0).metadata["sample"] == "silica"
@@ -108,8 +130,12 @@ def test_register_list_history_show(reg, tmp_path):
     assert reg.describe(uid0).metadata["source"]["format"] == "npy"
     np.testing.assert_array_equal(reg.get_mask(det, "gaps").compute(), mask)
 
-    out = ok("update", det, "gaps", str(npy(tmp_path, ~(~mask | np.eye(*SHAPE_500K, dtype=bool)),
-                                            "v1.npy")))
+    out = ok(
+        "update",
+        det,
+        "gaps",
+        str(npy(tmp_path, ~(~mask | np.eye(*SHAPE_500K, dtype=bool)), "v1.npy")),
+    )
     assert f"updated {det}/gaps v1" in out
     assert reg.describe(reg.get_mask_uid(det, "gaps")).metadata["sample"] == "silica"
 
@@ -118,13 +144,14 @@ def test_register_list_history_show(reg, tmp_path):
     assert header.split() == ["detector", "name", "version", "uid", "masked", "registered", "at"]
     assert row.split()[:4] == [det, "gaps", "1", reg.get_mask_uid(det, "gaps")[:8]]
     current = reg.describe(reg.get_mask_uid(det, "gaps"))
-    assert row.split()[4:6] == [f"{current.masked_pixels:,}",
-                                f"({current.masked_fraction:.3%})"]
+    assert row.split()[4:6] == [f"{current.masked_pixels:,}", f"({current.masked_fraction:.3%})"]
 
     history = json.loads(ok("history", det, "gaps", "--json"))
     # "state"/"current", not "active": an active set is another thing.
     assert [(h["version"], h["state"], h["current"]) for h in history] == [
-        (0, "superseded", False), (1, "current", True)]
+        (0, "superseded", False),
+        (1, "current", True),
+    ]
     assert all("active" not in h for h in history)
     table = ok("history", det, "gaps")
     assert "superseded" in table and "current" in table
@@ -171,8 +198,9 @@ def test_activate_active_and_composite_of_the_active_set(reg):
     assert mine["active"] == ["b"]
     out = ok("activate", det, "--none")
     assert out.startswith(f"active for {det} from the next run: no masks chosen (active set v2")
-    assert out.rstrip().endswith("runs use the preprocessor's configured fallback masks "
-                                 "(the profile's CHX_MASKS_FALLBACK).")
+    assert out.rstrip().endswith(
+        "runs use the preprocessor's configured fallback masks (the profile's CHX_MASKS_FALLBACK)."
+    )
     assert reg.active_set(det).names == ()
     table = ok("active", det)
     assert "(none)" in table and "CHX_MASKS_FALLBACK" in table
@@ -198,8 +226,10 @@ def test_export_and_import_many_files(reg, tmp_path):
     mask = random_mask(seed=10)
     reg.register_mask(det, "bs", mask)
     out = ok("export", det, "bs", str(tmp_path / "bs.edf"))
-    assert out == (f"wrote mask {tmp_path / 'bs.edf'} ({det}/bs v0; nonzero = masked, as "
-                   "pyFAI and fabio read it)\n")
+    assert out == (
+        f"wrote mask {tmp_path / 'bs.edf'} ({det}/bs v0; nonzero = masked, as "
+        "pyFAI and fabio read it)\n"
+    )
     fails("export", det, "bs", str(tmp_path / "bs.edf"), fragment="add --force")
     ok("export", det, "bs", str(tmp_path / "bs.edf"), "--force")
     # The .edf holds pyFAI's convention (1 = masked); reading it back gives the mask.
@@ -210,11 +240,16 @@ def test_export_and_import_many_files(reg, tmp_path):
     files = [npy(tmp_path, random_mask(seed=20 + i), f"m{i}.npy") for i in range(3)]
     rows = json.loads(ok("import", det, *map(str, files), "--json"))
     assert [(r["name"], r["outcome"], r["version"]) for r in rows] == [
-        ("m0", "registered", 0), ("m1", "registered", 0), ("m2", "registered", 0)]
+        ("m0", "registered", 0),
+        ("m1", "registered", 0),
+        ("m2", "registered", 0),
+    ]
     # The same files again: nothing to do, and said so.
     rows = json.loads(ok("import", det, *map(str, files[:2]), "--update", "--json"))
     assert [(r["name"], r["outcome"], r["version"]) for r in rows] == [
-        ("m0", "unchanged", 0), ("m1", "unchanged", 0)]
+        ("m0", "unchanged", 0),
+        ("m1", "unchanged", 0),
+    ]
     assert [r["uid"] for r in rows] == [reg.get_mask_uid(det, n) for n in ("m0", "m1")]
     # Other content under a registered name: skipped, or a version with --update.
     (tmp_path / "other").mkdir()
@@ -230,25 +265,74 @@ def test_export_and_import_many_files(reg, tmp_path):
 
 def test_generate_commands(reg, tmp_path):
     det = reg.detector
-    out = ok("generate", "circle", det, "bs", "--center", "200", "500", "--radius", "20",
-             "--png", str(tmp_path / "bs.png"))
+    out = ok(
+        "generate",
+        "circle",
+        det,
+        "bs",
+        "--center",
+        "200",
+        "500",
+        "--radius",
+        "20",
+        "--png",
+        str(tmp_path / "bs.png"),
+    )
     assert f"registered {det}/bs v0" in out and (tmp_path / "bs.png").exists()
     source = reg.describe(reg.get_mask_uid(det, "bs")).metadata["source"]
     assert source["generator"] == "circle" and source["parameters"]["radius"] == 20
 
-    ok("generate", "rectangle", det, "arm", "--top-left", "0", "495",
-       "--bottom-right", "200", "505", "--grow", "1")
+    ok(
+        "generate",
+        "rectangle",
+        det,
+        "arm",
+        "--top-left",
+        "0",
+        "495",
+        "--bottom-right",
+        "200",
+        "505",
+        "--grow",
+        "1",
+    )
     arm = reg.get_mask(det, "arm").compute()
     assert not arm[100, 494] and arm[100, 490]
 
-    ok("generate", "polygon", det, "wedge", "--vertex", "10.5", "10.5", "--vertex", "10.5",
-       "60.5", "--vertex", "60.5", "10.5")
+    ok(
+        "generate",
+        "polygon",
+        det,
+        "wedge",
+        "--vertex",
+        "10.5",
+        "10.5",
+        "--vertex",
+        "10.5",
+        "60.5",
+        "--vertex",
+        "60.5",
+        "10.5",
+    )
     assert not reg.get_mask(det, "wedge").compute()[20, 20]
 
-    dry = json.loads(ok("generate", "circle", det, "dry", "--center", "1", "1", "--radius", "3",
-                        "--dry-run", "--json"))
+    dry = json.loads(
+        ok(
+            "generate",
+            "circle",
+            det,
+            "dry",
+            "--center",
+            "1",
+            "1",
+            "--radius",
+            "3",
+            "--dry-run",
+            "--json",
+        )
+    )
     assert dry["source"]["generator"] == "circle"
-    assert ("dry" not in {n for _, n in reg.get_masks(det)})
+    assert "dry" not in {n for _, n in reg.get_masks(det)}
 
     darks = np.zeros((4, *SHAPE_500K), dtype=np.uint32)
     darks[:, 7, 9] = 100
@@ -277,17 +361,28 @@ def test_versions_say_who_made_them_and_how_many_pixels(reg, tmp_path):
     assert f"  {'masked':<14} 2 pixels (0.00038%)\n" in shown
     data = json.loads(ok("show", "--uid", uid[:8], "--json"))
     assert (data["uid"], data["created_by"], data["state"], data["current"]) == (
-        uid, who, "current", True)
+        uid,
+        who,
+        "current",
+        True,
+    )
     assert "active" not in data
 
     header, row = ok("history", det, "few").splitlines()[:2]
-    assert header.split() == ["version", "uid", "masked", "registered", "at", "by", "until",
-                              "state"]
+    assert header.split() == [
+        "version",
+        "uid",
+        "masked",
+        "registered",
+        "at",
+        "by",
+        "until",
+        "state",
+    ]
     assert row.split()[:4] == ["0", uid, "2", "(0.00038%)"] and f"  {who}  " in row
     assert [h["created_by"] for h in json.loads(ok("history", det, "few", "--json"))] == [who]
     assert "2 (0.00038%)" in ok("list", det)
-    dry = ok("generate", "circle", det, "dot", "--center", "5", "5", "--radius", "0.5",
-             "--dry-run")
+    dry = ok("generate", "circle", det, "dot", "--center", "5", "5", "--radius", "0.5", "--dry-run")
     assert dry == f"would register {det}/dot: masks 1 pixel (0.00019%)\n"
 
 
@@ -311,8 +406,10 @@ def test_update_says_metadata_is_replaced_and_identical_needs_force(reg, tmp_pat
     assert "note" not in record.metadata
     # Without -m nothing is replaced, and nothing says so.
     out = ok("update", det, "bs", str(npy(tmp_path, random_mask(seed=41), "v2.npy")))
-    assert "metadata replaced" not in out and reg.describe(reg.get_mask_uid(det, "bs")).metadata[
-        "sample"] == "glass"
+    assert (
+        "metadata replaced" not in out
+        and reg.describe(reg.get_mask_uid(det, "bs")).metadata["sample"] == "glass"
+    )
     data = json.loads(ok("update", det, "bs", str(path), "-m", "x=1", "--json"))
     assert data["metadata_replaced"] == {"dropped": {"sample": "glass"}}
     assert data["version"] == 3
@@ -345,8 +442,10 @@ def test_delete_of_an_active_name_is_refused_unless_forced(reg):
 
     result = run("delete", det, "a", "--force", input="n\n")
     assert result.exit_code == 1 and "Aborted" in result.output
-    assert (f"Retire {det}/a (v0)? The active set of {det} (v0: a, b) names it; it becomes "
-            "b. Its uids stay readable [y/N]") in result.output
+    assert (
+        f"Retire {det}/a (v0)? The active set of {det} (v0: a, b) names it; it becomes "
+        "b. Its uids stay readable [y/N]"
+    ) in result.output
     assert state(reg) == before
 
     out = ok("delete", det, "a", "--force", input="y\n")
@@ -369,8 +468,10 @@ def test_active_and_detectors_flag_names_that_are_not_current(reg):
     reg._claim_active(reg._active_node(det), det, ("a", "old", "ghost"), "from before")
     table = ok("active", det)
     assert "a, old (not registered: retired), ghost (not registered)" in table
-    assert (f"Runs on {det} cannot resolve old, ghost: register them, or choose masks "
-            f"without them with `chx-masks activate {det} NAME...`.") in table
+    assert (
+        f"Runs on {det} cannot resolve old, ghost: register them, or choose masks "
+        f"without them with `chx-masks activate {det} NAME...`."
+    ) in table
     (row,) = json.loads(ok("active", det, "--json"))
     assert row["names"] == ["a", "old", "ghost"] and row["missing"] == ["old", "ghost"]
     mine = next(r for r in json.loads(ok("detectors", "--json")) if r["detector"] == det)
@@ -388,11 +489,16 @@ def test_active_history_of_every_detector(reg):
         reg.register_mask(d, "a", random_mask(seed=46))
         reg.activate(d, ["a"], note=f"{d} first")
     reg.deactivate(det, note="no sample")
-    rows = [(r["detector"], r["version"], r["note"], r["created_by"])
-            for r in json.loads(ok("active", "--history", "--json"))
-            if r["detector"] in (det, other)]
-    assert rows == [(det, 0, f"{det} first", reg.identity), (det, 1, "no sample", reg.identity),
-                    (other, 0, f"{other} first", reg.identity)]
+    rows = [
+        (r["detector"], r["version"], r["note"], r["created_by"])
+        for r in json.loads(ok("active", "--history", "--json"))
+        if r["detector"] in (det, other)
+    ]
+    assert rows == [
+        (det, 0, f"{det} first", reg.identity),
+        (det, 1, "no sample", reg.identity),
+        (other, 0, f"{other} first", reg.identity),
+    ]
     table = ok("active", "--history")
     assert f"{det} first" in table and f"{other} first" in table and "no sample" in table
 
@@ -404,7 +510,8 @@ def test_detector_add(reg, tmp_path):
     record = reg.get_detector(name)
     assert record.shape == (43, 98) and record.metadata["vendor"] == "dectris"
     assert ok("detector", "add", name, "43", "98") == (
-        f"already known: {name} 43 x 98 (4,214 pixels)\n")
+        f"already known: {name} 43 x 98 (4,214 pixels)\n"
+    )
     before = [(d.name, d.shape) for d in reg.detectors()]
     fails("detector", "add", name, "98", "43", fragment="already known with shape 43x98")
     assert [(d.name, d.shape) for d in reg.detectors()] == before
@@ -438,11 +545,14 @@ def test_export_says_the_convention_it_wrote(reg, tmp_path):
         out = ok("export", det, "bs", str(path), "--uid", uid[:8], *extra)
         assert out == f"wrote mask {path} ({det}/bs v0; {words})\n", out
         shape = SHAPE_500K if name.endswith(".txt") else None
-        np.testing.assert_array_equal(
-            read_mask(path, convention=convention, shape=shape)[0], mask)
+        np.testing.assert_array_equal(read_mask(path, convention=convention, shape=shape)[0], mask)
         data = json.loads(ok("export", det, "bs", str(path), "--force", "--json", *extra))
         assert (data["convention"], data["meaning"], data["version"], data["uid"]) == (
-            convention, words, 1, reg.get_mask_uid(det, "bs"))
+            convention,
+            words,
+            1,
+            reg.get_mask_uid(det, "bs"),
+        )
     import tifffile
 
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "pyfai.tif") != 0, mask)
@@ -451,9 +561,21 @@ def test_export_says_the_convention_it_wrote(reg, tmp_path):
 # ------------------------------------------------------------------- errors
 
 #: Python's words, which a command's message must not use (the flag or command instead).
-PYTHON_WORDS = ("convention=", "format=", "dataset=", "as_of=", "force=True", "allow_pickle",
-                "register_detector(", "update_mask(", "register_mask(", "activate(",
-                "use mask.T", ".item()", "unsafely")
+PYTHON_WORDS = (
+    "convention=",
+    "format=",
+    "dataset=",
+    "as_of=",
+    "force=True",
+    "allow_pickle",
+    "register_detector(",
+    "update_mask(",
+    "register_mask(",
+    "activate(",
+    "use mask.T",
+    ".item()",
+    "unsafely",
+)
 
 
 def test_errors_name_the_commands_and_flags(reg, tmp_path):
@@ -481,31 +603,50 @@ def test_errors_name_the_commands_and_flags(reg, tmp_path):
         f["/entry/data/frame"] = np.zeros((2, 2))
     before = state(reg)
     cases = [
-        (("register", det, "x", str(ints)), "Give --convention keep (1 = pixel kept, as in "
-         "chx-masks) or --convention masked-nonzero (nonzero = masked, as in pyFAI)."),
-        (("register", det, "x", str(flags), "--convention", "keep"),
-         "which --convention keep cannot read; is it --convention masked-nonzero?"),
-        (("register", det, "x", str(transposed)), "It is transposed (rows and columns "
-         "swapped): save the transposed array"),
+        (
+            ("register", det, "x", str(ints)),
+            "Give --convention keep (1 = pixel kept, as in "
+            "chx-masks) or --convention masked-nonzero (nonzero = masked, as in pyFAI).",
+        ),
+        (
+            ("register", det, "x", str(flags), "--convention", "keep"),
+            "which --convention keep cannot read; is it --convention masked-nonzero?",
+        ),
+        (
+            ("register", det, "x", str(transposed)),
+            "It is transposed (rows and columns swapped): save the transposed array",
+        ),
         (("register", det, "x", str(unknown)), "or give --format (one of npy, npz"),
         (("register", det, "x", str(two)), "or give --dataset NAME naming the mask."),
         (("register", det, "x", str(no_mask)), "Give --dataset PATH naming the mask."),
-        (("register", det, "x", str(objects)), "holds Python objects (pickled data), not a "
-         "mask array, and is refused"),
-        (("register", det, "x", str(good), "-m", "a.b=1"),
-         """give a JSON object instead, e.g. -m 'sample={"name": "silica"}'."""),
+        (
+            ("register", det, "x", str(objects)),
+            "holds Python objects (pickled data), not a mask array, and is refused",
+        ),
+        (
+            ("register", det, "x", str(good), "-m", "a.b=1"),
+            """give a JSON object instead, e.g. -m 'sample={"name": "silica"}'.""",
+        ),
         (("register", det, "x", str(good), "-m", "x=NaN"), "Give that -m value as a string"),
-        (("show", det, "m", "--as-of", "yesterday-ish"),
-         "--as-of 'yesterday-ish' is not an ISO 8601 time"),
+        (
+            ("show", det, "m", "--as-of", "yesterday-ish"),
+            "--as-of 'yesterday-ish' is not an ISO 8601 time",
+        ),
         (("register", det, "m", str(good)), f"`chx-masks update {det} m FILE`"),
         (("update", det, "m", str(same)), "Add --force to register an identical version"),
-        (("register", "no_such_det", "x", str(good)),
-         "`chx-masks detector add no_such_det ROWS COLS`"),
+        (
+            ("register", "no_such_det", "x", str(good)),
+            "`chx-masks detector add no_such_det ROWS COLS`",
+        ),
         (("list", "eiger4m"), "Did you mean 'eiger4m_single_image'?"),
-        (("export", det, "m", str(tmp_path / "out.tif")),
-         "--convention masked-nonzero (pyFAI, fabio) or --convention keep (chx-masks)."),
-        (("export", det, "m", str(tmp_path / "out.npy"), "--uid", uid, "--version", "0"),
-         "Give --version or --uid, not both."),
+        (
+            ("export", det, "m", str(tmp_path / "out.tif")),
+            "--convention masked-nonzero (pyFAI, fabio) or --convention keep (chx-masks).",
+        ),
+        (
+            ("export", det, "m", str(tmp_path / "out.npy"), "--uid", uid, "--version", "0"),
+            "Give --version or --uid, not both.",
+        ),
         (("delete", det, "inuse", "--yes"), "or add --force to remove it from the active set"),
     ]
     wrong = []
@@ -551,8 +692,10 @@ def test_expected_errors_exit_1_with_one_line_and_change_nothing(reg, tmp_path):
         (("list", "no_such_detector"), "no_such_detector"),
         (("generate", "circle", det, "c", "--center", "0", "0", "--radius", "-1"), "radius"),
         (("generate", "polygon", det, "p", "--vertex", "1", "1"), "3"),
-        (("generate", "hot-pixels", det, "h", str(good), "--threshold", "1"),
-         "(frames, rows, cols)"),
+        (
+            ("generate", "hot-pixels", det, "h", str(good), "--threshold", "1"),
+            "(frames, rows, cols)",
+        ),
         (("generate", "module-gaps", det, "g"), det),
         (("export", det, "nope", str(tmp_path / "out.npy")), "nope"),
     ]
@@ -586,9 +729,20 @@ def test_usage_errors_exit_2():
 def test_unreachable_registry_is_one_line_through_the_real_entry_point(tmp_path):
     env = {**os.environ, "TILED_RETRY_TIMEOUT": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "chx_masks", "--uri", "http://127.0.0.1:9/api/v1",
-         "--api-key", "secret-key-123", "list"],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "chx_masks",
+            "--uri",
+            "http://127.0.0.1:9/api/v1",
+            "--api-key",
+            "secret-key-123",
+            "list",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 1, proc.stderr
     *before, last = proc.stderr.strip().splitlines()
@@ -608,10 +762,16 @@ def test_unreachable_registry_advice_matches_how_it_was_chosen(tmp_path):
     uri = f"http://127.0.0.1:{_closed_port()}/api/v1"
     cases = [
         (["--uri", uri, "list"], {}, "(given with --uri)"),
-        (["list"], {"CHX_MASKS_URI": uri},
-         "(from $CHX_MASKS_URI; unset it to use the embedded registry)"),
-        (["detectors"], {"CHX_MASKS_PROFILE": "no_such_profile"},
-         "(from $CHX_MASKS_PROFILE; unset it to use the embedded registry)"),
+        (
+            ["list"],
+            {"CHX_MASKS_URI": uri},
+            "(from $CHX_MASKS_URI; unset it to use the embedded registry)",
+        ),
+        (
+            ["detectors"],
+            {"CHX_MASKS_PROFILE": "no_such_profile"},
+            "(from $CHX_MASKS_PROFILE; unset it to use the embedded registry)",
+        ),
         (["--profile", "no_such_profile", "list"], {}, "(--profile no_such_profile)"),
     ]
     for args, env, origin in cases:
@@ -638,9 +798,13 @@ def test_process_without_prefect_does_not_import_it(tmp_path):
         "print(r.exit_code, 'prefect' in sys.modules)\n"
         "print(r.output)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "reg"),
-                           str(tmp_path / "runs")], capture_output=True, text=True,
-                          timeout=120, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "reg"), str(tmp_path / "runs")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     status, output = proc.stdout.split("\n", 1)
     assert status == "1 False", proc.stdout + proc.stderr
     assert output.startswith(f"chx-masks: No run store at {tmp_path / 'runs'}")
@@ -658,13 +822,19 @@ def test_json_list_through_the_real_entry_point(tmp_path):
         registry.register_mask(EIGER500K, "m", random_mask(seed=13))
     proc = subprocess.run(
         [sys.executable, "-m", "chx_masks", "--dir", str(directory), "list", "--json"],
-        capture_output=True, text=True, timeout=120, check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     (row,) = json.loads(proc.stdout)
     assert (row["detector"], row["name"], row["version"]) == (EIGER500K, "m", 0)
     # Not a terminal: no colour codes in a table either.
     table = subprocess.run(
         [sys.executable, "-m", "chx_masks", "--dir", str(directory), "list"],
-        capture_output=True, text=True, timeout=120, check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout
     assert "\x1b[" not in table and table.splitlines()[0].startswith("detector")

@@ -64,11 +64,9 @@ def site(tmp_path_factory):
     engine = RunEngine({})
     engine.subscribe(TiledWriter(store))
     uids = {}
-    for name, where in (("unmasked", far_frames), ("far", far_frames),
-                        ("beside", beside_frames)):
+    for name, where in (("unmasked", far_frames), ("far", far_frames), ("beside", beside_frames)):
         if name == "far":
-            engine.preprocessors.append(
-                MaskProvenance(registry, masks={DET: ["gaps", "beamstop"]}))
+            engine.preprocessors.append(MaskProvenance(registry, masks={DET: ["gaps", "beamstop"]}))
         det = SimAsyncEiger("eiger500K_single", where)
         engine(ensure_connected(det))
         (uids[name],) = engine(count([det], num=FRAMES))
@@ -76,14 +74,29 @@ def site(tmp_path_factory):
     engine._th.join(timeout=5)
     engine.loop.close()
     registry.close()
-    yield {"root": root, "registry": root / "registry", "runs": runs, "store": store,
-           "far_frames": far_frames, **uids}
+    yield {
+        "root": root,
+        "registry": root / "registry",
+        "runs": runs,
+        "store": store,
+        "far_frames": far_frames,
+        **uids,
+    }
     store.context.close()
 
 
 def _process(site: dict, uid: str, processed: Path, *extra: str):
-    args = ["--dir", str(site["registry"]), "process", uid, "--runs", str(site["runs"]),
-            "--processed", str(processed), *extra]
+    args = [
+        "--dir",
+        str(site["registry"]),
+        "process",
+        uid,
+        "--runs",
+        str(site["runs"]),
+        "--processed",
+        str(processed),
+        *extra,
+    ]
     return CliRunner().invoke(main, args)
 
 
@@ -109,8 +122,7 @@ def _product(processed: Path, uid: str) -> np.ndarray:
     return dense(RunStore(str(processed)).open(runs=False)[uid][DET])
 
 
-def test_files_outside_are_refused_in_one_line_then_read_with_readable_storage(
-        site, tmp_path):
+def test_files_outside_are_refused_in_one_line_then_read_with_readable_storage(site, tmp_path):
     processed = tmp_path / "processed"
     refused = _one_line_failure(_process(site, site["far"], processed))
     frames = str(site["far_frames"])
@@ -138,9 +150,17 @@ def test_readable_storage_replaces_the_default(site, tmp_path):
     # The files beside the store are not under a directory given instead.
     elsewhere = tmp_path / "unrelated"
     elsewhere.mkdir()
-    line = _one_line_failure(_process(site, site["beside"], tmp_path / "processed",
-                                      "--masks", f"{DET}=gaps",
-                                      "--readable-storage", str(elsewhere)))
+    line = _one_line_failure(
+        _process(
+            site,
+            site["beside"],
+            tmp_path / "processed",
+            "--masks",
+            f"{DET}=gaps",
+            "--readable-storage",
+            str(elsewhere),
+        )
+    )
     assert f"({elsewhere})" in line and "--readable-storage" in line
 
 
@@ -152,16 +172,28 @@ def test_files_beside_the_run_store_are_read_by_default(site, tmp_path):
     run = site["store"][site["beside"]]
     raw = run["primary"][DET].read()
     with MaskRegistry.embedded(site["registry"]) as registry:
-        composite = registry.resolve_composite(DET, ["gaps", "beamstop"],
-                                               as_of=run.metadata["start"]["time"])
-    assert np.array_equal(_product(processed, site["beside"]),
-                          raw * composite.mask.astype(raw.dtype))
+        composite = registry.resolve_composite(
+            DET, ["gaps", "beamstop"], as_of=run.metadata["start"]["time"]
+        )
+    assert np.array_equal(
+        _product(processed, site["beside"]), raw * composite.mask.astype(raw.dtype)
+    )
 
 
 def test_readable_storage_with_a_tiled_server_is_a_usage_error(site, tmp_path):
-    result = CliRunner().invoke(main, [
-        "--dir", str(site["registry"]), "process", site["far"],
-        "--runs", "http://127.0.0.1:9/api/v1/runs", "--readable-storage", str(tmp_path)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "--dir",
+            str(site["registry"]),
+            "process",
+            site["far"],
+            "--runs",
+            "http://127.0.0.1:9/api/v1/runs",
+            "--readable-storage",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert "--readable-storage is for a local run store" in result.stderr
     assert "readable_storage" in result.stderr and "Traceback" not in result.output
@@ -173,8 +205,7 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("case", ["unknown run", "no masks", "unreachable store",
-                                  "no run store"])
+@pytest.mark.parametrize("case", ["unknown run", "no masks", "unreachable store", "no run store"])
 def test_expected_failures_are_one_line(site, tmp_path, monkeypatch, case):
     runs = str(site["runs"])
     uid = site["far"]
@@ -189,9 +220,19 @@ def test_expected_failures_are_one_line(site, tmp_path, monkeypatch, case):
         fragment = "Cannot reach the tiled server"
     else:
         runs, fragment = str(tmp_path / "nowhere"), "No run store at"
-    result = CliRunner().invoke(main, [
-        "--dir", str(site["registry"]), "process", uid, "--runs", runs,
-        "--processed", str(tmp_path / "processed")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "--dir",
+            str(site["registry"]),
+            "process",
+            uid,
+            "--runs",
+            runs,
+            "--processed",
+            str(tmp_path / "processed"),
+        ],
+    )
     assert fragment in _one_line_failure(result)
 
 
@@ -209,8 +250,10 @@ def test_python_callers_get_the_fix_in_python_words_and_nothing_is_written(site,
         assert "--readable-storage" not in str(refused.value)
         assert f"--readable-storage {frames})" in refused.value.cli_message
         assert not processed.exists() or site["far"] not in list(
-            RunStore(str(processed)).open(runs=False))
-        product = process_run(site["far"], runs=store.reading([frames]), processed=processed,
-                              registry=registry)
+            RunStore(str(processed)).open(runs=False)
+        )
+        product = process_run(
+            site["far"], runs=store.reading([frames]), processed=processed, registry=registry
+        )
     assert np.array_equal(_product(processed, site["far"]), _raw_times_mask(site, site["far"]))
     assert product.created

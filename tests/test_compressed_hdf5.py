@@ -26,9 +26,13 @@ BITSHUFFLE_LZ4 = 32008
 
 def fresh_python(code: str, *args: str) -> subprocess.CompletedProcess:
     """``code`` in a new interpreter: nothing imported but what it imports."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
 
 
 def compressed(f: h5py.File, name: str, data: np.ndarray, chunks: tuple[int, ...]) -> None:
@@ -42,14 +46,18 @@ def test_a_compressed_pixel_mask_reads_in_a_fresh_process(tmp_path):
     pixel_mask[100, 200] = 8  # hot
     master = tmp_path / "scan_master.h5"
     with h5py.File(master, "w") as f:
-        compressed(f, "/entry/instrument/detector/detectorSpecific/pixel_mask", pixel_mask,
-                   SHAPE_500K)
-    proc = fresh_python("""
+        compressed(
+            f, "/entry/instrument/detector/detectorSpecific/pixel_mask", pixel_mask, SHAPE_500K
+        )
+    proc = fresh_python(
+        """
         import sys
         from chx_masks import io
         mask, _ = io.read_mask(sys.argv[1])
         print(int((~mask).sum()), bool(mask[100, 200]), bool(mask[50, 50]))
-    """, str(master))
+    """,
+        str(master),
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [str(2 * 1030 + 1), "False", "True"]
 
@@ -62,18 +70,31 @@ def test_a_compressed_dark_series_reads_in_the_command_line(tmp_path):
     with h5py.File(path, "w") as f:
         compressed(f, "/entry/data/data", darks, (1, *SHAPE_500K))
     proc = subprocess.run(
-        [sys.executable, "-m", "chx_masks", "--dir", str(tmp_path / "reg"), "generate",
-         "hot-pixels", EIGER500K, "hot", str(path), "--threshold", "50", "--dry-run",
-         "--json"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "chx_masks",
+            "--dir",
+            str(tmp_path / "reg"),
+            "generate",
+            "hot-pixels",
+            EIGER500K,
+            "hot",
+            str(path),
+            "--threshold",
+            "50",
+            "--dry-run",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["masked_pixels"] == 1
 
 
-def test_the_router_masks_compressed_stream_resource_frames_in_a_fresh_process(
-    RE, tmp_path
-):
+def test_the_router_masks_compressed_stream_resource_frames_in_a_fresh_process(RE, tmp_path):
     from bluesky.plans import count
     from ophyd_async.plan_stubs import ensure_connected
 
@@ -100,7 +121,8 @@ def test_the_router_masks_compressed_stream_resource_frames_in_a_fresh_process(
     (tmp_path / "docs.json").write_text(json.dumps(docs))
     np.save(tmp_path / "expected.npy", frames * mask.astype(frames.dtype))
 
-    proc = fresh_python("""
+    proc = fresh_python(
+        """
         import json, sys
         import numpy as np
         from chx_masks import MaskRegistry
@@ -119,7 +141,9 @@ def test_the_router_masks_compressed_stream_resource_frames_in_a_fresh_process(
         stop = [doc for name, doc in out if name == "stop"][0]
         print(stop["exit_status"], len(got),
               all(np.array_equal(g.reshape(e.shape), e) for g, e in zip(got, expected)))
-    """, str(tmp_path))
+    """,
+        str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["success", "3", "True"], proc.stdout + proc.stderr
 
@@ -129,7 +153,8 @@ def test_plain_h5py_in_a_fresh_process_cannot_decode_it(tmp_path):
     path = tmp_path / "c.h5"
     with h5py.File(path, "w") as f:
         compressed(f, "data", np.arange(20, dtype=np.uint32).reshape(4, 5), (1, 5))
-    proc = fresh_python("""
+    proc = fresh_python(
+        """
         import sys, h5py
         try:
             h5py.File(sys.argv[1], "r")["data"][()]
@@ -137,6 +162,8 @@ def test_plain_h5py_in_a_fresh_process_cannot_decode_it(tmp_path):
             print("refused:", err)
         else:
             print("decoded")
-    """, str(path))
+    """,
+        str(path),
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("refused:"), proc.stdout

@@ -323,8 +323,7 @@ def test_two_processes_adopt_legacy_masks_at_once(crew):
             crew.registry._root.write_array(
                 numbered_mask(index),
                 key=uid,
-                metadata={"spec": "mask", "name": name, "detector": EIGER500K,
-                          "version": version},
+                metadata={"spec": "mask", "name": name, "detector": EIGER500K, "version": version},
             )
             legacy[uid] = (name, version, index)
     for i in (0, 1):
@@ -340,8 +339,7 @@ def test_two_processes_adopt_legacy_masks_at_once(crew):
         ]
     assert set(legacy) <= crew.mask_uids()
     for uid, (_, _, index) in legacy.items():
-        np.testing.assert_array_equal(registry.get_mask_by_uid(uid).compute(),
-                                      numbered_mask(index))
+        np.testing.assert_array_equal(registry.get_mask_by_uid(uid).compute(), numbered_mask(index))
         assert registry.describe(uid).legacy is False
     assert registry.adopt_legacy() == []
 
@@ -351,8 +349,6 @@ def test_two_processes_adopt_legacy_masks_at_once(crew):
     for report in reports:
         if report[2] != "ok":
             error = getattr(chx_masks, report[2], None)
-            assert isinstance(error, type) and issubclass(error, chx_masks.ChxMasksError), (
-                report
-            )
+            assert isinstance(error, type) and issubclass(error, chx_masks.ChxMasksError), report
     adopted = [uid for report in reports if report[2] == "ok" for uid in report[3]]
     assert len(adopted) == len(set(adopted))

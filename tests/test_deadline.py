@@ -39,10 +39,14 @@ def _silent_registry(uri):
 def test_record_policy_opens_the_run_when_the_registry_hangs(RE, silent_server):
     starts = []
     RE.subscribe(lambda name, doc: starts.append(doc), "start")
-    RE.preprocessors.append(MaskProvenance(
-        _silent_registry(silent_server), masks={EIGER500K: ["m"]},
-        on_unavailable="record", timeout=1.0,
-    ))
+    RE.preprocessors.append(
+        MaskProvenance(
+            _silent_registry(silent_server),
+            masks={EIGER500K: ["m"]},
+            on_unavailable="record",
+            timeout=1.0,
+        )
+    )
     (uid,) = RE(count([sim_eiger500k()]))
     record = starts[0]["masks"][EIGER500K]
     assert record["uids"] == [] and record["names"] == ["m"]
@@ -52,10 +56,14 @@ def test_record_policy_opens_the_run_when_the_registry_hangs(RE, silent_server):
 def test_raise_policy_refuses_the_run_when_the_registry_hangs(RE, silent_server):
     starts = []
     RE.subscribe(lambda name, doc: starts.append(doc), "start")
-    RE.preprocessors.append(MaskProvenance(
-        _silent_registry(silent_server), masks={EIGER500K: ["m"]},
-        on_unavailable="raise", timeout=1.0,
-    ))
+    RE.preprocessors.append(
+        MaskProvenance(
+            _silent_registry(silent_server),
+            masks={EIGER500K: ["m"]},
+            on_unavailable="raise",
+            timeout=1.0,
+        )
+    )
     with pytest.raises(RegistryUnavailableError, match="did not answer within 1 s"):
         RE(count([sim_eiger500k()]))
     assert starts == []
@@ -69,8 +77,13 @@ def test_router_withholds_frames_and_reports_when_the_registry_hangs(
         RE.preprocessors.append(MaskProvenance(reg, masks={EIGER500K: ["m"]}))
         raw, derived = [], []
         RE.subscribe(lambda name, doc: raw.append(name))
-        RE.subscribe(MaskingRouter(_silent_registry(silent_server),
-                                   lambda name, doc: derived.append((name, doc)), timeout=1.0))
+        RE.subscribe(
+            MaskingRouter(
+                _silent_registry(silent_server),
+                lambda name, doc: derived.append((name, doc)),
+                timeout=1.0,
+            )
+        )
         RE(count([sim_eiger500k()], num=2))
     assert raw.count("event") == 2  # acquisition went on
     names = [name for name, _ in derived]
@@ -114,8 +127,10 @@ def test_breaker_fails_fast_while_down_checks_in_the_background_and_closes(embed
         # While down, a call never reaches the registry: it says since when, at once.
         callers = switch.asked_by("chx-masks-registry-call")
         for _ in range(50):
-            with pytest.raises(RegistryUnavailableError,
-                               match="has not answered since .* checked again in the background"):
+            with pytest.raises(
+                RegistryUnavailableError,
+                match="has not answered since .* checked again in the background",
+            ):
                 breaker.call(lambda r: r.get_masks(), 5.0, "listing masks")
         assert switch.asked_by("chx-masks-registry-call") == callers
 
@@ -207,19 +222,27 @@ def test_router_does_not_wait_again_for_a_run_that_found_the_registry_unreachabl
     # router that the run start already spent its wait.
     provenance_factory = _silent_registry(silent_server)
     router_factory = _silent_registry(silent_server)
-    RE.preprocessors.append(MaskProvenance(
-        provenance_factory, masks={EIGER500K: ["m"]}, on_unavailable="record", timeout=1.0))
+    RE.preprocessors.append(
+        MaskProvenance(
+            provenance_factory, masks={EIGER500K: ["m"]}, on_unavailable="record", timeout=1.0
+        )
+    )
     derived = []
-    router = MaskingRouter(router_factory, lambda name, doc: derived.append((name, doc)),
-                           masks={EIGER500K: ["m"]}, timeout=1.0)
+    router = MaskingRouter(
+        router_factory,
+        lambda name, doc: derived.append((name, doc)),
+        masks={EIGER500K: ["m"]},
+        timeout=1.0,
+    )
     RE.subscribe(router)
     RE(count([sim_eiger500k()], num=1))
     assert not breaker_for(provenance_factory).available
     assert router.breaker.available  # never asked: nothing timed out there
     stop = derived[-1][1]
     assert stop["exit_status"] == "fail"
-    assert any("frames withheld" in e and "did not answer within 1 s" in e
-               for e in stop["masking_errors"]), stop["masking_errors"]
+    assert any(
+        "frames withheld" in e and "did not answer within 1 s" in e for e in stop["masking_errors"]
+    ), stop["masking_errors"]
 
 
 def test_only_a_live_run_that_found_the_registry_down_spares_the_router_its_wait(
@@ -229,9 +252,20 @@ def test_only_a_live_run_that_found_the_registry_down_spares_the_router_its_wait
 
     with MaskRegistry.embedded(embedded_dir) as reg:
         uid = reg.register_mask(EIGER500K, "m", random_mask(seed=1))
-        start = {"uid": "raw", "time": time.time(), "mask_uids": [], "masks": {EIGER500K: {
-            "names": ["m"], "uids": [], "versions": [], "sha256": None,
-            "error": "RegistryUnavailableError: down at open"}}}
+        start = {
+            "uid": "raw",
+            "time": time.time(),
+            "mask_uids": [],
+            "masks": {
+                EIGER500K: {
+                    "names": ["m"],
+                    "uids": [],
+                    "versions": [],
+                    "sha256": None,
+                    "error": "RegistryUnavailableError: down at open",
+                }
+            },
+        }
 
         def derived_start():
             out = []

@@ -30,7 +30,10 @@ def snapshot(directory: Path) -> tuple:
 def demo(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "chx_masks", "demo", "--frames", "2", *args],
-        capture_output=True, text=True, env=env, timeout=900,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
 
 
@@ -76,9 +79,20 @@ def test_the_demo_never_touches_the_users_registry_and_repeats_without_new_versi
 
     # The command the demo prints processes its run, from its own directory.
     proc = subprocess.run(
-        [sys.executable, "-m", "chx_masks", "--dir", str(real / "demo"), "process",
-         summary["raw_uid"], "--json"],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "chx_masks",
+            "--dir",
+            str(real / "demo"),
+            "process",
+            summary["raw_uid"],
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     product = json.loads(proc.stdout)
@@ -91,8 +105,8 @@ def test_the_demo_refuses_a_shared_registry_before_doing_anything(tmp_path):
     from chx_masks._cli import main
 
     result = CliRunner().invoke(
-        main, ["--uri", f"http://127.0.0.1:{closed_port()}", "demo", "--dir",
-               str(tmp_path / "d")],
+        main,
+        ["--uri", f"http://127.0.0.1:{closed_port()}", "demo", "--dir", str(tmp_path / "d")],
     )
     assert result.exit_code == 2
     assert "never writes to a shared one" in result.output

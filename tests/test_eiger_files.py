@@ -78,17 +78,23 @@ def _async_eiger(RE, path, **kwargs):
 
 def test_a_series_is_laid_out_as_the_dectris_file_writer_does(tmp_path):
     pattern = XPCSPattern(SHAPE_500K)
-    with SeriesWriter(tmp_path, "scan_1", SHAPE_500K, np.uint32, frames_per_file=2,
-                      pixel_mask=pattern.pixel_mask) as series:
+    with SeriesWriter(
+        tmp_path, "scan_1", SHAPE_500K, np.uint32, frames_per_file=2, pixel_mask=pattern.pixel_mask
+    ) as series:
         for i in range(5):
             series.write(pattern.frame(i))
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["scan_1_data_000001.h5", "scan_1_data_000002.h5",
-                     "scan_1_data_000003.h5", "scan_1_master.h5"]
+    assert names == [
+        "scan_1_data_000001.h5",
+        "scan_1_data_000002.h5",
+        "scan_1_data_000003.h5",
+        "scan_1_master.h5",
+    ]
     with h5py.File(tmp_path / "scan_1_master.h5", "r") as master:
         links = {k: master["/entry/data"].get(k, getlink=True) for k in master["/entry/data"]}
         assert {k: (v.filename, v.path) for k, v in links.items()} == {
-            f"data_00000{n}": (f"scan_1_data_00000{n}.h5", DATA_PATH) for n in (1, 2, 3)}
+            f"data_00000{n}": (f"scan_1_data_00000{n}.h5", DATA_PATH) for n in (1, 2, 3)
+        }
         stored_mask = master[PIXEL_MASK_PATH]
         assert stored_mask.dtype == np.uint32
         assert stored_mask.id.get_create_plist().get_filter(0)[0] == BITSHUFFLE_LZ4
@@ -136,8 +142,9 @@ def test_series_of_several_files_read_back_in_order_through_the_eiger_handler(tm
             series.write(pattern.frame(i))
     handler = EigerSeriesHandler(str(tmp_path / "p"), images_per_file=3)
     try:
-        np.testing.assert_array_equal(handler(seq_id=3),
-                                      np.stack([pattern.frame(i) for i in range(7)]))
+        np.testing.assert_array_equal(
+            handler(seq_id=3), np.stack([pattern.frame(i) for i in range(7)])
+        )
         np.testing.assert_array_equal(handler(seq_id=3, frame_num=4), pattern.frame(4))
         assert len(handler.get_file_list([{"seq_id": 3}])) == 4
     finally:
@@ -148,8 +155,13 @@ def test_series_of_several_files_read_back_in_order_through_the_eiger_handler(tm
 
 
 def test_ophyd_eiger_writes_ad_eiger2_resources_read_by_nsls2_handlers(RE, tmp_path):
-    det = SimEiger("eiger500K_single", mode="eiger", save_path=tmp_path, frames_per_trigger=3,
-                   frames_per_file=3)
+    det = SimEiger(
+        "eiger500K_single",
+        mode="eiger",
+        save_path=tmp_path,
+        frames_per_trigger=3,
+        frames_per_file=3,
+    )
     docs = Collector()
     RE.subscribe(docs)
     RE(count([det], num=2))
@@ -166,16 +178,19 @@ def test_ophyd_eiger_writes_ad_eiger2_resources_read_by_nsls2_handlers(RE, tmp_p
         _, filled = filler(name, doc)
         if name == "event":
             series.append(filled["data"][EIGER500K])
-    np.testing.assert_array_equal(np.concatenate(series),
-                                  np.stack([det.expected_frame(i) for i in range(6)]))
+    np.testing.assert_array_equal(
+        np.concatenate(series), np.stack([det.expected_frame(i) for i in range(6)])
+    )
     # NSLS-II's own handler (area-detector-handlers) reads the same files.
     from area_detector_handlers.eiger import EigerHandler
 
-    theirs = EigerHandler(os.path.join(resource["root"], resource["resource_path"]),
-                          **resource["resource_kwargs"])
+    theirs = EigerHandler(
+        os.path.join(resource["root"], resource["resource_path"]), **resource["resource_kwargs"]
+    )
     try:
-        np.testing.assert_array_equal(np.asarray(theirs(seq_id=2)),
-                                      np.stack([det.expected_frame(i) for i in range(3, 6)]))
+        np.testing.assert_array_equal(
+            np.asarray(theirs(seq_id=2)), np.stack([det.expected_frame(i) for i in range(3, 6)])
+        )
     finally:
         theirs.close()
 
@@ -187,15 +202,21 @@ def test_live_masking_of_both_file_writing_eigers_equals_raw_times_mask(RE, reg,
     composite = _composite(reg)
     RE.preprocessors.append(MaskProvenance(reg, masks={EIGER500K: ["gaps", "hot"]}))
     # Resource/Datum (AD_EIGER2): no handler_registry given; the router knows Eiger files.
-    ophyd_det = SimEiger("eiger500K_single", mode="eiger", save_path=tmp_path / "v1",
-                         frames_per_trigger=4, frames_per_file=3)
+    ophyd_det = SimEiger(
+        "eiger500K_single",
+        mode="eiger",
+        save_path=tmp_path / "v1",
+        frames_per_trigger=4,
+        frames_per_file=3,
+    )
     derived = Collector()
     token = RE.subscribe(MaskingRouter(reg, derived, strict=True))
     RE(count([ophyd_det], num=2))
     RE.unsubscribe(token)
     assert derived.stop()["exit_status"] == "success"
-    np.testing.assert_array_equal(np.concatenate(derived.frames(EIGER500K)),
-                                  _expected(ophyd_det, composite, 8))
+    np.testing.assert_array_equal(
+        np.concatenate(derived.frames(EIGER500K)), _expected(ophyd_det, composite, 8)
+    )
     # StreamResource/StreamDatum, one resource per data file.
     async_det = _async_eiger(RE, tmp_path / "async", frames_per_file=2)
     derived = Collector()
@@ -228,14 +249,15 @@ def test_stored_stream_resource_run_replays_processes_and_reads_lazily_as_raw_ti
         got = np.stack([f.reshape(SHAPE_500K) for f in replayed.frames(EIGER500K)])
         np.testing.assert_array_equal(got, expected)
         np.testing.assert_array_equal(
-            np.stack([f.reshape(SHAPE_500K) for f in live.frames(EIGER500K)]), got)
+            np.stack([f.reshape(SHAPE_500K) for f in live.frames(EIGER500K)]), got
+        )
 
         lazy = masked_frames(store[uid], EIGER500K, registry=reg, frames_per_chunk=2)
-        np.testing.assert_array_equal(np.asarray(lazy.compute()).reshape(expected.shape),
-                                      expected)
+        np.testing.assert_array_equal(np.asarray(lazy.compute()).reshape(expected.shape), expected)
 
-        product = process_run(uid, runs=store, processed=tmp_path / "processed", registry=reg,
-                              frames_per_chunk=2)
+        product = process_run(
+            uid, runs=store, processed=tmp_path / "processed", registry=reg, frames_per_chunk=2
+        )
         dense = product.dense(tmp_path / "processed", EIGER500K)
         np.testing.assert_array_equal(dense.reshape(expected.shape), expected)
         assert product.masks[EIGER500K]["sha256"] == composite.sha256
@@ -253,8 +275,13 @@ def test_stored_ad_eiger2_run_replays_processes_and_reads_lazily_as_raw_times_ma
     store = open_run_store(tmp_path / "runs", readable_storage=[tmp_path / "frames"])
     try:
         RE.preprocessors.append(MaskProvenance(reg, masks={EIGER500K: ["gaps", "hot"]}))
-        det = SimEiger("eiger500K_single", mode="eiger", save_path=tmp_path / "frames",
-                       frames_per_trigger=per_trigger, frames_per_file=per_file)
+        det = SimEiger(
+            "eiger500K_single",
+            mode="eiger",
+            save_path=tmp_path / "frames",
+            frames_per_trigger=per_trigger,
+            frames_per_file=per_file,
+        )
         live = Collector()
         RE.subscribe(EigerSeriesToStream(TiledWriter(store)))
         RE.subscribe(MaskingRouter(reg, live, strict=True))
@@ -268,7 +295,8 @@ def test_stored_ad_eiger2_run_replays_processes_and_reads_lazily_as_raw_times_ma
         assert stored.shape == (3, per_trigger, *SHAPE_500K)  # events of one series each
         np.testing.assert_array_equal(
             stored.read().reshape(n, *SHAPE_500K),
-            np.stack([det.expected_frame(i) for i in range(n)]))
+            np.stack([det.expected_frame(i) for i in range(n)]),
+        )
         assert run.metadata["start"]["masks"][EIGER500K]["sha256"] == composite.sha256
 
         replayed = Collector()
@@ -276,20 +304,24 @@ def test_stored_ad_eiger2_run_replays_processes_and_reads_lazily_as_raw_times_ma
         assert replayed.stop()["exit_status"] == "success"
         np.testing.assert_array_equal(
             np.concatenate([f.reshape(-1, *SHAPE_500K) for f in replayed.frames(EIGER500K)]),
-            expected)
+            expected,
+        )
 
         lazy = masked_frames(run, EIGER500K, registry=reg, frames_per_chunk=2)
-        np.testing.assert_array_equal(np.asarray(lazy.compute()).reshape(expected.shape),
-                                      expected)
+        np.testing.assert_array_equal(np.asarray(lazy.compute()).reshape(expected.shape), expected)
 
         # Processing in this process reads the data files themselves, in series order.
         (planned,) = plan_processing(uid, runs=store, registry=reg).detectors
         names = [Path(path).name.split("_", 3)[-1] for path, _, _ in planned.files]
-        assert names == [f"{seq}_data_{k:06d}.h5" for seq in (1, 2, 3)
-                         for k in range(1, -(-per_trigger // per_file) + 1)]
+        assert names == [
+            f"{seq}_data_{k:06d}.h5"
+            for seq in (1, 2, 3)
+            for k in range(1, -(-per_trigger // per_file) + 1)
+        ]
         assert sum(count for *_, count in planned.files) == n
-        product = process_run(uid, runs=store, processed=tmp_path / "processed",
-                              registry=reg, frames_per_chunk=2)
+        product = process_run(
+            uid, runs=store, processed=tmp_path / "processed", registry=reg, frames_per_chunk=2
+        )
         dense = product.dense(tmp_path / "processed", EIGER500K)
         np.testing.assert_array_equal(dense.reshape(expected.shape), expected)
         assert product.masks[EIGER500K]["sha256"] == composite.sha256
@@ -306,8 +338,13 @@ def product_file(processed, uid):
 
 
 def test_eiger_series_documents_become_one_stream_resource_per_data_file(RE, tmp_path):
-    det = SimEiger("eiger500K_single", mode="eiger", save_path=tmp_path,
-                   frames_per_trigger=5, frames_per_file=2)
+    det = SimEiger(
+        "eiger500K_single",
+        mode="eiger",
+        save_path=tmp_path,
+        frames_per_trigger=5,
+        frames_per_file=2,
+    )
     out = Collector()
     RE.subscribe(EigerSeriesToStream(out))
     RE(count([det], num=2))
@@ -317,13 +354,22 @@ def test_eiger_series_documents_become_one_stream_resource_per_data_file(RE, tmp
     (descriptor,) = [doc for name, doc in out.docs if name == "descriptor"]
     assert descriptor["data_keys"][EIGER500K]["external"] == "STREAM:"
     assert all(EIGER500K not in doc["data"] for name, doc in out.docs if name == "event")
-    files = [Path(doc["uri"].removeprefix("file://")) for name, doc in out.docs
-             if name == "stream_resource"]
+    files = [
+        Path(doc["uri"].removeprefix("file://"))
+        for name, doc in out.docs
+        if name == "stream_resource"
+    ]
     assert all(path.exists() for path in files)
     assert [path.name.rsplit("_", 3)[1:] for path in files[:3]] == [
-        ["1", "data", "000001.h5"], ["1", "data", "000002.h5"], ["1", "data", "000003.h5"]]
-    ranges = [(doc["indices"]["start"], doc["indices"]["stop"]) for name, doc in out.docs
-              if name == "stream_datum"]
+        ["1", "data", "000001.h5"],
+        ["1", "data", "000002.h5"],
+        ["1", "data", "000003.h5"],
+    ]
+    ranges = [
+        (doc["indices"]["start"], doc["indices"]["stop"])
+        for name, doc in out.docs
+        if name == "stream_datum"
+    ]
     assert ranges == [(0, 0), (0, 0), (0, 1), (1, 1), (1, 1), (1, 2)]
     # Any other detector's documents pass through unchanged.
     other = Collector()
@@ -336,15 +382,21 @@ def test_eiger_series_documents_become_one_stream_resource_per_data_file(RE, tmp
 def test_ad_eiger2_documents_replay_as_they_were_masked_live(RE, reg, tmp_path):
     composite = _composite(reg)
     RE.preprocessors.append(MaskProvenance(reg, masks={EIGER500K: ["gaps", "hot"]}))
-    det = SimEiger("eiger500K_single", mode="eiger", save_path=tmp_path, frames_per_trigger=5,
-                   frames_per_file=2)
+    det = SimEiger(
+        "eiger500K_single",
+        mode="eiger",
+        save_path=tmp_path,
+        frames_per_trigger=5,
+        frames_per_file=2,
+    )
     raw = Collector()
     RE.subscribe(raw)
     RE(count([det], num=1))
     replayed = Collector()
     replay_masked(raw.docs, replayed, registry=reg)
-    np.testing.assert_array_equal(np.concatenate(replayed.frames(EIGER500K)),
-                                  _expected(det, composite, 5))
+    np.testing.assert_array_equal(
+        np.concatenate(replayed.frames(EIGER500K)), _expected(det, composite, 5)
+    )
 
 
 def test_a_changed_recorded_composite_is_refused_on_every_path(RE, reg, tmp_path):
@@ -355,8 +407,10 @@ def test_a_changed_recorded_composite_is_refused_on_every_path(RE, reg, tmp_path
 
         def tamper(name, doc):  # a start whose recorded sha256 does not match its uids
             if name == "start":
-                doc = {**doc, "masks": {k: {**r, "sha256": "0" * 64}
-                                        for k, r in doc["masks"].items()}}
+                doc = {
+                    **doc,
+                    "masks": {k: {**r, "sha256": "0" * 64} for k, r in doc["masks"].items()},
+                }
             return doc
 
         writer = TiledWriter(store)
@@ -391,8 +445,13 @@ def test_tiled_reader_maps_per_file_indices_onto_the_concatenated_array():
 
 
 def test_a_fresh_process_that_imports_only_the_project_reads_every_eiger_file(RE, tmp_path):
-    det = SimEiger("eiger500K_single", mode="eiger", save_path=tmp_path / "frames",
-                   frames_per_trigger=3, frames_per_file=2)
+    det = SimEiger(
+        "eiger500K_single",
+        mode="eiger",
+        save_path=tmp_path / "frames",
+        frames_per_trigger=3,
+        frames_per_file=2,
+    )
     with MaskRegistry.embedded(tmp_path / "reg") as reg:
         reg.register_mask(EIGER500K, "pixel_mask", det.pattern.pixel_mask == 0)
         RE.preprocessors.append(MaskProvenance(reg, masks={EIGER500K: ["pixel_mask"]}))
@@ -420,9 +479,13 @@ def test_a_fresh_process_that_imports_only_the_project_reads_every_eiger_file(RE
         expected = np.load(d + "/expected.npy") * mask.astype(np.uint32)
         print(int((~mask).sum()), np.array_equal(np.concatenate(frames), expected))
     """)
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(master)],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path), str(master)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
     assert proc.returncode == 0, proc.stderr
     flagged, same = proc.stdout.split()
     assert int(flagged) == int(det.pattern.flagged.sum()) > 0
@@ -445,8 +508,9 @@ def test_bad_eiger_options_are_refused_with_the_fix(tmp_path):
 
 
 @pytest.mark.parametrize("threads", ["1", "2", "3"])
-def test_frames_decoded_on_threads_leave_in_order_equal_and_unchanged(RE, reg, tmp_path,
-                                                                       monkeypatch, threads):
+def test_frames_decoded_on_threads_leave_in_order_equal_and_unchanged(
+    RE, reg, tmp_path, monkeypatch, threads
+):
     """Raw chunks read in order, decoded and masked on 1, 2 or 3 threads, pages in order."""
     monkeypatch.setenv("CHX_MASKS_DECODE_THREADS", threads)
     composite = _composite(reg)

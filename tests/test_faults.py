@@ -83,8 +83,9 @@ class Lifeline:
         self.start()
 
     def start(self) -> None:
-        self.server = servers.ServeProcess(self.args, directory=self.directory,
-                                           env=self.env, port=self.port)
+        self.server = servers.ServeProcess(
+            self.args, directory=self.directory, env=self.env, port=self.port
+        )
 
     def kill(self) -> None:
         assert self.server is not None
@@ -122,20 +123,21 @@ def _state(registry: MaskRegistry) -> dict[str, Any]:
     return {
         "listing": registry.get_masks(include_retired=True),
         "uids": uids,
-        "sha256": {uid: mask_sha256(registry.get_mask_by_uid(uid).compute())
-                   for lineage in uids.values() for uid in lineage},
+        "sha256": {
+            uid: mask_sha256(registry.get_mask_by_uid(uid).compute())
+            for lineage in uids.values()
+            for uid in lineage
+        },
         "active": registry.active_set(DET).names,
     }
 
 
 def _expected(det, mask: np.ndarray, seq_nums: list[int]) -> list[np.ndarray]:
-    return [det.expected_frame(i - 1) * mask.astype(det.expected_frame(0).dtype)
-            for i in seq_nums]
+    return [det.expected_frame(i - 1) * mask.astype(det.expected_frame(0).dtype) for i in seq_nums]
 
 
 def test_server_killed_mid_scan_then_back(RE, lifeline):
-    figures = SUMMARY.setdefault(
-        f"registry server lost mid-scan ({lifeline.backend} catalog)", {})
+    figures = SUMMARY.setdefault(f"registry server lost mid-scan ({lifeline.backend} catalog)", {})
     registry = MaskRegistry.from_uri(lifeline.uri, api_key=lifeline.key, timeout=TIMEOUT)
     for name, mask in _masks().items():
         registry.register_mask(DET, name, mask)
@@ -144,8 +146,9 @@ def test_server_killed_mid_scan_then_back(RE, lifeline):
     registry.close()
 
     # A fresh client, as a beamline session has: it knows nothing yet.
-    registry = MaskRegistry.from_uri(lifeline.uri, api_key=lifeline.key, timeout=TIMEOUT,
-                                     disk_cache=False)
+    registry = MaskRegistry.from_uri(
+        lifeline.uri, api_key=lifeline.key, timeout=TIMEOUT, disk_cache=False
+    )
     provenance = MaskProvenance(registry, on_unavailable="record", timeout=TIMEOUT)
     RE.preprocessors.append(provenance)
     raw, derived = Collector(), Collector()
@@ -173,12 +176,14 @@ def test_server_killed_mid_scan_then_back(RE, lifeline):
     composite = _masks()["gaps"] & _masks()["hot"]
     frames1 = derived.frames(DET)
     assert len(frames1) == FRAMES
-    for got, want in zip(frames1, _expected(det, composite, list(range(1, FRAMES + 1))),
-                         strict=True):
+    for got, want in zip(
+        frames1, _expected(det, composite, list(range(1, FRAMES + 1))), strict=True
+    ):
         np.testing.assert_array_equal(got, want)
     assert derived.stop()["exit_status"] == "success"
     figures["frames taken / masked in the scan that lost the server"] = (
-        f"{raw.names().count('event')} / {len(frames1)} (killed after frame {KILL_AFTER})")
+        f"{raw.names().count('event')} / {len(frames1)} (killed after frame {KILL_AFTER})"
+    )
 
     # 2. A scan opened while the server is down.
     raw.docs.clear()
@@ -208,27 +213,27 @@ def test_server_killed_mid_scan_then_back(RE, lifeline):
     lifeline.start()
     back = time.monotonic()
     assert provenance.breaker.wait_available(60), provenance.breaker
-    figures["restarted server seen answering after: seconds"] = round(
-        time.monotonic() - back, 1)
+    figures["restarted server seen answering after: seconds"] = round(time.monotonic() - back, 1)
     raw.docs.clear()
     derived.docs.clear()
     (uid3,) = RE(count([det], num=3))
     start3 = raw.start()
     assert start3["masks"][DET]["uids"] == record["uids"]
     assert start3["masks"][DET]["sha256"] == record["sha256"]
-    for got, want in zip(derived.frames(DET), _expected(det, composite, [1, 2, 3]),
-                         strict=True):
+    for got, want in zip(derived.frames(DET), _expected(det, composite, [1, 2, 3]), strict=True):
         np.testing.assert_array_equal(got, want)
     assert len(derived.frames(DET)) == 3
     assert derived.stop()["exit_status"] == "success"
     registry.close()
 
-    with MaskRegistry.from_uri(lifeline.uri, api_key=lifeline.key,
-                               disk_cache=False) as after_restart:
+    with MaskRegistry.from_uri(
+        lifeline.uri, api_key=lifeline.key, disk_cache=False
+    ) as after_restart:
         after = _state(after_restart)
     assert after == before, "the crash lost or changed a registered mask"
     figures["masks lost or changed"] = sum(
-        1 for uid, digest in before["sha256"].items() if after["sha256"].get(uid) != digest)
+        1 for uid, digest in before["sha256"].items() if after["sha256"].get(uid) != digest
+    )
     figures["runs that finished / started"] = "3 / 3"
 
 
@@ -250,7 +255,10 @@ while True:
 def _verify(lifeline: Lifeline, *args: str) -> tuple[int, dict[str, Any]]:
     proc = subprocess.run(
         [sys.executable, "-m", "chx_masks", "--uri", lifeline.uri, "verify", "--json", *args],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=600,
         env={**lifeline.env, "CHX_MASKS_API_KEY": lifeline.key},
     )
     return proc.returncode, json.loads(proc.stdout)
@@ -259,13 +267,18 @@ def _verify(lifeline: Lifeline, *args: str) -> tuple[int, dict[str, Any]]:
 def test_server_killed_during_registrations_leaves_only_orphans_that_repair_removes(lifeline):
     """kill -9 of the server while masks are registered, three times; then the scrub."""
     figures = SUMMARY.setdefault(
-        f"registry server killed during registrations ({lifeline.backend} catalog)", {})
+        f"registry server killed during registrations ({lifeline.backend} catalog)", {}
+    )
     handed_out: list[str] = []
     for round_ in range(3):
         loop = subprocess.Popen(
             [sys.executable, "-c", _REGISTER_LOOP, lifeline.uri, lifeline.key, str(round_)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-            text=True, env=lifeline.env)
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=lifeline.env,
+        )
         assert loop.stdout is not None
         got = [loop.stdout.readline().strip() for _ in range(2)]
         assert all(got), "the registering process did not start"
@@ -280,10 +293,21 @@ def test_server_killed_during_registrations_leaves_only_orphans_that_repair_remo
     registry = MaskRegistry.from_uri(lifeline.uri, api_key=lifeline.key, disk_cache=False)
     masks = registry._ensure_container("masks")
     orphan = str(uuid.uuid4())
-    registry._store_mask(masks, orphan, np.ones(servers.SHAPE, bool), {
-        "uid": orphan, "detector": DET, "name": "never-claimed", "sha256": "0" * 64,
-        "shape": list(servers.SHAPE), "masked_pixels": 0, "created_at": "2026-12-01"},
-        "an interrupted registration")
+    registry._store_mask(
+        masks,
+        orphan,
+        np.ones(servers.SHAPE, bool),
+        {
+            "uid": orphan,
+            "detector": DET,
+            "name": "never-claimed",
+            "sha256": "0" * 64,
+            "shape": list(servers.SHAPE),
+            "masked_pixels": 0,
+            "created_at": "2026-12-01",
+        },
+        "an interrupted registration",
+    )
     claimed = {r.uid for det, name in registry.get_masks() for r in registry.history(det, name)}
     assert set(handed_out) <= claimed
     registry.close()

@@ -218,8 +218,9 @@ def test_hot_dead_records_a_fingerprint_of_the_stacks(stacks):
     assert p["darks_sha256"] == gen._array_sha256(darks)
     changed = darks.copy()
     changed[3, 10, 10] += 1
-    assert hot_dead_pixels(changed, hot_threshold=5).source["parameters"]["darks_sha256"] != (
-        p["darks_sha256"]
+    assert (
+        hot_dead_pixels(changed, hot_threshold=5).source["parameters"]["darks_sha256"]
+        != (p["darks_sha256"])
     )
     # Same counts, other dtype: another fingerprint (the bytes differ).
     assert gen._array_sha256(darks.astype(np.uint16)) != p["darks_sha256"]
@@ -326,9 +327,7 @@ def test_grow_matches_scipy_dilation_with_a_square():
     rng = np.random.default_rng(3)
     m = rng.random((40, 50)) > 0.02
     for pixels in (1, 2, 4):
-        expected = ndimage.binary_dilation(
-            ~m, structure=np.ones((3, 3), bool), iterations=pixels
-        )
+        expected = ndimage.binary_dilation(~m, structure=np.ones((3, 3), bool), iterations=pixels)
         np.testing.assert_array_equal(~grow(m, pixels).mask, expected)
 
 
@@ -441,9 +440,7 @@ def test_polygon_square_and_l_shape_counts():
     expected[2:5, 2:5] = True
     np.testing.assert_array_equal(~square.mask, expected)
     # Concave: a 4x4 block minus its 2x2 top-right corner.
-    ell = polygon(
-        (8, 8), [(0.5, 0.5), (0.5, 2.5), (2.5, 2.5), (2.5, 4.5), (4.5, 4.5), (4.5, 0.5)]
-    )
+    ell = polygon((8, 8), [(0.5, 0.5), (0.5, 2.5), (2.5, 2.5), (2.5, 4.5), (4.5, 4.5), (4.5, 0.5)])
     assert ell.masked_pixels == 16 - 4
     assert ell.mask[1, 3] and ell.mask[2, 4] and not ell.mask[1, 1] and not ell.mask[4, 4]
 

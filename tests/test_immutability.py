@@ -47,8 +47,15 @@ DET = EIGER500K
 NAME = "gaps"
 METADATA = {"sample": "silica", "beamtime": "2026-3", "roi": {"rows": [10, 20], "ok": True}}
 IMMUTABLE_FIELDS = (
-    "uid", "detector", "name", "version", "registered_at", "sha256", "shape",
-    "masked_pixels", "metadata",
+    "uid",
+    "detector",
+    "name",
+    "version",
+    "registered_at",
+    "sha256",
+    "shape",
+    "masked_pixels",
+    "metadata",
 )
 
 
@@ -99,8 +106,12 @@ def fingerprint(world: World) -> dict[str, Any]:
     try:
         array_sha256 = mask_sha256(fresh.get_mask_by_uid(uid).compute())
         record = fresh.describe(uid)
-        fields = _as_plain({f: str(getattr(record, f)) if f == "registered_at"
-                            else getattr(record, f) for f in IMMUTABLE_FIELDS})
+        fields = _as_plain(
+            {
+                f: str(getattr(record, f)) if f == "registered_at" else getattr(record, f)
+                for f in IMMUTABLE_FIELDS
+            }
+        )
     except MaskIntegrityError as err:  # what a changed record gets
         array_sha256 = fields = f"refused: {type(err).__name__}"
     # One request each: a path, not a walk from the root.
@@ -233,8 +244,9 @@ def adopt_legacy_claiming_version_0(w: World) -> None:
 
     key = str(uuid.uuid4())
     w.registry._root.write_array(
-        w.other(6), key=key, metadata={"spec": "mask", "name": NAME, "detector": DET,
-                                       "version": 0},
+        w.other(6),
+        key=key,
+        metadata={"spec": "mask", "name": NAME, "detector": DET, "version": 0},
     )
     assert key not in {r.uid for r in w.registry.adopt_legacy()}
     assert w.registry.get_mask_uid(DET, NAME, version=0) == w.uid
@@ -243,8 +255,9 @@ def adopt_legacy_claiming_version_0(w: World) -> None:
 def adopt_legacy_keyed_by_the_uid(w: World) -> None:
     """A legacy node at the container's top, keyed by the original uid itself."""
     w.registry._root.write_array(
-        w.other(7), key=w.uid, metadata={"spec": "mask", "name": NAME, "detector": DET,
-                                         "version": 99},
+        w.other(7),
+        key=w.uid,
+        metadata={"spec": "mask", "name": NAME, "detector": DET, "version": 99},
     )
     assert w.uid not in {r.uid for r in w.registry.adopt_legacy()}
 
@@ -255,8 +268,9 @@ def io_register_from_file_same_name(w: World) -> None:
 
 
 def io_register_from_file_update(w: World) -> None:
-    _new_version(w, register_from_file(w.registry, DET, NAME, w.npy("io2.npy", w.other(9)),
-                                       update=True))
+    _new_version(
+        w, register_from_file(w.registry, DET, NAME, w.npy("io2.npy", w.other(9)), update=True)
+    )
 
 
 def io_ingest_master_file_same_content(w: World) -> None:
@@ -278,13 +292,15 @@ def generate_register_same_name(w: World) -> None:
 
 
 def generate_register_update(w: World) -> None:
-    _new_version(w, gen.circle(SHAPE_500K, (200, 300), 12).register(w.registry, DET, NAME,
-                                                                   update=True))
+    _new_version(
+        w, gen.circle(SHAPE_500K, (200, 300), 12).register(w.registry, DET, NAME, update=True)
+    )
 
 
 def cli_register_same_name(w: World) -> None:
-    result = CliRunner().invoke(main, ["--dir", str(w.directory), "register", DET, NAME,
-                                       str(w.npy("cli.npy", w.other(11)))])
+    result = CliRunner().invoke(
+        main, ["--dir", str(w.directory), "register", DET, NAME, str(w.npy("cli.npy", w.other(11)))]
+    )
     assert result.exit_code == 1 and "already registered" in result.stderr, result.output
 
 
@@ -299,8 +315,9 @@ def cli_import_skips_existing(w: World) -> None:
 
 
 def cli_import_update(w: World) -> None:
-    rows = json.loads(_cli(w, "import", DET, str(w.npy(f"{NAME}.npy", w.other(14))),
-                           "--update", "--json"))
+    rows = json.loads(
+        _cli(w, "import", DET, str(w.npy(f"{NAME}.npy", w.other(14))), "--update", "--json")
+    )
     assert [r["outcome"] for r in rows] == ["updated"]
     _new_version(w, rows[0]["uid"])
 
@@ -311,14 +328,26 @@ def cli_generate_same_name(w: World) -> None:
 
 def cli_generate_dry_run_update(w: World) -> None:
     before = _versions(w)
-    _cli(w, "generate", "rectangle", DET, NAME, "--top-left", "0", "0", "--bottom-right",
-         "9", "9", "--update", "--dry-run")
+    _cli(
+        w,
+        "generate",
+        "rectangle",
+        DET,
+        NAME,
+        "--top-left",
+        "0",
+        "0",
+        "--bottom-right",
+        "9",
+        "9",
+        "--update",
+        "--dry-run",
+    )
     assert _versions(w) == before
 
 
 def cli_generate_update(w: World) -> None:
-    _cli(w, "generate", "circle", DET, NAME, "--center", "50", "60", "--radius", "5",
-         "--update")
+    _cli(w, "generate", "circle", DET, NAME, "--center", "50", "60", "--radius", "5", "--update")
     _new_version(w, w.registry.get_mask_uid(DET, NAME))
 
 
@@ -511,8 +540,11 @@ def test_fingerprint_sees_metadata_rewritten_through_the_raw_tiled_client(
     node = registry._root["masks"][uid]
     node.update_metadata(metadata={**node.metadata, "sample": "tampered"})
     after = fingerprint(world)
-    assert {k for k in before if before[k] != after[k]} == {"mask_sha256", "record",
-                                                            "node_metadata"}
+    assert {k for k in before if before[k] != after[k]} == {
+        "mask_sha256",
+        "record",
+        "node_metadata",
+    }
     assert after["record"] == "refused: MaskIntegrityError"
 
 
@@ -528,8 +560,11 @@ def test_bytes_rewritten_on_disk_are_not_served(stored: Stored, embedded_dir: Pa
 
 def test_truncated_array_file_is_not_served(stored: Stored, embedded_dir: Path) -> None:
     registry, uid, _ = stored
-    chunks = [p for p in (embedded_dir / "data" / "masks" / uid).rglob("*")
-              if p.is_file() and p.name != "zarr.json"]
+    chunks = [
+        p
+        for p in (embedded_dir / "data" / "masks" / uid).rglob("*")
+        if p.is_file() and p.name != "zarr.json"
+    ]
     assert chunks
     for chunk in chunks:
         data = chunk.read_bytes()
@@ -547,8 +582,9 @@ def test_metadata_rewritten_through_the_raw_tiled_client_is_not_served(stored: S
         fresh.describe(uid)
 
 
-def test_bytes_and_sha256_forged_together_are_not_served(stored: Stored,
-                                                         embedded_dir: Path) -> None:
+def test_bytes_and_sha256_forged_together_are_not_served(
+    stored: Stored, embedded_dir: Path
+) -> None:
     """A forgery that keeps the bytes and their sha256 consistent: the slot's record hash."""
     import zarr
 
@@ -557,13 +593,20 @@ def test_bytes_and_sha256_forged_together_are_not_served(stored: Stored,
     forged[:8] = False
     zarr.open_array(str(embedded_dir / "data" / "masks" / uid), mode="r+")[...] = forged
     node = registry._root["masks"][uid]
-    node.update_metadata(metadata={**node.metadata, "sha256": mask_sha256(forged),
-                                   "masked_pixels": int(forged.size - forged.sum())})
-    for call in (lambda r: r.get_mask_by_uid(uid).compute(),
-                 lambda r: r.composite_from_uids([uid]),
-                 lambda r: r.resolve_composite(DET, [NAME]),
-                 lambda r: r.get_mask(DET, NAME).compute(),
-                 lambda r: r.history(DET, NAME)):
+    node.update_metadata(
+        metadata={
+            **node.metadata,
+            "sha256": mask_sha256(forged),
+            "masked_pixels": int(forged.size - forged.sum()),
+        }
+    )
+    for call in (
+        lambda r: r.get_mask_by_uid(uid).compute(),
+        lambda r: r.composite_from_uids([uid]),
+        lambda r: r.resolve_composite(DET, [NAME]),
+        lambda r: r.get_mask(DET, NAME).compute(),
+        lambda r: r.history(DET, NAME),
+    ):
         fresh = MaskRegistry(registry._root, disk_cache=False)
         with pytest.raises(MaskIntegrityError, match=uid):
             call(fresh)

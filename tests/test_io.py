@@ -41,8 +41,10 @@ def eiger_master(path: Path, pixel_mask: np.ndarray, where: str = NEXUS_PIXEL_MA
 
     with h5py.File(path, "w") as f:
         f.create_dataset(where, data=pixel_mask.astype(np.uint32))
-        f.create_dataset("/entry/instrument/detector/detectorSpecific/x_pixels_in_detector",
-                         data=pixel_mask.shape[1])
+        f.create_dataset(
+            "/entry/instrument/detector/detectorSpecific/x_pixels_in_detector",
+            data=pixel_mask.shape[1],
+        )
         f["/entry/data/data_000001"] = h5py.ExternalLink("scan_data_000001.h5", "/entry/data/data")
     return path
 
@@ -60,9 +62,15 @@ def bad_pixels() -> np.ndarray:
 
 
 #: The convention each format is written in without ``convention=`` (TIFF: none).
-EXPORT_DEFAULTS = {"npy": "keep", "npz": "keep", "tiff": None, "edf": "masked-nonzero",
-                   "msk": "masked-nonzero", "nexus": "masked-nonzero",
-                   "indices": "masked-nonzero"}
+EXPORT_DEFAULTS = {
+    "npy": "keep",
+    "npz": "keep",
+    "tiff": None,
+    "edf": "masked-nonzero",
+    "msk": "masked-nonzero",
+    "nexus": "masked-nonzero",
+    "indices": "masked-nonzero",
+}
 
 
 @pytest.mark.parametrize("fmt", sorted(SUFFIXES))
@@ -266,11 +274,14 @@ def test_tiff_is_written_only_with_a_convention(tmp_path):
     mask = random_mask(seed=6)
     with pytest.raises(MaskValidationError) as info:
         write_mask(mask, tmp_path / "m.tif")
-    assert "convention='masked-nonzero' (nonzero = masked, as pyFAI and fabio read it) or " \
+    assert (
+        "convention='masked-nonzero' (nonzero = masked, as pyFAI and fabio read it) or "
         "convention='keep'" in str(info.value)
+    )
     assert info.value.cli_message.endswith(
         "TIFF masks are read both ways, so the convention to write must be given: "
-        "--convention masked-nonzero (pyFAI, fabio) or --convention keep (chx-masks).")
+        "--convention masked-nonzero (pyFAI, fabio) or --convention keep (chx-masks)."
+    )
     assert not (tmp_path / "m.tif").exists()
     # As pyFAI and fabio read a TIFF mask: nonzero = masked.
     pyfai = write_mask(mask, tmp_path / "pyfai.tif", convention="masked-nonzero")
@@ -325,22 +336,28 @@ def test_export_then_read_equals_registered(registry, tmp_path, fmt):
     # A TIFF is exported as pyFAI reads it, when asked to.
     write = {"convention": "masked-nonzero"} if fmt == "tiff" else {}
     read = {"shape": SHAPE_500K} if fmt == "indices" else dict(write)
-    path = export_mask(registry, EIGER500K, "beamstop", tmp_path / f"out{SUFFIXES[fmt]}",
-                       version=0, **write)
+    path = export_mask(
+        registry, EIGER500K, "beamstop", tmp_path / f"out{SUFFIXES[fmt]}", version=0, **write
+    )
     np.testing.assert_array_equal(read_mask(path, **read)[0], mask)
-    by_uid = export_mask(registry, EIGER500K, "beamstop", tmp_path / f"uid{SUFFIXES[fmt]}",
-                         uid=uid[:8], **write)  # a unique prefix names the uid
+    by_uid = export_mask(
+        registry, EIGER500K, "beamstop", tmp_path / f"uid{SUFFIXES[fmt]}", uid=uid[:8], **write
+    )  # a unique prefix names the uid
     np.testing.assert_array_equal(read_mask(by_uid, **read)[0], mask)
-    current = export_mask(registry, EIGER500K, "beamstop", tmp_path / f"cur{SUFFIXES[fmt]}",
-                          **write)
+    current = export_mask(
+        registry, EIGER500K, "beamstop", tmp_path / f"cur{SUFFIXES[fmt]}", **write
+    )
     np.testing.assert_array_equal(read_mask(current, **read)[0], ~mask)
 
 
 def test_export_tiff_without_convention_writes_nothing(registry, tmp_path):
     registry.register_mask(EIGER500K, "beamstop", random_mask(seed=9))
     for name, format in (("out.tif", None), ("out.tiff", None), ("out.img", "tiff")):
-        with pytest.raises(MaskValidationError, match=r"convention='masked-nonzero' "
-                           r"\(nonzero = masked, as pyFAI and fabio read it\)") as info:
+        with pytest.raises(
+            MaskValidationError,
+            match=r"convention='masked-nonzero' "
+            r"\(nonzero = masked, as pyFAI and fabio read it\)",
+        ) as info:
             export_mask(registry, EIGER500K, "beamstop", tmp_path / name, format=format)
         assert "--convention masked-nonzero (pyFAI, fabio)" in info.value.cli_message
         assert not (tmp_path / name).exists()
@@ -358,8 +375,9 @@ def test_register_from_file_update_of_the_same_mask_needs_force(registry, tmp_pa
     assert record.version == 1 and record.sha256 == registry.describe(first).sha256
     assert record.metadata["sample"] == "a" and record.metadata["source"]["file_name"] == "bs.edf"
     with pytest.raises(MaskValidationError, match="'source'"):
-        register_from_file(registry, EIGER500K, "bs", path, update=True, force=True,
-                           metadata={"source": "me"})
+        register_from_file(
+            registry, EIGER500K, "bs", path, update=True, force=True, metadata={"source": "me"}
+        )
     assert len(registry.history(EIGER500K, "bs")) == 2
 
 
@@ -612,9 +630,11 @@ def test_pickled_data_is_refused_without_numpy_advice(tmp_path, case):
     with pytest.raises(MaskValidationError) as info:
         read_mask(path, **read_kw)
     message = str(info.value)
-    assert message == (f"Mask file '{path}': holds Python objects (pickled data), not a mask "
-                       "array, and is refused: loading pickled data can run code from the "
-                       "file. A mask file holds a plain bool or integer array.")
+    assert message == (
+        f"Mask file '{path}': holds Python objects (pickled data), not a mask "
+        "array, and is refused: loading pickled data can run code from the "
+        "file. A mask file holds a plain bool or integer array."
+    )
     # numpy's "load it unsafely with allow_pickle=" is neither said nor chained.
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
@@ -633,20 +653,35 @@ def _python_and_cli(tmp_path):
     unknown.write_bytes(b"0")
     no_mask = _missing_dataset(tmp_path)[0]
     return [
-        (ints, {}, "Pass convention='keep' (1 = pixel kept, as in chx_masks) or "
-         "convention='masked-nonzero'", "Give --convention keep (1 = pixel kept, as in "
-         "chx-masks) or --convention masked-nonzero (nonzero = masked, as in pyFAI)."),
-        (flags, {"convention": "keep"}, "which convention='keep' cannot read; is it "
-         "convention='masked-nonzero'?", "which --convention keep cannot read; is it "
-         "--convention masked-nonzero?"),
-        (two, {}, "or pass dataset= naming the mask.", "or give --dataset NAME naming the "
-         "mask."),
-        (archive_as_npy, {}, "name it .npz or pass format='npz'.", "name it .npz or give "
-         "--format npz."),
+        (
+            ints,
+            {},
+            "Pass convention='keep' (1 = pixel kept, as in chx_masks) or "
+            "convention='masked-nonzero'",
+            "Give --convention keep (1 = pixel kept, as in "
+            "chx-masks) or --convention masked-nonzero (nonzero = masked, as in pyFAI).",
+        ),
+        (
+            flags,
+            {"convention": "keep"},
+            "which convention='keep' cannot read; is it convention='masked-nonzero'?",
+            "which --convention keep cannot read; is it --convention masked-nonzero?",
+        ),
+        (two, {}, "or pass dataset= naming the mask.", "or give --dataset NAME naming the mask."),
+        (
+            archive_as_npy,
+            {},
+            "name it .npz or pass format='npz'.",
+            "name it .npz or give --format npz.",
+        ),
         (unknown, {}, "or pass format= (one of", "or give --format (one of"),
         (no_mask, {}, "Pass dataset= naming the mask.", "Give --dataset PATH naming the mask."),
-        (ints, {"convention": "sideways"}, "convention='sideways' is not one of",
-         "--convention 'sideways' is not one of keep, masked-nonzero"),
+        (
+            ints,
+            {"convention": "sideways"},
+            "convention='sideways' is not one of",
+            "--convention 'sideways' is not one of keep, masked-nonzero",
+        ),
     ]
 
 
@@ -669,5 +704,6 @@ def test_transposed_file_advice_in_both_languages(registry, tmp_path):
     assert info.value.cli_message.startswith(f"Mask file '{path}': The mask has shape 1030x514")
     assert info.value.cli_message.endswith(
         "It is transposed (rows and columns swapped): save the transposed array (mask.T in "
-        "NumPy) and give that file.")
+        "NumPy) and give that file."
+    )
     assert registry.get_masks(include_retired=True) == []

@@ -23,21 +23,35 @@ def reg(tmp_path_factory):
 def _run(reg, n_pages: int, per_page: int, dtype=np.uint32):
     """A raw run's documents: inline 4M frames, pages of ``per_page``."""
     composite = reg.resolve_composite(EIGER4M, ["m"])
-    bundle = compose_run(metadata={"masks": {EIGER4M: composite.provenance()},
-                                   "mask_uids": list(composite.uids)})
+    bundle = compose_run(
+        metadata={"masks": {EIGER4M: composite.provenance()}, "mask_uids": list(composite.uids)}
+    )
     desc = bundle.compose_descriptor(
         name="primary",
-        data_keys={EIGER4M: {"source": "sim", "dtype": "array", "shape": list(SHAPE_4M),
-                             "dtype_numpy": np.dtype(dtype).str}},
+        data_keys={
+            EIGER4M: {
+                "source": "sim",
+                "dtype": "array",
+                "shape": list(SHAPE_4M),
+                "dtype_numpy": np.dtype(dtype).str,
+            }
+        },
     )
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 50, SHAPE_4M, dtype=dtype) for _ in range(n_pages * per_page)]
     docs = [("start", bundle.start_doc), ("descriptor", desc.descriptor_doc)]
     for p in range(n_pages):
         chunk = frames[p * per_page : (p + 1) * per_page]
-        docs.append(("event_page", desc.compose_event_page(
-            data={EIGER4M: chunk}, timestamps={EIGER4M: [0.0] * per_page},
-            seq_num=list(range(p * per_page + 1, (p + 1) * per_page + 1)))))
+        docs.append(
+            (
+                "event_page",
+                desc.compose_event_page(
+                    data={EIGER4M: chunk},
+                    timestamps={EIGER4M: [0.0] * per_page},
+                    seq_num=list(range(p * per_page + 1, (p + 1) * per_page + 1)),
+                ),
+            )
+        )
     docs.append(("stop", bundle.compose_stop()))
     return docs, frames, composite.mask
 

@@ -36,35 +36,47 @@ def _sources(*folders: str) -> list[Path]:
 
 
 def test_the_registry_library_imports_nothing_from_the_bluesky_integration():
-    offending = [f"{path.relative_to(ROOT)}:{line} imports {module}"
-                 for path in _sources("chx_masks") for line, module in _imports(path)
-                 if module.split(".")[0] == "bluesky_callbacks"]
+    offending = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in _sources("chx_masks")
+        for line, module in _imports(path)
+        if module.split(".")[0] == "bluesky_callbacks"
+    ]
     assert offending == []
 
 
 def test_nothing_outside_chx_masks_imports_a_private_chx_masks_module():
     sources = _sources("bluesky_callbacks", "profile_snippets")
     assert len(sources) > 10
-    offending = [f"{path.relative_to(ROOT)}:{line} imports {module}"
-                 for path in sources for line, module in _imports(path)
-                 if module.startswith("chx_masks.") and any(
-                     part.startswith("_") for part in module.split(".")[1:])]
+    offending = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in sources
+        for line, module in _imports(path)
+        if module.startswith("chx_masks.")
+        and any(part.startswith("_") for part in module.split(".")[1:])
+    ]
     assert offending == []
 
 
 def test_the_scan_sees_private_imports_in_every_form(tmp_path):
     # The checks above find nothing; this shows they would find each form.
     sample = tmp_path / "sample.py"
-    sample.write_text("import chx_masks._cli\nfrom chx_masks import _plot\n"
-                      "from chx_masks._hdf5 import h5py_with_filters\n"
-                      "def f():\n    from bluesky_callbacks._demo import run_demo\n")
+    sample.write_text(
+        "import chx_masks._cli\nfrom chx_masks import _plot\n"
+        "from chx_masks._hdf5 import h5py_with_filters\n"
+        "def f():\n    from bluesky_callbacks._demo import run_demo\n"
+    )
     modules = [m for _, m in _imports(sample)]
-    assert {"chx_masks._cli", "chx_masks._plot", "chx_masks._hdf5",
-            "bluesky_callbacks._demo"} <= set(modules)
+    assert {
+        "chx_masks._cli",
+        "chx_masks._plot",
+        "chx_masks._hdf5",
+        "bluesky_callbacks._demo",
+    } <= set(modules)
 
 
 # Run in a fresh process where the Bluesky extra's packages cannot be imported.
-_WITHOUT_BLUESKY = r'''
+_WITHOUT_BLUESKY = r"""
 import importlib.abc, json, sys
 
 BLOCKED = {"bluesky", "ophyd", "ophyd_async", "event_model", "bluesky_tiled_plugins",
@@ -88,12 +100,16 @@ results = {name: runner.invoke(main, [name, "--help"]).exit_code for name in nam
 demo = runner.invoke(main, ["demo", "--dir", sys.argv[1]])
 print(json.dumps({"help": results, "demo": [demo.exit_code, demo.output],
                   "loaded": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)}))
-'''
+"""
 
 
 def test_every_command_loads_without_the_bluesky_extra(tmp_path):
-    done = subprocess.run([sys.executable, "-c", _WITHOUT_BLUESKY, str(tmp_path / "demo")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_BLUESKY, str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.splitlines()[-1])
     assert {"process", "demo", "list", "register", "serve"} <= set(result["help"])

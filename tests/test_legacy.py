@@ -55,9 +55,7 @@ def snapshot(registry: MaskRegistry) -> dict:
     state = {"root": sorted(root), "masks": masks_keys(registry), "get_masks": registry.get_masks()}
     if "detectors" in root:
         detectors = root["detectors"]
-        state["detectors"] = {
-            det: sorted(detectors[det]) for det in sorted(detectors)
-        }
+        state["detectors"] = {det: sorted(detectors[det]) for det in sorted(detectors)}
     return state
 
 
@@ -73,7 +71,12 @@ def legacy_lineage(registry):
     dtypes = {0: bool, 1: np.uint8, 2: bool}
     uids = {
         k: write_legacy(
-            registry, EIGER500K, "old_beamstop", k, masks[k], dtype=dtypes[k],
+            registry,
+            EIGER500K,
+            "old_beamstop",
+            k,
+            masks[k],
+            dtype=dtypes[k],
             extra={"comment": f"drawn by hand, pass {k}", "operator": "chx"},
         )
         for k in range(3)
@@ -87,8 +90,15 @@ def legacy_lineage(registry):
 @pytest.mark.parametrize("dtype", [bool, np.uint8])
 def test_legacy_uid_reads_before_adoption(registry, dtype):
     mask = random_mask(seed=7)
-    uid = write_legacy(registry, EIGER500K, "hot_pixels", 3, mask, dtype=dtype,
-                       extra={"comment": "from the 2022 run"})
+    uid = write_legacy(
+        registry,
+        EIGER500K,
+        "hot_pixels",
+        3,
+        mask,
+        dtype=dtype,
+        extra={"comment": "from the 2022 run"},
+    )
 
     got = registry.get_mask_by_uid(uid).compute()
     assert got.dtype == np.bool_
@@ -174,7 +184,10 @@ def test_adopt_keeps_uids_versions_and_metadata(registry, legacy_lineage):
             record = reg.describe(uid)
             assert record.legacy is False
             assert (record.uid, record.detector, record.name, record.version) == (
-                uid, EIGER500K, "old_beamstop", k,
+                uid,
+                EIGER500K,
+                "old_beamstop",
+                k,
             )
             assert record.sha256 == chx_masks.mask_sha256(masks[k])
             assert record.masked_pixels == int((~masks[k]).sum())
@@ -206,16 +219,19 @@ def test_adopting_twice_adopts_nothing_the_second_time(registry, legacy_lineage)
     first = registry.adopt_legacy()
     assert len(first) == 3
     after_first = snapshot(registry)
-    history = [(r.version, r.uid, r.registered_at) for r in registry.history(
-        EIGER500K, "old_beamstop")]
+    history = [
+        (r.version, r.uid, r.registered_at) for r in registry.history(EIGER500K, "old_beamstop")
+    ]
 
     assert registry.adopt_legacy() == []
     assert fresh(registry).adopt_legacy() == []
     assert registry.adopt_legacy(dry_run=True) == []
 
     assert snapshot(registry) == after_first
-    assert [(r.version, r.uid, r.registered_at) for r in fresh(registry).history(
-        EIGER500K, "old_beamstop")] == history
+    assert [
+        (r.version, r.uid, r.registered_at)
+        for r in fresh(registry).history(EIGER500K, "old_beamstop")
+    ] == history
 
 
 def test_adoption_registers_unknown_detector_with_legacy_shape(registry):
@@ -271,7 +287,9 @@ def test_update_after_adoption_continues_after_highest_legacy_version(registry):
         np.testing.assert_array_equal(reg.get_mask(EIGER500K, "gappy").compute(), new_mask)
         history = reg.history(EIGER500K, "gappy")
         assert [(r.version, r.uid) for r in history] == [
-            (0, uids[0]), (2, uids[2]), (3, new_uid),
+            (0, uids[0]),
+            (2, uids[2]),
+            (3, new_uid),
         ]
         np.testing.assert_array_equal(
             reg.get_mask(EIGER500K, "gappy", version=2).compute(), masks[2]
@@ -330,11 +348,17 @@ def test_describe_is_current_in_a_session_opened_before_adoption(registry):
 
 
 def test_legacy_metadata_the_registry_would_refuse_does_not_half_adopt(registry):
-    first = write_legacy(registry, EIGER500K, "aaa_first", 0, random_mask(seed=60),
-                         extra={"comment": "fine"})
-    second = write_legacy(registry, EIGER500K, "zzz_second", 0, random_mask(seed=61),
-                          extra={"comment": "odd", "created_at": "2022-07-11",
-                                 "pixel.size_um": 75})
+    first = write_legacy(
+        registry, EIGER500K, "aaa_first", 0, random_mask(seed=60), extra={"comment": "fine"}
+    )
+    second = write_legacy(
+        registry,
+        EIGER500K,
+        "zzz_second",
+        0,
+        random_mask(seed=61),
+        extra={"comment": "odd", "created_at": "2022-07-11", "pixel.size_um": 75},
+    )
     assert registry.describe(second).metadata["pixel.size_um"] == 75
     before = snapshot(registry)
     try:
@@ -350,8 +374,9 @@ def test_legacy_metadata_the_registry_would_refuse_does_not_half_adopt(registry)
 
 
 def test_every_name_listed_after_adoption_resolves(registry):
-    masks = {name: random_mask(seed=70 + i)
-             for i, name in enumerate(["fine", "jul11/2022", "saxs "])}
+    masks = {
+        name: random_mask(seed=70 + i) for i, name in enumerate(["fine", "jul11/2022", "saxs "])
+    }
     uids = {name: write_legacy(registry, EIGER500K, name, 0, m) for name, m in masks.items()}
     try:
         registry.adopt_legacy()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fresh import command_modules
 
 from chx_masks import MaskRegistry
 from chx_masks._local import STATE, stop
@@ -25,16 +26,24 @@ DETECTOR = "eiger500K_single_image"
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("CHX_MASKS_URI", "CHX_MASKS_PROFILE", "CHX_MASKS_API_KEY")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("CHX_MASKS_URI", "CHX_MASKS_PROFILE", "CHX_MASKS_API_KEY")
+    }
     env.update({"CHX_MASKS_LOCAL_SERVER": "1", "CHX_MASKS_LOCAL_IDLE": "120"})
     env.update(extra)
     return env
 
 
 def _cli(directory: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "chx_masks", "--dir", str(directory), *args],
-                          capture_output=True, text=True, env=_env(**env), timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "chx_masks", "--dir", str(directory), *args],
+        capture_output=True,
+        text=True,
+        env=_env(**env),
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     return done
 
@@ -122,10 +131,10 @@ def test_an_idle_server_stops_and_the_next_command_starts_another(directory):
 def test_stale_and_foreign_state_files_are_replaced(directory):
     directory.mkdir()
     # A server that died without cleaning up.
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
-    (directory / STATE).write_text(json.dumps(
-        {"pid": int(dead), "port": 9, "key": "0" * 64}))
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    (directory / STATE).write_text(json.dumps({"pid": int(dead), "port": 9, "key": "0" * 64}))
     _cli(directory, "list")
     first = _state(directory)["pid"]
     assert _servers(directory) == [first]
@@ -141,10 +150,16 @@ def test_stale_and_foreign_state_files_are_replaced(directory):
 
 
 def test_commands_started_together_start_one_server(directory):
-    commands = [subprocess.Popen(
-        [sys.executable, "-m", "chx_masks", "--dir", str(directory), "list"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-        for _ in range(3)]
+    commands = [
+        subprocess.Popen(
+            [sys.executable, "-m", "chx_masks", "--dir", str(directory), "list"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for _ in range(3)
+    ]
     outcomes = [c.communicate(timeout=300) for c in commands]
     assert [c.returncode for c in commands] == [0, 0, 0], outcomes
     assert all("No masks registered." in out for out, _ in outcomes)
@@ -152,8 +167,7 @@ def test_commands_started_together_start_one_server(directory):
 
 
 def test_switched_off_the_command_serves_the_directory_itself(directory):
-    assert "No masks registered." in _cli(directory, "list",
-                                          CHX_MASKS_LOCAL_SERVER="0").stdout
+    assert "No masks registered." in _cli(directory, "list", CHX_MASKS_LOCAL_SERVER="0").stdout
     assert (directory / "catalog.db").exists()
     assert not (directory / STATE).exists()
     assert _servers(directory) == []
@@ -170,18 +184,14 @@ def test_a_server_whose_directory_is_removed_stops(directory):
 
 def test_a_command_on_a_running_server_imports_no_tiled_server_nor_dask(directory):
     _cli(directory, "list")  # starts the server
-    code = ("import json, sys\n"
-            "from chx_masks._cli import main\n"
-            "try:\n"
-            "    main(sys.argv[1:], standalone_mode=False)\n"
-            "finally:\n"
-            "    print(json.dumps(sorted(sys.modules)))\n")
-    done = subprocess.run([sys.executable, "-c", code, "--dir", str(directory), "list"],
-                          capture_output=True, text=True, env=_env(), timeout=300)
-    assert done.returncode == 0, done.stderr
-    output, _, modules = done.stdout.rstrip("\n").rpartition("\n")
+    output, modules = command_modules(
+        ["--dir", str(directory), "list"], CHX_MASKS_LOCAL_SERVER="1", CHX_MASKS_LOCAL_IDLE="120"
+    )
     assert output == "No masks registered."
-    heavy = {m for m in json.loads(modules)
-             if m.split(".")[0] in ("dask", "pandas", "sparse", "fastapi", "sqlalchemy")
-             or m.startswith(("tiled.server", "tiled.catalog", "tiled.adapters"))}
+    heavy = {
+        m
+        for m in modules
+        if m.split(".")[0] in ("dask", "pandas", "sparse", "fastapi", "sqlalchemy")
+        or m.startswith(("tiled.server", "tiled.catalog", "tiled.adapters"))
+    }
     assert heavy == set()

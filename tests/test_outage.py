@@ -82,7 +82,8 @@ class Factory:
             if self.registry is None:
                 self.attempts += 1
                 self.registry = MaskRegistry.from_uri(
-                    self.uri, api_key=self.api_key, timeout=TIMEOUT, disk_cache=False)
+                    self.uri, api_key=self.api_key, timeout=TIMEOUT, disk_cache=False
+                )
             return self.registry
 
     def close(self) -> None:
@@ -120,8 +121,9 @@ def test_outage_costs_a_scan_one_timeout_and_runs_are_masked_once_it_answers(
     RE(count([det], num=1))  # warm up: the first run of a process costs more
     plain = _timed_runs(RE, det)
 
-    provenance = MaskProvenance(factory, masks={EIGER500K: ["hot"]}, on_unavailable="record",
-                                timeout=TIMEOUT)
+    provenance = MaskProvenance(
+        factory, masks={EIGER500K: ["hot"]}, on_unavailable="record", timeout=TIMEOUT
+    )
     router = MaskingRouter(factory, derived, timeout=TIMEOUT)
     assert provenance.breaker is router.breaker  # one factory, one shared state
     RE.preprocessors.append(provenance)
@@ -161,24 +163,31 @@ def test_outage_costs_a_scan_one_timeout_and_runs_are_masked_once_it_answers(
         assert "RegistryUnavailableError" in stop["reason"]
 
     # One warning line per run, about the run; tiled printed nothing.
-    lines = [record.getMessage() for record in caplog.records
-             if record.name.startswith("bluesky_callbacks") and record.levelno >= logging.WARNING]
+    lines = [
+        record.getMessage()
+        for record in caplog.records
+        if record.name.startswith("bluesky_callbacks") and record.levelno >= logging.WARNING
+    ]
     assert len(lines) == RUNS, lines
-    assert all(line.startswith(f"A run opens without masks for {EIGER500K}: "
-                               "RegistryUnavailableError: ") for line in lines), lines
+    assert all(
+        line.startswith(f"A run opens without masks for {EIGER500K}: RegistryUnavailableError: ")
+        for line in lines
+    ), lines
     assert "Retrying" not in "".join(capfd.readouterr())
 
     # The registry comes back on the same port.
     silent.close()
     server = servers.ServeProcess(
-        ["--dir", str(registry_dir)], directory=tmp_path,
-        env=servers.clean_environment(TILED_SINGLE_USER_API_KEY=key), port=silent.port)
+        ["--dir", str(registry_dir)],
+        directory=tmp_path,
+        env=servers.clean_environment(TILED_SINGLE_USER_API_KEY=key),
+        port=silent.port,
+    )
     try:
         assert server.uri == uri
         began = time.monotonic()
         assert provenance.breaker.wait_available(60), provenance.breaker
-        figures["the background check saw it answer after (s)"] = round(
-            time.monotonic() - began, 1)
+        figures["the background check saw it answer after (s)"] = round(time.monotonic() - began, 1)
         raw.docs.clear()
         derived.docs.clear()
         (run_uid,) = RE(count([det], num=2))
@@ -188,8 +197,7 @@ def test_outage_costs_a_scan_one_timeout_and_runs_are_masked_once_it_answers(
         frames = derived.frames(EIGER500K)
         assert len(frames) == 2
         for i, frame in enumerate(frames):
-            np.testing.assert_array_equal(
-                frame, det.expected_frame(i) * mask.astype(frame.dtype))
+            np.testing.assert_array_equal(frame, det.expected_frame(i) * mask.astype(frame.dtype))
         assert derived.stop()["exit_status"] == "success"
         assert derived.start()["parent_uid"] == run_uid
     finally:
@@ -217,14 +225,16 @@ def test_every_registry_call_on_a_frozen_server_fails_in_the_error_tree(tmp_path
         root = from_uri(server.uri, api_key=server.api_key)
         root.create_container(key="reg")
         root.context.close()
-        reg = MaskRegistry.from_uri(f"{server.uri}/metadata/reg", api_key=server.api_key,
-                                    timeout=TIMEOUT, disk_cache=False)
+        reg = MaskRegistry.from_uri(
+            f"{server.uri}/metadata/reg", api_key=server.api_key, timeout=TIMEOUT, disk_cache=False
+        )
         mask = random_mask(seed=1)
         uid = reg.register_mask(EIGER500K, "a", mask)
         reg.activate(EIGER500K, ["a"])
         # A uid this process has not read yet (another client registered it).
-        with MaskRegistry.from_uri(f"{server.uri}/metadata/reg", api_key=server.api_key,
-                                   timeout=TIMEOUT, disk_cache=False) as other:
+        with MaskRegistry.from_uri(
+            f"{server.uri}/metadata/reg", api_key=server.api_key, timeout=TIMEOUT, disk_cache=False
+        ) as other:
             unseen = other.register_mask(EIGER500K, "c", random_mask(seed=2))
         os.kill(server.process.pid, signal.SIGSTOP)
         # A uid already read is immutable and verified: it is served from memory.
@@ -247,8 +257,9 @@ def test_every_registry_call_on_a_frozen_server_fails_in_the_error_tree(tmp_path
             "composite_from_uids": lambda: reg.composite_from_uids([uid]),
             "detectors": lambda: reg.detectors(),
             "register_detector": lambda: reg.register_detector("pilatus_x_image", (5, 6)),
-            "from_uri": lambda: MaskRegistry.from_uri(f"{server.uri}/metadata/reg",
-                                                      api_key=server.api_key, timeout=TIMEOUT),
+            "from_uri": lambda: MaskRegistry.from_uri(
+                f"{server.uri}/metadata/reg", api_key=server.api_key, timeout=TIMEOUT
+            ),
         }
         wrong, slowest = [], 0.0
         for name, call in calls.items():
@@ -268,7 +279,8 @@ def test_every_registry_call_on_a_frozen_server_fails_in_the_error_tree(tmp_path
         # The registry's timeout bounds the whole call (plus the time to raise).
         assert slowest < TIMEOUT + 1.0, slowest
         SUMMARY.setdefault("frozen server (SIGSTOP), every public call", {}).update(
-            {"calls": len(calls), "slowest s": round(slowest, 2), "timeout s": TIMEOUT})
+            {"calls": len(calls), "slowest s": round(slowest, 2), "timeout s": TIMEOUT}
+        )
     finally:
         os.kill(server.process.pid, signal.SIGCONT)
         server.stop()

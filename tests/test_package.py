@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from fresh import command_modules
 
 import chx_masks
 
@@ -91,9 +92,15 @@ def test_error_tree_inherits_builtins():
     assert issubclass(c.MaskValidationError, ValueError)
     assert issubclass(c.RegistryUnavailableError, ConnectionError)
     assert issubclass(c.MaskPermissionError, PermissionError)
-    for error in (c.MaskNotFoundError, c.MaskExistsError, c.MaskValidationError,
-                  c.DetectorNotFoundError, c.MaskIntegrityError,
-                  c.RegistryUnavailableError, c.MaskPermissionError):
+    for error in (
+        c.MaskNotFoundError,
+        c.MaskExistsError,
+        c.MaskValidationError,
+        c.DetectorNotFoundError,
+        c.MaskIntegrityError,
+        c.RegistryUnavailableError,
+        c.MaskPermissionError,
+    ):
         assert issubclass(error, c.ChxMasksError)
     # A KeyError subclass still prints its sentence, not a quoted repr.
     assert str(c.MaskNotFoundError("No mask d/n.")) == "No mask d/n."
@@ -123,10 +130,13 @@ def test_frames_of_another_shape_raise_one_error_wherever_a_mask_meets_them(tmp_
         composite = reg.composite_from_uids([uid])
     wrong = (3, 512, 1024)
     raised = []
-    for attempt in (lambda: composite.check_frames(wrong),
-                    lambda: prepare_mask(composite, np.uint32, wrong),
-                    lambda: frame_png(np.zeros(wrong[1:], np.uint32), tmp_path / "f.png", title="f",
-                                      mask=composite.mask)):
+    for attempt in (
+        lambda: composite.check_frames(wrong),
+        lambda: prepare_mask(composite, np.uint32, wrong),
+        lambda: frame_png(
+            np.zeros(wrong[1:], np.uint32), tmp_path / "f.png", title="f", mask=composite.mask
+        ),
+    ):
         with pytest.raises(c.FrameShapeError, match="512x1024 but the mask") as info:
             attempt()
         raised.append(info.value)
@@ -137,7 +147,9 @@ def test_frames_of_another_shape_raise_one_error_wherever_a_mask_meets_them(tmp_
 def _modules_after(code: str) -> set[str]:
     out = subprocess.run(
         [sys.executable, "-c", f"{code}\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return set(json.loads(out.splitlines()[-1]))
 
@@ -163,26 +175,22 @@ TILED_SERVER_SIDE = ("tiled.catalog", "tiled.server", "tiled.adapters")
 # tiled's array client imports dask.array. Listing reads no array.
 DATA_STACK = {"dask", "pandas", "pyarrow", "xarray", "sparse", "numba", "scipy"}
 # Never needed to list a registry, embedded or not.
-NOT_FOR_LISTING = {"bluesky", "ophyd", "event_model", "matplotlib", "PIL", "h5py", "zarr",
-                   "tifffile", "fabio", "pyFAI", "distributed", "prefect", "IPython"}
+NOT_FOR_LISTING = {
+    "bluesky",
+    "ophyd",
+    "event_model",
+    "matplotlib",
+    "PIL",
+    "h5py",
+    "zarr",
+    "tifffile",
+    "fabio",
+    "pyFAI",
+    "distributed",
+    "prefect",
+    "IPython",
+}
 CHX_EXTRAS = ("chx_masks.io", "chx_masks.generate", "chx_masks._plot", "chx_masks._serve")
-
-
-def _command_modules(args: list[str], **env: str) -> tuple[str, set[str]]:
-    """Run ``chx-masks ARGS`` in a fresh process: (its output, its sys.modules)."""
-    import os
-
-    code = ("import json, sys\n"
-            "from chx_masks._cli import main\n"
-            "try:\n"
-            "    main(sys.argv[1:], standalone_mode=False)\n"
-            "finally:\n"
-            "    print(json.dumps(sorted(sys.modules)))\n")
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=300)
-    assert done.returncode == 0, done.stderr
-    output, _, modules = done.stdout.rstrip("\n").rpartition("\n")
-    return output, set(json.loads(modules))
 
 
 def _imported(modules: set[str], packages: set[str]) -> set[str]:
@@ -209,7 +217,7 @@ def server_listing(tiled_server) -> tuple[str, set[str]]:
     uri = f"http://127.0.0.1:{tiled_server.port}/api/v1/metadata/{key}"
     with chx_masks.MaskRegistry.from_uri(uri, api_key=tiled_server.api_key) as reg:
         reg.register_mask("eiger500K_single_image", "gap", np.ones((514, 1030), dtype=bool))
-    return _command_modules(["--uri", uri, "list"], CHX_MASKS_API_KEY=tiled_server.api_key)
+    return command_modules(["--uri", uri, "list"], CHX_MASKS_API_KEY=tiled_server.api_key)
 
 
 def test_listing_a_server_registry_imports_no_server_side(server_listing):
@@ -231,7 +239,7 @@ def test_listing_an_embedded_registry_imports_no_more_than_tiled_serves_with(tmp
     directory = tmp_path / "registry"
     with chx_masks.MaskRegistry.embedded(directory) as reg:
         reg.register_mask("eiger500K_single_image", "gap", np.ones((514, 1030), dtype=bool))
-    output, modules = _command_modules(["--dir", str(directory), "list"])
+    output, modules = command_modules(["--dir", str(directory), "list"])
     assert "gap" in output
     # The in-process server needs tiled's server side (and, through it, dask).
     assert "tiled.server.app" in modules
@@ -254,13 +262,14 @@ def test_opening_an_embedded_registry_leaves_the_garbage_collector_as_it_was(tmp
 
 
 def test_the_process_entry_point_skips_the_collection_at_exit():
-    code = ("import atexit, gc, sys\n"
-            "atexit.register(lambda: print('frozen', gc.get_freeze_count()))\n"
-            "sys.argv = ['chx-masks', '--version']\n"
-            "from chx_masks.__main__ import main\n"
-            "main()\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        "import atexit, gc, sys\n"
+        "atexit.register(lambda: print('frozen', gc.get_freeze_count()))\n"
+        "sys.argv = ['chx-masks', '--version']\n"
+        "from chx_masks.__main__ import main\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "version" in done.stdout
     assert int(done.stdout.split("frozen")[1]) > 0

@@ -156,8 +156,9 @@ def test_missing_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
 
 def test_importing_the_module_does_not_import_matplotlib():
     code = "import sys, json, chx_masks._plot; print(json.dumps('matplotlib' in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
     assert json.loads(out.splitlines()[-1]) is False
 
 
@@ -233,8 +234,15 @@ def test_a_hot_pixel_shows_beside_a_large_component(tmp_path):
     stop = rect(SHAPE_4M, slice(900, 1100), slice(900, 1100))
     stop[1000, 1000] = True
     hot = rect(SHAPE_4M, 1000, 1000)
-    c = CompositeMask(EIGER4M, ("beamstop", "hot"), ("u1", "u2"), (0, 0), "0" * 64,
-                      mask=stop & hot, components=(stop, hot))
+    c = CompositeMask(
+        EIGER4M,
+        ("beamstop", "hot"),
+        ("u1", "u2"),
+        (0, 0),
+        "0" * 64,
+        mask=stop & hot,
+        components=(stop, hot),
+    )
     area = image_area(read_rgb(composite_png(c, tmp_path / "hot.png")))
     assert near(where(area, COMPONENT_COLORS[1]), SHAPE_4M, 1000, 1000, radius=1)
     assert not where(area, SEVERAL_COLOR).any()
@@ -242,12 +250,20 @@ def test_a_hot_pixel_shows_beside_a_large_component(tmp_path):
 
 def test_composite_png_validates_components(tmp_path):
     good = np.ones(SHAPE_500K, bool)
-    bad = CompositeMask(EIGER500K, ("a", "b"), ("u1", "u2"), (0, 0), "0" * 64, mask=good,
-                        components=(good, good.astype(np.uint8)))
+    bad = CompositeMask(
+        EIGER500K,
+        ("a", "b"),
+        ("u1", "u2"),
+        (0, 0),
+        "0" * 64,
+        mask=good,
+        components=(good, good.astype(np.uint8)),
+    )
     with pytest.raises(MaskValidationError, match=r"component 'b'.*uint8"):
         composite_png(bad, tmp_path / "bad.png")
-    wrong = CompositeMask(EIGER500K, ("a",), ("u1",), (0,), "0" * 64, mask=good,
-                          components=(good.T,))
+    wrong = CompositeMask(
+        EIGER500K, ("a",), ("u1",), (0,), "0" * 64, mask=good, components=(good.T,)
+    )
     with pytest.raises(MaskValidationError, match=r"'a' has shape 1030x514.*514x1030"):
         composite_png(wrong, tmp_path / "bad.png")
 

@@ -71,8 +71,14 @@ def site(tmp_path_factory):
     engine.loop.call_soon_threadsafe(engine.loop.stop)
     engine._th.join(timeout=5)
     engine.loop.close()
-    yield {"root": root, "registry": registry, "runs": runs_dir, "store": store,
-           "masked": masked, "unmasked": unmasked}
+    yield {
+        "root": root,
+        "registry": registry,
+        "runs": runs_dir,
+        "store": store,
+        "masked": masked,
+        "unmasked": unmasked,
+    }
     store.context.close()
     registry.close()
 
@@ -94,9 +100,14 @@ def test_threads_product_equals_raw_times_composite_with_provenance(site, tmp_pa
     processed = tmp_path / "processed"
     uid = site["masked"]
     done = []
-    product = process_run(uid, runs=site["runs"], processed=processed,
-                          registry=site["registry"], frames_per_chunk=2,
-                          progress=lambda d, t: done.append((d, t)))
+    product = process_run(
+        uid,
+        runs=site["runs"],
+        processed=processed,
+        registry=site["registry"],
+        frames_per_chunk=2,
+        progress=lambda d, t: done.append((d, t)),
+    )
     assert product.created and product.parent_uid == uid
     assert done[-1] == (3, 3)  # 5 frames in chunks of 2
     node = _product(processed, uid)
@@ -110,8 +121,10 @@ def test_threads_product_equals_raw_times_composite_with_provenance(site, tmp_pa
     assert stored.metadata["encoding"] == FILE_ENCODING  # a local store keeps files
     assert stored.structure().chunks[0] == (1,) * FRAMES  # one chunk a frame
     # Inline frames (stored inside tiled) are read through tiled, not as files.
-    assert all(d.files is None for d in plan_processing(
-        uid, runs=site["runs"], registry=site["registry"]).detectors)
+    assert all(
+        d.files is None
+        for d in plan_processing(uid, runs=site["runs"], registry=site["registry"]).detectors
+    )
     dense_frames = dense(stored)
     expected = _expected(site, uid)
     assert dense_frames.dtype == expected.dtype == np.uint32
@@ -129,8 +142,7 @@ def test_an_unfinished_product_is_replaced(site, tmp_path):
     uid = site["masked"]
     container = RunStore(str(processed)).open(runs=False)
     container.create_container(key=uid, metadata={"status": "writing", "uid": "half"})
-    product = process_run(uid, runs=site["runs"], processed=processed,
-                          registry=site["registry"])
+    product = process_run(uid, runs=site["runs"], processed=processed, registry=site["registry"])
     assert product.created and product.uid != "half"
     np.testing.assert_array_equal(product.dense(processed, DET), _expected(site, uid))
 
@@ -139,15 +151,19 @@ def test_run_without_masks_fails_clearly_or_resolves_as_of_its_start(site, tmp_p
     uid = site["unmasked"]
     with pytest.raises(MaskNotFoundError, match=f"Run {uid} recorded no masks"):
         plan_processing(uid, runs=site["runs"], registry=site["registry"])
-    product = process_run(uid, runs=site["runs"], processed=tmp_path / "p",
-                          registry=site["registry"], masks={DET: ["gaps"]})
+    product = process_run(
+        uid,
+        runs=site["runs"],
+        processed=tmp_path / "p",
+        registry=site["registry"],
+        masks={DET: ["gaps"]},
+    )
     md = _product(tmp_path / "p", uid).metadata
     assert DET in md["masks_resolved_as_of"]
     assert md["masks"][DET]["names"] == ["gaps"]
     raw = site["store"][uid]["primary"][DET].read()
     gaps = site["registry"].get_mask(DET, "gaps").compute()
-    np.testing.assert_array_equal(product.dense(tmp_path / "p", DET),
-                                  raw * gaps.astype(raw.dtype))
+    np.testing.assert_array_equal(product.dense(tmp_path / "p", DET), raw * gaps.astype(raw.dtype))
 
 
 def test_unknown_run_and_unfinished_run_and_missing_frames(site, tmp_path):
@@ -162,17 +178,24 @@ def test_unknown_run_and_unfinished_run_and_missing_frames(site, tmp_path):
     writer = TiledWriter(store)
     uids = []
     for stop_events in (None, 4):
-        bundle = compose_run(metadata={"masks": site["store"][site["masked"]]
-                                       .metadata["start"]["masks"]})
+        bundle = compose_run(
+            metadata={"masks": site["store"][site["masked"]].metadata["start"]["masks"]}
+        )
         writer("start", bundle.start_doc)
         desc = bundle.compose_descriptor(
             name="primary",
-            data_keys={DET: {"source": "sim", "dtype": "array", "shape": list(SHAPE),
-                             "dtype_numpy": "<u4"}})
+            data_keys={
+                DET: {"source": "sim", "dtype": "array", "shape": list(SHAPE), "dtype_numpy": "<u4"}
+            },
+        )
         writer("descriptor", desc.descriptor_doc)
         for i in range(2):
-            writer("event", desc.compose_event(data={DET: np.full(SHAPE, i + 1, np.uint32)},
-                                               timestamps={DET: 0.0}))
+            writer(
+                "event",
+                desc.compose_event(
+                    data={DET: np.full(SHAPE, i + 1, np.uint32)}, timestamps={DET: 0.0}
+                ),
+            )
         if stop_events is not None:
             stop = bundle.compose_stop()
             writer("stop", {**stop, "num_events": {"primary": stop_events}})
@@ -190,24 +213,40 @@ def cluster_client():
     """A dask.distributed LocalCluster of two worker processes on loopback."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None, host="127.0.0.1") as cluster, \
-            Client(cluster, set_as_default=False) as client:
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            host="127.0.0.1",
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
         # Not the default scheduler: tiled's own reads in this process stay local.
         yield client
 
 
 def test_distributed_local_cluster_gives_the_same_product(site, tmp_path, cluster_client):
     uid = site["masked"]
-    product = process_run(uid, runs=RunStore(str(site["runs"])),
-                          processed=tmp_path / "processed", registry=site["registry"],
-                          client=cluster_client, frames_per_chunk=1)
+    product = process_run(
+        uid,
+        runs=RunStore(str(site["runs"])),
+        processed=tmp_path / "processed",
+        registry=site["registry"],
+        client=cluster_client,
+        frames_per_chunk=1,
+    )
     assert product.created and len(cluster_client.nthreads()) == 2
-    np.testing.assert_array_equal(product.dense(tmp_path / "processed", DET),
-                                  _expected(site, uid))
+    np.testing.assert_array_equal(product.dense(tmp_path / "processed", DET), _expected(site, uid))
     with pytest.raises(ProcessingError, match="needs the run store as a RunStore or path"):
-        process_run(uid, runs=site["store"], processed=tmp_path / "other",
-                    registry=site["registry"], client=cluster_client)
+        process_run(
+            uid,
+            runs=site["store"],
+            processed=tmp_path / "other",
+            registry=site["registry"],
+            client=cluster_client,
+        )
 
 
 def test_dask_workers_read_compressed_eiger_files(RE, tmp_path, cluster_client, site):
@@ -226,8 +265,14 @@ def test_dask_workers_read_compressed_eiger_files(RE, tmp_path, cluster_client, 
     with h5py.File(next((tmp_path / "frames").rglob("*_data_000001.h5")), "r") as f:
         assert f["/entry/data/data"].id.get_create_plist().get_filter(0)[0] == 32008
     runs = RunStore(str(tmp_path / "runs")).reading([tmp_path / "frames"])
-    product = process_run(uid, runs=runs, processed=tmp_path / "processed", registry=registry,
-                          client=cluster_client, frames_per_chunk=1)
+    product = process_run(
+        uid,
+        runs=runs,
+        processed=tmp_path / "processed",
+        registry=registry,
+        client=cluster_client,
+        frames_per_chunk=1,
+    )
     composite = registry.composite_from_uids(store[uid].metadata["start"]["mask_uids"])
     expected = np.stack([det.pattern.frame(i) for i in range(3)])
     expected = expected * composite.mask.astype(expected.dtype)
@@ -245,7 +290,8 @@ def tiled_process(tmp_path):
 
 
 def test_runs_and_products_on_a_tiled_server_processed_on_a_cluster(
-        site, tiled_process, cluster_client):
+    site, tiled_process, cluster_client
+):
     """The facility layout: runs and products on a tiled server, workers reading it."""
     from bluesky import RunEngine
     from tiled.client import from_uri
@@ -267,8 +313,14 @@ def test_runs_and_products_on_a_tiled_server_processed_on_a_cluster(
     base = f"http://127.0.0.1:{tiled_server.port}/api/v1/metadata"
     runs = RunStore(f"{base}/runs-{suffix}", api_key=tiled_server.api_key)
     processed = RunStore(f"{base}/processed-{suffix}", api_key=tiled_server.api_key)
-    product = process_run(uid, runs=runs, processed=processed, registry=site["registry"],
-                          client=cluster_client, frames_per_chunk=3)
+    product = process_run(
+        uid,
+        runs=runs,
+        processed=processed,
+        registry=site["registry"],
+        client=cluster_client,
+        frames_per_chunk=3,
+    )
     node = root[f"processed-{suffix}"][uid]
     assert node.metadata["uid"] == product.uid and node.metadata["parent_uid"] == uid
     assert node[DET].structure().chunks[0] == (3, 1)
@@ -297,7 +349,8 @@ def default_is_site_registry(site):
 
 
 def test_prefect_flow_processes_the_run_its_stop_document_ends(
-        site, tmp_path, prefect_server, default_is_site_registry):
+    site, tmp_path, prefect_server, default_is_site_registry
+):
     from bluesky_callbacks.workflows import end_of_run_workflow
 
     uid = site["masked"]
@@ -364,20 +417,37 @@ def test_deployment_file_and_the_trigger_on_stop_documents(site, prefect_server)
 def test_process_command(site, tmp_path):
     processed = tmp_path / "processed"
     uid = site["masked"]
-    args = ["--dir", str(site["root"] / "registry"), "process", uid,
-            "--runs", str(site["runs"]), "--processed", str(processed)]
+    args = [
+        "--dir",
+        str(site["root"] / "registry"),
+        "process",
+        uid,
+        "--runs",
+        str(site["runs"]),
+        "--processed",
+        str(processed),
+    ]
     result = CliRunner().invoke(main, [*args, "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["parent_uid"] == uid and report["created"] is True
-    np.testing.assert_array_equal(dense(_product(processed, uid)[DET]),
-                                  _expected(site, uid))
+    np.testing.assert_array_equal(dense(_product(processed, uid)[DET]), _expected(site, uid))
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and "already processed" in again.output
 
-    refused = CliRunner().invoke(main, ["--dir", str(site["root"] / "registry"), "process",
-                                        site["unmasked"], "--runs", str(site["runs"]),
-                                        "--processed", str(processed)])
+    refused = CliRunner().invoke(
+        main,
+        [
+            "--dir",
+            str(site["root"] / "registry"),
+            "process",
+            site["unmasked"],
+            "--runs",
+            str(site["runs"]),
+            "--processed",
+            str(processed),
+        ],
+    )
     assert refused.exit_code == 1
     assert refused.output.startswith("chx-masks: ") and "recorded no masks" in refused.output
     assert site["unmasked"] not in list(RunStore(str(processed)).open(runs=False))
@@ -389,10 +459,12 @@ def test_the_flow_retries_only_failures_that_may_pass():
     from bluesky_callbacks.workflows import _transient
     from chx_masks import RegistryUnavailableError
 
-    transient = [StoreUnavailableError("tiled did not answer"),
-                 RegistryUnavailableError("registry did not answer"), TimeoutError("slow")]
-    final = [MaskNotFoundError("no masks"), ProcessingError("missing frames"),
-             ValueError("a bug")]
+    transient = [
+        StoreUnavailableError("tiled did not answer"),
+        RegistryUnavailableError("registry did not answer"),
+        TimeoutError("slow"),
+    ]
+    final = [MaskNotFoundError("no masks"), ProcessingError("missing frames"), ValueError("a bug")]
     for err in transient:
         assert _transient(None, None, Failed(data=err)), err
     for err in final:

@@ -59,8 +59,13 @@ def site(tmp_path_factory):
     engine.loop.close()
     raw = store[uid]["primary"][DET].read()
     expected = raw * mask.astype(raw.dtype)
-    yield {"root": root, "registry": registry, "runs": root / "runs", "uid": uid,
-           "expected": expected}
+    yield {
+        "root": root,
+        "registry": registry,
+        "runs": root / "runs",
+        "uid": uid,
+        "expected": expected,
+    }
     store.context.close()
     registry.close()
 
@@ -84,8 +89,9 @@ def check_product(site: dict, processed: Path) -> dict:
 # ------------------------------------------------------------ in another process
 
 
-def child_process(root: str, uid: str, processed: str, lease_s: float, marker: str | None,
-                  hold_s: float, results) -> None:
+def child_process(
+    root: str, uid: str, processed: str, lease_s: float, marker: str | None, hold_s: float, results
+) -> None:
     """``process_run`` in a fresh process; with ``marker``, slowed after each block."""
     registry = MaskRegistry.embedded(Path(root) / "registry")
 
@@ -95,9 +101,15 @@ def child_process(root: str, uid: str, processed: str, lease_s: float, marker: s
             time.sleep(hold_s)
 
     try:
-        product = process_run(uid, runs=Path(root) / "runs", processed=processed,
-                              registry=registry, frames_per_chunk=1, lease_s=lease_s,
-                              progress=slow)
+        product = process_run(
+            uid,
+            runs=Path(root) / "runs",
+            processed=processed,
+            registry=registry,
+            frames_per_chunk=1,
+            lease_s=lease_s,
+            progress=slow,
+        )
         results.put(("ok", product.uid, product.created))
     except BaseException as err:  # reported to the parent
         results.put(("error", type(err).__name__, str(err)))
@@ -105,12 +117,27 @@ def child_process(root: str, uid: str, processed: str, lease_s: float, marker: s
         registry.close()
 
 
-def start_child(site: dict, processed: Path, *, lease_s: float = 60.0,
-                marker: Path | None = None, hold_s: float = 0.0):
+def start_child(
+    site: dict,
+    processed: Path,
+    *,
+    lease_s: float = 60.0,
+    marker: Path | None = None,
+    hold_s: float = 0.0,
+):
     results = CTX.Queue()
-    proc = CTX.Process(target=child_process, args=(
-        str(site["root"]), site["uid"], str(processed), lease_s,
-        None if marker is None else str(marker), hold_s, results))
+    proc = CTX.Process(
+        target=child_process,
+        args=(
+            str(site["root"]),
+            site["uid"],
+            str(processed),
+            lease_s,
+            None if marker is None else str(marker),
+            hold_s,
+            results,
+        ),
+    )
     proc.start()
     return proc, results
 
@@ -137,8 +164,14 @@ def test_two_threads_at_once_make_one_product(site, tmp_path):
 
     def call(name: str, **kw) -> None:
         try:
-            got[name] = process_run(site["uid"], runs=site["runs"], processed=processed,
-                                    registry=site["registry"], frames_per_chunk=1, **kw)
+            got[name] = process_run(
+                site["uid"],
+                runs=site["runs"],
+                processed=processed,
+                registry=site["registry"],
+                frames_per_chunk=1,
+                **kw,
+            )
         except BaseException as err:  # asserted below
             got[name] = err
 
@@ -179,8 +212,9 @@ def test_a_caller_that_will_not_wait_names_the_writer(site, tmp_path):
     wait_for(marker)
     began = time.monotonic()
     with pytest.raises(ProcessingError, match=r"being written by .* pid \d+"):
-        process_run(site["uid"], runs=site["runs"], processed=processed,
-                    registry=site["registry"], wait=0.5)
+        process_run(
+            site["uid"], runs=site["runs"], processed=processed, registry=site["registry"], wait=0.5
+        )
     assert time.monotonic() - began < 10
     assert results.get(timeout=180)[0] == "ok"
     proc.join(30)
@@ -198,22 +232,22 @@ def test_a_killed_writer_is_completed_by_a_later_call(site, tmp_path):
     assert node.metadata["status"] == "writing"  # left half-written
     crashed_uid = node.metadata["uid"]
 
-    product = process_run(site["uid"], runs=site["runs"], processed=processed,
-                          registry=site["registry"], lease_s=2.0)
+    product = process_run(
+        site["uid"], runs=site["runs"], processed=processed, registry=site["registry"], lease_s=2.0
+    )
     assert product.created and product.uid != crashed_uid
     md = check_product(site, processed)
     assert md["uid"] == product.uid
     node = RunStore(str(processed)).open(runs=False)[site["uid"]]
     assert "lease-1" in list(node)  # the takeover's claim
     # Done once: later calls return it as it is.
-    again = process_run(site["uid"], runs=site["runs"], processed=processed,
-                        registry=site["registry"])
+    again = process_run(
+        site["uid"], runs=site["runs"], processed=processed, registry=site["registry"]
+    )
     assert not again.created and again.uid == product.uid
 
 
-def test_a_writer_that_stalls_past_its_lease_stops_and_the_product_stays_whole(
-    site, tmp_path
-):
+def test_a_writer_that_stalls_past_its_lease_stops_and_the_product_stays_whole(site, tmp_path):
     processed = tmp_path / "processed"
     stalled = threading.Event()
     got: dict[str, object] = {}
@@ -225,17 +259,24 @@ def test_a_writer_that_stalls_past_its_lease_stops_and_the_product_stays_whole(
 
     def slow_writer() -> None:
         try:
-            got["slow"] = process_run(site["uid"], runs=site["runs"], processed=processed,
-                                      registry=site["registry"], frames_per_chunk=1,
-                                      lease_s=1.0, progress=stall)
+            got["slow"] = process_run(
+                site["uid"],
+                runs=site["runs"],
+                processed=processed,
+                registry=site["registry"],
+                frames_per_chunk=1,
+                lease_s=1.0,
+                progress=stall,
+            )
         except BaseException as err:  # asserted below
             got["slow"] = err
 
     thread = threading.Thread(target=slow_writer)
     thread.start()
     assert stalled.wait(60)
-    taker = process_run(site["uid"], runs=site["runs"], processed=processed,
-                        registry=site["registry"], lease_s=1.0)
+    taker = process_run(
+        site["uid"], runs=site["runs"], processed=processed, registry=site["registry"], lease_s=1.0
+    )
     thread.join(120)
     assert taker.created
     assert isinstance(got["slow"], LeaseLostError), got["slow"]
@@ -243,9 +284,7 @@ def test_a_writer_that_stalls_past_its_lease_stops_and_the_product_stays_whole(
     assert check_product(site, processed)["uid"] == taker.uid
 
 
-def test_product_files_the_store_cannot_serve_are_refused_and_the_next_call_goes_on(
-    site, tmp_path
-):
+def test_product_files_the_store_cannot_serve_are_refused_and_the_next_call_goes_on(site, tmp_path):
     from click.testing import CliRunner
 
     from chx_masks._cli import main
@@ -253,20 +292,37 @@ def test_product_files_the_store_cannot_serve_are_refused_and_the_next_call_goes
     processed = tmp_path / "processed"
     outside = tmp_path / "elsewhere"  # not in the local store's storage
     with pytest.raises(ProcessingError, match="outside its readable storage.*files="):
-        process_run(site["uid"], runs=site["runs"], processed=processed,
-                    registry=site["registry"], files=outside)
+        process_run(
+            site["uid"],
+            runs=site["runs"],
+            processed=processed,
+            registry=site["registry"],
+            files=outside,
+        )
     # The failed writer let go of its lease: the next call does not wait for it.
     began = time.monotonic()
-    product = process_run(site["uid"], runs=site["runs"], processed=processed,
-                          registry=site["registry"])
+    product = process_run(
+        site["uid"], runs=site["runs"], processed=processed, registry=site["registry"]
+    )
     assert time.monotonic() - began < 30  # the lease would hold 60 s
     assert product.created
     check_product(site, processed)
 
-    result = CliRunner().invoke(main, [
-        "--dir", str(site["root"] / "registry"), "process", site["uid"],
-        "--runs", str(site["runs"]), "--processed", str(tmp_path / "p2"),
-        "--product-files", str(outside)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "--dir",
+            str(site["root"] / "registry"),
+            "process",
+            site["uid"],
+            "--runs",
+            str(site["runs"]),
+            "--processed",
+            str(tmp_path / "p2"),
+            "--product-files",
+            str(outside),
+        ],
+    )
     assert result.exit_code != 0
     assert "Give --product-files a directory that store reads" in result.output
     assert "Traceback" not in result.output

@@ -96,15 +96,27 @@ def _launch(
     if after is not None:
         (startup / "99-after.py").write_text(after)
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CHX_MASKS_")}
-    full_env.update({
-        "XDG_DATA_HOME": str(workdir / "xdg-data"),
-        "XDG_CONFIG_HOME": str(workdir / "xdg-config"),
-        "TILED_RETRY_TIMEOUT": "1",
-        **env,
-    })
+    full_env.update(
+        {
+            "XDG_DATA_HOME": str(workdir / "xdg-data"),
+            "XDG_CONFIG_HOME": str(workdir / "xdg-config"),
+            "TILED_RETRY_TIMEOUT": "1",
+            **env,
+        }
+    )
     return subprocess.run(
-        [sys.executable, "-m", "IPython", "--ipython-dir", str(ipython_dir),
-         "--profile=chx", "--no-banner", "--colors=nocolor", "-c", code],
+        [
+            sys.executable,
+            "-m",
+            "IPython",
+            "--ipython-dir",
+            str(ipython_dir),
+            "--profile=chx",
+            "--no-banner",
+            "--colors=nocolor",
+            "-c",
+            code,
+        ],
         env=full_env,
         cwd=workdir,
         capture_output=True,
@@ -114,15 +126,17 @@ def _launch(
 
 
 def _explain(proc: subprocess.CompletedProcess) -> str:
-    return (f"IPython exit code {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
-            f"\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return (
+        f"IPython exit code {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
+        f"\n--- stderr ---\n{proc.stderr[-6000:]}"
+    )
 
 
 def _result(proc: subprocess.CompletedProcess) -> object:
     assert proc.returncode == 0, _explain(proc)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
     assert len(lines) == 1, _explain(proc)
-    return json.loads(lines[0][len(MARK):])
+    return json.loads(lines[0][len(MARK) :])
 
 
 def _seed(directory: Path) -> dict[str, str]:
@@ -163,8 +177,7 @@ def session(tmp_path_factory):
         print("CHX-RESULT " + json.dumps(results))
     """)
     proc = _launch(workdir, code, {"CHX_MASKS_DIR": str(registry_dir)})
-    return {"proc": proc, "results": _result(proc), "uids": uids,
-            "registry_dir": registry_dir}
+    return {"proc": proc, "results": _result(proc), "uids": uids, "registry_dir": registry_dir}
 
 
 def test_ipython_starts_with_one_line_and_exits_cleanly(session):
@@ -181,13 +194,15 @@ def test_start_document_records_the_active_set(session):
     with MaskRegistry.embedded(session["registry_dir"]) as reg:
         composite = reg.composite_from_uids([uids["chip_mask"], uids["beamstop"]])
     assert first["exit_status"] == "success" and first["events"] == 3
-    assert first["masks"] == {EIGER500K: {
-        "names": ["chip_mask", "beamstop"],
-        "uids": [uids["chip_mask"], uids["beamstop"]],
-        "versions": [0, 0],
-        "sha256": composite.sha256,
-        "chosen_by": "active set v0",
-    }}
+    assert first["masks"] == {
+        EIGER500K: {
+            "names": ["chip_mask", "beamstop"],
+            "uids": [uids["chip_mask"], uids["beamstop"]],
+            "versions": [0, 0],
+            "sha256": composite.sha256,
+            "chosen_by": "active set v0",
+        }
+    }
     assert first["mask_uids"] == [uids["chip_mask"], uids["beamstop"]]
 
 
@@ -253,12 +268,14 @@ def test_registry_down_at_start_warns_once_and_runs_record_why(tmp_path):
         result["fallback"] = CHX_MASKS_FALLBACK[K]
         print("CHX-RESULT " + json.dumps(result))
     """)
-    proc = _launch(tmp_path, code, {"CHX_MASKS_URI": uri,
-                                    "CHX_MASKS_DIR": str(tmp_path / "local")})
+    proc = _launch(tmp_path, code, {"CHX_MASKS_URI": uri, "CHX_MASKS_DIR": str(tmp_path / "local")})
     result = _result(proc)
     output = proc.stdout + proc.stderr
-    warnings = [line for line in output.splitlines()
-                if line.startswith("chx-masks: WARNING mask registry unavailable")]
+    warnings = [
+        line
+        for line in output.splitlines()
+        if line.startswith("chx-masks: WARNING mask registry unavailable")
+    ]
     assert len(warnings) == 1, _explain(proc)
     assert uri in warnings[0] and "record" in warnings[0]
     # The RunEngine works; the run says why it has no masks.
@@ -309,9 +326,17 @@ def test_ipython_starts_in_under_5_s_when_the_registry_is_unreachable(tmp_path, 
     """)
     launched = time.time()
     try:
-        proc = _launch(tmp_path, code, {"CHX_MASKS_URI": uri, "TILED_RETRY_TIMEOUT": "45",
-                                        "CHX_MASKS_DIR": str(tmp_path / "local")},
-                       base=base, after=after)
+        proc = _launch(
+            tmp_path,
+            code,
+            {
+                "CHX_MASKS_URI": uri,
+                "TILED_RETRY_TIMEOUT": "45",
+                "CHX_MASKS_DIR": str(tmp_path / "local"),
+            },
+            base=base,
+            after=after,
+        )
     finally:
         if sock is not None:
             sock.close()
@@ -319,8 +344,7 @@ def test_ipython_starts_in_under_5_s_when_the_registry_is_unreachable(tmp_path, 
     figures = SUMMARY.setdefault("IPython start, registry unreachable", {})
     figures[f"{registry}: the snippet's share of start (s)"] = round(result["snippet_seconds"], 2)
     figures[f"{registry}: launch to prompt (s)"] = round(result["code_at"] - launched, 2)
-    figures[f"{registry}: first run, runs store opened too (s)"] = round(
-        result["run_seconds"], 2)
+    figures[f"{registry}: first run, runs store opened too (s)"] = round(result["run_seconds"], 2)
     assert result["snippet_seconds"] < 5, _explain(proc)
 
     output = proc.stdout + proc.stderr
@@ -333,15 +357,17 @@ def test_ipython_starts_in_under_5_s_when_the_registry_is_unreachable(tmp_path, 
     assert not result["available"]
     assert "has not answered since" in result["record"]["error"], result
     assert "RegistryUnavailableError" in result["mask_error"]
-    run_lines = [line for line in output.splitlines()
-                 if line.startswith("chx-masks: A run opens without masks")]
+    run_lines = [
+        line
+        for line in output.splitlines()
+        if line.startswith("chx-masks: A run opens without masks")
+    ]
     assert len(run_lines) == 1, _explain(proc)
 
 
 def test_without_RE_prints_one_line_and_sets_nothing_up(tmp_path):
     code = 'print("CHX-RESULT", __import__("json").dumps(sorted(globals())))'
-    proc = _launch(tmp_path, code, {"CHX_MASKS_DIR": str(tmp_path / "registry")},
-                   base="x = 1\n")
+    proc = _launch(tmp_path, code, {"CHX_MASKS_DIR": str(tmp_path / "registry")}, base="x = 1\n")
     names = _result(proc)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("chx-masks:")]
     assert len(lines) == 1 and "RE" in lines[0] and "after" in lines[0], _explain(proc)
@@ -351,8 +377,14 @@ def test_without_RE_prints_one_line_and_sets_nothing_up(tmp_path):
 
 
 HELPERS = {
-    "chx_masks_registry", "chx_masks_runs", "masked_run", "masks_list", "mask_show",
-    "mask_register", "masks_activate", "masks_active",
+    "chx_masks_registry",
+    "chx_masks_runs",
+    "masked_run",
+    "masks_list",
+    "mask_show",
+    "mask_register",
+    "masks_activate",
+    "masks_active",
 }
 
 
@@ -393,8 +425,16 @@ def test_helpers(tmp_path):
     proc = _launch(tmp_path, code, {"CHX_MASKS_DIR": str(registry_dir)}, base=base)
     checks = _result(proc)
     assert checks["added"] == sorted(
-        HELPERS | {"chx_masks_provenance", "chx_masks_router", "CHX_MASKS_FALLBACK",
-                   "CHX_MASKS_ON_UNAVAILABLE", "CHX_MASKS_TIMEOUT", "CHX_MASKS_START_TIMEOUT"})
+        HELPERS
+        | {
+            "chx_masks_provenance",
+            "chx_masks_router",
+            "CHX_MASKS_FALLBACK",
+            "CHX_MASKS_ON_UNAVAILABLE",
+            "CHX_MASKS_TIMEOUT",
+            "CHX_MASKS_START_TIMEOUT",
+        }
+    )
     assert checks["documented"] == sorted(HELPERS)
     assert checks["wired"]
 
@@ -412,11 +452,20 @@ def test_helpers(tmp_path):
     assert "eiger4m_single_image" in active and "CHX_MASKS_FALLBACK" in active
     # The fallback names masks that this registry does not have: flagged, with the fix.
     flags = [line for line in active.splitlines() if line.startswith("! ")]
-    assert any(line.startswith("! eiger4m_single_image: pixel_mask, chip_mask, bad_pixels "
-                               "(CHX_MASKS_FALLBACK) are not registered masks") for line in flags)
-    assert any(line.startswith("! eiger1m_single_image: chip_mask (CHX_MASKS_FALLBACK) is not "
-                               "a registered mask") and "mask_register(" in line
-               for line in flags), active
+    assert any(
+        line.startswith(
+            "! eiger4m_single_image: pixel_mask, chip_mask, bad_pixels "
+            "(CHX_MASKS_FALLBACK) are not registered masks"
+        )
+        for line in flags
+    )
+    assert any(
+        line.startswith(
+            "! eiger1m_single_image: chip_mask (CHX_MASKS_FALLBACK) is not a registered mask"
+        )
+        and "mask_register(" in line
+        for line in flags
+    ), active
     assert not any(EIGER500K in line for line in flags)  # its active set is fine
 
     show = out.split("=== show\n")[1]

@@ -45,8 +45,7 @@ def product(tmp_path_factory):
     engine = RunEngine({}, context_managers=[])
     engine.subscribe(TiledWriter(store))
     engine.preprocessors.append(MaskProvenance(registry, masks={DET: ["xpcs"]}, active=False))
-    det = SimAsyncEiger("eiger500K_single", root / "frames", pattern=pattern,
-                        frames_per_file=25)
+    det = SimAsyncEiger("eiger500K_single", root / "frames", pattern=pattern, frames_per_file=25)
     engine(ensure_connected(det))
     (uid,) = engine(count([det], num=FRAMES))
     engine.loop.call_soon_threadsafe(engine.loop.stop)
@@ -54,8 +53,12 @@ def product(tmp_path_factory):
     engine.loop.close()
     from bluesky_callbacks import process_run
 
-    process_run(uid, runs=RunStore(str(root / "runs")).reading([root / "frames"]),
-                processed=root / "processed", registry=registry)
+    process_run(
+        uid,
+        runs=RunStore(str(root / "runs")).reading([root / "frames"]),
+        processed=root / "processed",
+        registry=registry,
+    )
     raw = np.asarray(store[uid]["primary"][DET].read())
     node = RunStore(str(root / "processed")).open(runs=False)[uid][DET]
     yield {"node": node, "raw": raw, "mask": mask, "pattern": pattern}
@@ -171,8 +174,9 @@ class DenseFrames:
 
 
 def test_pychx_lazy_one_time_gives_the_same_g2_on_the_reader_as_on_raw_times_mask(product):
-    chx = pytest.importorskip("pyCHX.chx_correlationc",
-                              reason="pyCHX is not installed (not on PyPI)")
+    chx = pytest.importorskip(
+        "pyCHX.chx_correlationc", reason="pyCHX is not installed (not on PyPI)"
+    )
     labels = rings(SHAPE, product["mask"])
 
     def final(source) -> tuple[np.ndarray, np.ndarray]:

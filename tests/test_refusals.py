@@ -177,8 +177,10 @@ def _catalog(world: World) -> dict[str, list[tuple]]:
     database = world.directory / "catalog.db"
     connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
     try:
-        present = {name for (name,) in connection.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        present = {
+            name
+            for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
         return {
             table: connection.execute(f'SELECT * FROM "{table}" ORDER BY rowid').fetchall()
             for table in _CATALOG_TABLES
@@ -343,20 +345,35 @@ def _records_missing_mask(world: World, start: dict[str, Any]) -> str | None:
 # --------------------------------------------------------------------- the table
 
 
-def api(label: str, error: type[Exception], call: Callable[[World], Any], *fragments: Fragment,
-        bug: str | None = None) -> Any:
+def api(
+    label: str,
+    error: type[Exception],
+    call: Callable[[World], Any],
+    *fragments: Fragment,
+    bug: str | None = None,
+) -> Any:
     return _param("api", label, Case("api", call=call, error=error, fragments=fragments), bug)
 
 
-def cli(label: str, args: tuple[str, ...], *fragments: Fragment, bug: str | None = None,
-        progress_line_ok: bool = True) -> Any:
+def cli(
+    label: str,
+    args: tuple[str, ...],
+    *fragments: Fragment,
+    bug: str | None = None,
+    progress_line_ok: bool = True,
+) -> Any:
     case = Case("cli", args=args, fragments=fragments, progress_line_ok=progress_line_ok)
     return _param("cli", label, case, bug)
 
 
-def pre(label: str, error: type[Exception] | None, call: Callable[[World], Any],
-        *fragments: Fragment, verify: Callable[[World, Any], str | None] | None = None,
-        bug: str | None = None) -> Any:
+def pre(
+    label: str,
+    error: type[Exception] | None,
+    call: Callable[[World], Any],
+    *fragments: Fragment,
+    verify: Callable[[World, Any], str | None] | None = None,
+    bug: str | None = None,
+) -> Any:
     case = Case("preprocessor", call=call, error=error, fragments=fragments, verify=verify)
     return _param("preprocessor", label, case, bug)
 
@@ -391,119 +408,263 @@ OVERSIZED = {"notes": "x" * (16 << 20)}  # 16 MiB of metadata for one mask
 
 CASES = [
     # -------------------------------------------------------- Python API: content
-    api("uint8 mask", MaskValidationError, _register(np.ones(SHAPE, np.uint8)),
-        "uint8", "allow_binary=True"),
-    api("wrong shape", MaskValidationError, _register(np.ones((2167, 2070), bool)),
-        "2167x2070", "514x1030", DET),
-    api("3-D mask", MaskValidationError, _register(np.ones((2, *SHAPE), bool)),
-        "3-D", "2x514x1030"),
-    api("NaN with allow_binary", MaskValidationError,
-        _register(_nan_mask(), allow_binary=True), "NaN"),
+    api(
+        "uint8 mask",
+        MaskValidationError,
+        _register(np.ones(SHAPE, np.uint8)),
+        "uint8",
+        "allow_binary=True",
+    ),
+    api(
+        "wrong shape",
+        MaskValidationError,
+        _register(np.ones((2167, 2070), bool)),
+        "2167x2070",
+        "514x1030",
+        DET,
+    ),
+    api(
+        "3-D mask", MaskValidationError, _register(np.ones((2, *SHAPE), bool)), "3-D", "2x514x1030"
+    ),
+    api(
+        "NaN with allow_binary",
+        MaskValidationError,
+        _register(_nan_mask(), allow_binary=True),
+        "NaN",
+    ),
     api("empty 0x0 array", MaskValidationError, _register(np.zeros((0, 0), bool)), "0x0"),
     api("empty list", MaskValidationError, _register([]), "shape 0"),
-    api("transposed", MaskValidationError, _register(np.ones(SHAPE[::-1], bool)),
-        "1030x514", "mask.T"),
+    api(
+        "transposed",
+        MaskValidationError,
+        _register(np.ones(SHAPE[::-1], bool)),
+        "1030x514",
+        "mask.T",
+    ),
     # ---------------------------------------------------- Python API: detectors
-    api("register on unknown detector", DetectorNotFoundError,
-        _register(np.ones(SHAPE, bool), detector=UNKNOWN), repr(UNKNOWN), "register_detector"),
+    api(
+        "register on unknown detector",
+        DetectorNotFoundError,
+        _register(np.ones(SHAPE, bool), detector=UNKNOWN),
+        repr(UNKNOWN),
+        "register_detector",
+    ),
     # -------------------------------------------------------- Python API: names
-    api("name with path separator", MaskValidationError,
-        _register(np.ones(SHAPE, bool), name="a/b"), "'a/b'", "'/'"),
-    api("name with NUL", MaskValidationError,
-        _register(np.ones(SHAPE, bool), name="a\x00b"), repr("a\x00b")),
-    api("name with newline (delete)", MaskValidationError,
-        lambda w: w.registry.delete_mask(TINY, "a\nb"), repr("a\nb")),
-    api("300-character name", MaskValidationError,
-        _register(np.ones(SHAPE, bool), name=LONG_NAME), "300 characters"),
+    api(
+        "name with path separator",
+        MaskValidationError,
+        _register(np.ones(SHAPE, bool), name="a/b"),
+        "'a/b'",
+        "'/'",
+    ),
+    api(
+        "name with NUL",
+        MaskValidationError,
+        _register(np.ones(SHAPE, bool), name="a\x00b"),
+        repr("a\x00b"),
+    ),
+    api(
+        "name with newline (delete)",
+        MaskValidationError,
+        lambda w: w.registry.delete_mask(TINY, "a\nb"),
+        repr("a\nb"),
+    ),
+    api(
+        "300-character name",
+        MaskValidationError,
+        _register(np.ones(SHAPE, bool), name=LONG_NAME),
+        "300 characters",
+    ),
     # ----------------------------------------------------- Python API: metadata
-    api("set in metadata names its key", MaskValidationError,
-        _with_metadata({"pixels": {1, 2}}), "set", "'pixels'"),
-    api("object in metadata", MaskValidationError, _with_metadata({"thing": _Opaque()}),
-        "JSON-serializable", "_Opaque"),
+    api(
+        "set in metadata names its key",
+        MaskValidationError,
+        _with_metadata({"pixels": {1, 2}}),
+        "set",
+        "'pixels'",
+    ),
+    api(
+        "object in metadata",
+        MaskValidationError,
+        _with_metadata({"thing": _Opaque()}),
+        "JSON-serializable",
+        "_Opaque",
+    ),
     api("reserved key uid", MaskValidationError, _with_metadata({"uid": "x"}), "'uid'"),
-    api("reserved key version (update)", MaskValidationError,
+    api(
+        "reserved key version (update)",
+        MaskValidationError,
         lambda w: w.registry.update_mask(TINY, "base", _tiny(9), metadata={"version": 9}),
-        "'version'"),
+        "'version'",
+    ),
     # -------------------------------------------------- Python API: uids, versions
-    api("unknown uid", MaskNotFoundError, lambda w: w.registry.get_mask_by_uid(NO_SUCH_UID),
-        NO_SUCH_UID),
-    api("path as uid", MaskNotFoundError,
-        lambda w: w.registry.get_mask_by_uid("../../etc/passwd"), "'../../etc/passwd'"),
-    api("missing version", MaskNotFoundError,
-        lambda w: w.registry.get_mask(TINY, "base", version=7), "no version 7", "[0, 1]"),
+    api(
+        "unknown uid",
+        MaskNotFoundError,
+        lambda w: w.registry.get_mask_by_uid(NO_SUCH_UID),
+        NO_SUCH_UID,
+    ),
+    api(
+        "path as uid",
+        MaskNotFoundError,
+        lambda w: w.registry.get_mask_by_uid("../../etc/passwd"),
+        "'../../etc/passwd'",
+    ),
+    api(
+        "missing version",
+        MaskNotFoundError,
+        lambda w: w.registry.get_mask(TINY, "base", version=7),
+        "no version 7",
+        "[0, 1]",
+    ),
     # ------------------------------------------------------------ Python API: as_of
     # Not refusals, by the API's definition (chx_masks/_content.py:to_datetime): a
     # naive time is local time, and a future time resolves the version current now.
-    api("unparseable as_of", MaskValidationError,
-        lambda w: w.registry.get_mask_uid(TINY, "base", as_of="yesterday"), "'yesterday'",
-        "ISO 8601"),
-    api("NaN as_of", MaskValidationError,
-        lambda w: w.registry.get_mask(TINY, "base", as_of=float("nan")), "as_of=nan"),
-    api("as_of before the first version", MaskNotFoundError,
+    api(
+        "unparseable as_of",
+        MaskValidationError,
+        lambda w: w.registry.get_mask_uid(TINY, "base", as_of="yesterday"),
+        "'yesterday'",
+        "ISO 8601",
+    ),
+    api(
+        "NaN as_of",
+        MaskValidationError,
+        lambda w: w.registry.get_mask(TINY, "base", as_of=float("nan")),
+        "as_of=nan",
+    ),
+    api(
+        "as_of before the first version",
+        MaskNotFoundError,
         lambda w: w.registry.get_mask_uid(TINY, "base", as_of="2000-01-01T00:00:00+00:00"),
-        "2000-01-01", "first version was registered at"),
+        "2000-01-01",
+        "first version was registered at",
+    ),
     # ------------------------------------------------------- Python API: lineages
-    api("register an active name", MaskExistsError,
-        lambda w: w.registry.register_mask(TINY, "base", _tiny(9)), "base",
-        lambda w: w.uids["base"], "update_mask"),
-    api("activate an unknown name", MaskNotFoundError,
-        lambda w: w.registry.activate(TINY, ["base", "nope"]), "nope"),
+    api(
+        "register an active name",
+        MaskExistsError,
+        lambda w: w.registry.register_mask(TINY, "base", _tiny(9)),
+        "base",
+        lambda w: w.uids["base"],
+        "update_mask",
+    ),
+    api(
+        "activate an unknown name",
+        MaskNotFoundError,
+        lambda w: w.registry.activate(TINY, ["base", "nope"]),
+        "nope",
+    ),
     # ---------------------------------------------------------------- command line
     cli("register bad name", ("register", TINY, "a/b", "@good_new.npy"), "'a/b'"),
     cli("register unknown detector", ("register", UNKNOWN, "m", "@good_new.npy"), UNKNOWN),
-    cli("register reserved metadata key", ("register", TINY, "m", "@good_new.npy", "-m",
-                                           "uid=123"), "'uid'"),
+    cli(
+        "register reserved metadata key",
+        ("register", TINY, "m", "@good_new.npy", "-m", "uid=123"),
+        "'uid'",
+    ),
     cli("register int64 file", ("register", TINY, "m", "@ints.npy"), "ints.npy", "int64"),
     cli("import truncated .npy", ("import", DET, "@cut.npy"), "cut.npy"),
     cli("import truncated .edf", ("import", DET, "@cut.edf"), "cut.edf", "truncated"),
     cli("import truncated .tif", ("import", DET, "@cut.tif"), "cut.tif"),
     cli("import text file named .npy", ("import", TINY, "@notes.npy"), "notes.npy"),
     cli("import wrong-shape file", ("import", TINY, "@small.npy"), "small.npy", "3x3", "6x8"),
-    cli("import refusal is one line", ("import", TINY, "@small.npy"), "small.npy",
-        progress_line_ok=False),
+    cli(
+        "import refusal is one line",
+        ("import", TINY, "@small.npy"),
+        "small.npy",
+        progress_line_ok=False,
+    ),
     cli("delete unknown name", ("delete", TINY, "nope", "--yes"), "nope"),
-    cli("generate over an active name", ("generate", "rectangle", TINY, "base",
-                                         "--top-left", "0", "0", "--bottom-right", "2", "2"),
-        "base", "already registered"),
-    cli("show unparseable as-of", ("show", TINY, "base", "--as-of", "yesterday"),
-        "'yesterday'"),
+    cli(
+        "generate over an active name",
+        ("generate", "rectangle", TINY, "base", "--top-left", "0", "0", "--bottom-right", "2", "2"),
+        "base",
+        "already registered",
+    ),
+    cli("show unparseable as-of", ("show", TINY, "base", "--as-of", "yesterday"), "'yesterday'"),
     # ---------------------------------------------------------------- preprocessor
-    pre("unknown on_unavailable", MaskValidationError,
-        lambda w: _configured(w, on_unavailable="ignore"), "'ignore'"),
-    pre("masks value a bare string", MaskValidationError,
-        lambda w: MaskProvenance(w.registry, {TINY: "base"}), "'base'"),
-    pre("non-string mask name", MaskValidationError,
-        lambda w: MaskProvenance(w.registry, {TINY: ["base", 5]}), "5"),
+    pre(
+        "unknown on_unavailable",
+        MaskValidationError,
+        lambda w: _configured(w, on_unavailable="ignore"),
+        "'ignore'",
+    ),
+    pre(
+        "masks value a bare string",
+        MaskValidationError,
+        lambda w: MaskProvenance(w.registry, {TINY: "base"}),
+        "'base'",
+    ),
+    pre(
+        "non-string mask name",
+        MaskValidationError,
+        lambda w: MaskProvenance(w.registry, {TINY: ["base", 5]}),
+        "5",
+    ),
     pre("zero timeout", MaskValidationError, lambda w: _configured(w, timeout=0), "timeout"),
-    pre("registry given as a URI string", MaskValidationError,
+    pre(
+        "registry given as a URI string",
+        MaskValidationError,
         lambda w: MaskProvenance("http://127.0.0.1:8000/masks", {TINY: ["base"]}),
-        "http://127.0.0.1:8000/masks"),
-    pre("unknown detector in masks= refuses the run", DetectorNotFoundError,
-        lambda w: run_count(w, MaskProvenance(w.registry, {UNKNOWN: ["base"]}),
-                            device=UNKNOWN_DEVICE, shape=(4, 6)),
-        repr(UNKNOWN), "run was not opened"),
-    pre("run names a missing mask: refused under 'raise'", MaskNotFoundError,
+        "http://127.0.0.1:8000/masks",
+    ),
+    pre(
+        "unknown detector in masks= refuses the run",
+        DetectorNotFoundError,
+        lambda w: run_count(
+            w, MaskProvenance(w.registry, {UNKNOWN: ["base"]}), device=UNKNOWN_DEVICE, shape=(4, 6)
+        ),
+        repr(UNKNOWN),
+        "run was not opened",
+    ),
+    pre(
+        "run names a missing mask: refused under 'raise'",
+        MaskNotFoundError,
         lambda w: run_count(w, _configured(w), md={"mask_names": {TINY: ["nope"]}}),
-        "nope", "run was not opened"),
-    pre("run names a missing mask: recorded under 'record'", None,
-        lambda w: run_count(w, _configured(w, on_unavailable="record"),
-                            md={"mask_names": {TINY: ["nope"]}}),
-        verify=_records_missing_mask),
-    pre("run mask_names not a mapping", MaskValidationError,
-        lambda w: run_count(w, _configured(w), md={"mask_names": "base"}), "mask_names",
-        "str"),
-    pre("run mask_names with path separator", MaskValidationError,
-        lambda w: run_count(w, _configured(w), md={"mask_names": {TINY: ["a/b"]}}), "'a/b'"),
-    pre("run mask_names for an unknown detector", DetectorNotFoundError,
+        "nope",
+        "run was not opened",
+    ),
+    pre(
+        "run names a missing mask: recorded under 'record'",
+        None,
+        lambda w: run_count(
+            w, _configured(w, on_unavailable="record"), md={"mask_names": {TINY: ["nope"]}}
+        ),
+        verify=_records_missing_mask,
+    ),
+    pre(
+        "run mask_names not a mapping",
+        MaskValidationError,
+        lambda w: run_count(w, _configured(w), md={"mask_names": "base"}),
+        "mask_names",
+        "str",
+    ),
+    pre(
+        "run mask_names with path separator",
+        MaskValidationError,
+        lambda w: run_count(w, _configured(w), md={"mask_names": {TINY: ["a/b"]}}),
+        "'a/b'",
+    ),
+    pre(
+        "run mask_names for an unknown detector",
+        DetectorNotFoundError,
         lambda w: run_count(w, _configured(w), md={"mask_names": {UNKNOWN: ["base"]}}),
-        repr(UNKNOWN)),
-    pre("run mask_names with None as a name", MaskValidationError,
-        lambda w: run_count(w, _configured(w), md={"mask_names": {TINY: [None]}}), "None"),
+        repr(UNKNOWN),
+    ),
+    pre(
+        "run mask_names with None as a name",
+        MaskValidationError,
+        lambda w: run_count(w, _configured(w), md={"mask_names": {TINY: [None]}}),
+        "None",
+    ),
     # --------------------------- cases that once wrote something before refusing
-    cli("import of a good and a bad file registers neither",
-        ("import", TINY, "@good_new.npy", "@cut.npy"), "cut.npy"),
-    api("oversized metadata", MaskValidationError, _with_metadata(OVERSIZED), "metadata",
-        "KiB"),
+    cli(
+        "import of a good and a bad file registers neither",
+        ("import", TINY, "@good_new.npy", "@cut.npy"),
+        "cut.npy",
+    ),
+    api("oversized metadata", MaskValidationError, _with_metadata(OVERSIZED), "metadata", "KiB"),
 ]
 
 SURFACES = Counter(param.values[0].surface for param in CASES)

@@ -208,8 +208,9 @@ def test_search_by_detector_name_and_metadata(registry):
     u1 = registry.register_mask(EIGER500K, "m1", ones(), metadata={"sample": {"name": "silica"}})
     u2 = registry.register_mask(EIGER500K, "m2", ones(), metadata={"beamtime": "2026-3"})
     registry.register_detector("small_image", (3, 3))
-    u3 = registry.register_mask("small_image", "m1", np.ones((3, 3), bool),
-                                metadata={"beamtime": "2026-3"})
+    u3 = registry.register_mask(
+        "small_image", "m1", np.ones((3, 3), bool), metadata={"beamtime": "2026-3"}
+    )
     assert {r.uid for r in registry.search(metadata={"beamtime": "2026-3"})} == {u2, u3}
     assert [r.uid for r in registry.search(metadata={"sample.name": "silica"})] == [u1]
     assert {r.uid for r in registry.search(name="m1")} == {u1, u3}
@@ -237,8 +238,11 @@ def test_returned_arrays_are_independent_copies(registry):
 
 
 def _chunk_file(embedded_dir, uid):
-    chunks = [p for p in (embedded_dir / "data").rglob("*") if p.is_file() and uid in str(p)
-              and p.name != "zarr.json"]
+    chunks = [
+        p
+        for p in (embedded_dir / "data").rglob("*")
+        if p.is_file() and uid in str(p) and p.name != "zarr.json"
+    ]
     assert len(chunks) == 1, chunks
     return chunks[0]
 
@@ -299,8 +303,9 @@ def test_unreachable_server_is_registry_unavailable():
 
 
 def test_api_key_never_in_repr_or_location(tiled_server, server_registry_uri, tmp_path):
-    reg = MaskRegistry.from_uri(server_registry_uri + f"?api_key={tiled_server.api_key}",
-                                disk_cache=tmp_path / "copies")
+    reg = MaskRegistry.from_uri(
+        server_registry_uri + f"?api_key={tiled_server.api_key}", disk_cache=tmp_path / "copies"
+    )
     try:
         assert tiled_server.api_key not in repr(reg)
         assert tiled_server.api_key not in reg.location
@@ -308,8 +313,9 @@ def test_api_key_never_in_repr_or_location(tiled_server, server_registry_uri, tm
     finally:
         reg.close()
     # A new reader keeps a local copy of what it read where it was told to.
-    with MaskRegistry.from_uri(server_registry_uri, api_key=tiled_server.api_key,
-                               disk_cache=tmp_path / "copies") as reader:
+    with MaskRegistry.from_uri(
+        server_registry_uri, api_key=tiled_server.api_key, disk_cache=tmp_path / "copies"
+    ) as reader:
         reader.get_mask_by_uid(uid).compute()
     assert (tmp_path / "copies" / f"{uid}.npy").is_file()
 
@@ -426,8 +432,7 @@ def test_a_unique_uid_prefix_resolves_wherever_a_uid_does(registry):
 def test_an_ambiguous_uid_prefix_lists_the_candidates(registry):
     # 17 uids: two share their first hex digit (pigeonhole), so that digit is
     # an ambiguous prefix; the registry's prefix query must list both.
-    uids = [registry.register_mask(EIGER500K, f"m{i}", random_mask(seed=10 + i))
-            for i in range(17)]
+    uids = [registry.register_mask(EIGER500K, f"m{i}", random_mask(seed=10 + i)) for i in range(17)]
     by_first: dict[str, list[str]] = {}
     for uid in uids:
         by_first.setdefault(uid[:1], []).append(uid)

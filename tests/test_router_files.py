@@ -39,16 +39,27 @@ def site(tmp_path, RE):
     mask[:, 500:520] = False
     registry.register_mask(DET, "stop", mask)
     derived_dir = tmp_path / "derived-frames"
-    store = open_run_store(tmp_path / "runs",
-                           readable_storage=[tmp_path / "frames", derived_dir])
+    store = open_run_store(tmp_path / "runs", readable_storage=[tmp_path / "frames", derived_dir])
     RE.preprocessors.append(MaskProvenance(registry, masks={DET: ["stop"]}, active=False))
     RE.subscribe(TiledWriter(store))
     docs: list[tuple[str, dict]] = []
-    router = MaskingRouter(registry, [TiledWriter(store), lambda n, d: docs.append((n, d))],
-                           frames="files", directory=derived_dir, strict=True)
+    router = MaskingRouter(
+        registry,
+        [TiledWriter(store), lambda n, d: docs.append((n, d))],
+        frames="files",
+        directory=derived_dir,
+        strict=True,
+    )
     RE.subscribe(router)
-    yield {"registry": registry, "mask": mask, "store": store, "docs": docs,
-           "derived_dir": derived_dir, "RE": RE, "tmp": tmp_path}
+    yield {
+        "registry": registry,
+        "mask": mask,
+        "store": store,
+        "docs": docs,
+        "derived_dir": derived_dir,
+        "RE": RE,
+        "tmp": tmp_path,
+    }
     store.context.close()
     registry.close()
 
@@ -86,8 +97,12 @@ def check(site: dict, raw_uid: str, frames: int) -> str:
 
 
 def test_ophyd_async_eiger_scan_stores_masked_frames_as_files(site):
-    det = SimAsyncEiger("eiger500K_single", site["tmp"] / "frames",
-                        pattern=XPCSPattern(SHAPE, mean=0.05), frames_per_file=4)
+    det = SimAsyncEiger(
+        "eiger500K_single",
+        site["tmp"] / "frames",
+        pattern=XPCSPattern(SHAPE, mean=0.05),
+        frames_per_file=4,
+    )
     from ophyd_async.plan_stubs import ensure_connected
 
     site["RE"](ensure_connected(det))
@@ -110,7 +125,8 @@ def test_inline_frames_are_written_to_files_too(site):
 
 
 def test_files_need_a_directory(tmp_path):
-    with MaskRegistry.embedded(tmp_path / "r") as registry, pytest.raises(
-        ValueError, match="frames='files' needs directory="
+    with (
+        MaskRegistry.embedded(tmp_path / "r") as registry,
+        pytest.raises(ValueError, match="frames='files' needs directory="),
     ):
         MaskingRouter(registry, [], frames="files")

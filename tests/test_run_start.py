@@ -56,8 +56,17 @@ def test_every_change_is_logged_with_the_next_number(registry):
     assert registry.changed_since(8) is False
     log = registry._root["changes"]
     keys = [md["key"] for md in (log[str(n)].metadata for n in range(9))]
-    assert keys == ["detectors", "gaps@0", "gaps@1", "active/0", "detectors", "active/1",
-                    "stop@0", "active/2", "gaps@2"]
+    assert keys == [
+        "detectors",
+        "gaps@0",
+        "gaps@1",
+        "active/0",
+        "detectors",
+        "active/1",
+        "stop@0",
+        "active/2",
+        "gaps@2",
+    ]
     # Refused calls log nothing.
     with pytest.raises(MaskExistsError):
         registry.register_mask(DET, "stop", ones())
@@ -68,8 +77,7 @@ def test_every_change_is_logged_with_the_next_number(registry):
 def test_warm_run_start_is_one_request_and_sees_changes_of_others(registry, request):
     registry.register_mask(DET, "gaps", random_mask(seed=1))
     registry.register_mask(DET, "stop", random_mask(seed=2))
-    provenance = MaskProvenance(registry, masks={DET: ["gaps", "stop"]},
-                                on_unavailable="record")
+    provenance = MaskProvenance(registry, masks={DET: ["gaps", "stop"]}, on_unavailable="record")
     first = recorded(provenance)
     seen = count_requests(registry)
     assert recorded(provenance) == first
@@ -152,8 +160,10 @@ def test_components_are_kept_packed_and_read_back_equal(registry):
     ub = registry.register_mask(DET, "b", b)
     composite = registry.resolve_composite(DET, ["a", "b"])
     assert isinstance(composite.components, PackedMasks)
-    assert [bool((c == m).all()) for c, m in zip(composite.components, (a, b), strict=True)] \
-        == [True, True]
+    assert [bool((c == m).all()) for c, m in zip(composite.components, (a, b), strict=True)] == [
+        True,
+        True,
+    ]
     assert np.array_equal(composite.mask, a & b)
     assert not composite.components[0].flags.writeable
     held = sum(registry._arrays[u].nbytes for u in (ua, ub))

@@ -37,27 +37,33 @@ def test_a_key_in_the_environment_uri_is_never_shown(monkeypatch, embedded_dir):
     monkeypatch.setenv("CHX_MASKS_RUNS_URI", f"{NOBODY}?api_key={SECRET}")
     store = located_store(None, "runs")
     assert store.api_key == SECRET and SECRET not in repr(store)
-    with MaskRegistry.embedded(embedded_dir) as registry, \
-            pytest.raises(StoreUnavailableError) as refused:
+    with (
+        MaskRegistry.embedded(embedded_dir) as registry,
+        pytest.raises(StoreUnavailableError) as refused,
+    ):
         plan_processing("some-run", runs=store, registry=registry)
     assert SECRET not in str(refused.value) and NOBODY in str(refused.value)
     # The command line, with the key in --runs: one line, no key.
-    result = CliRunner().invoke(main, ["--dir", str(embedded_dir), "process", "some-run",
-                                       "--runs", f"{NOBODY}?api_key={SECRET}"])
+    result = CliRunner().invoke(
+        main,
+        ["--dir", str(embedded_dir), "process", "some-run", "--runs", f"{NOBODY}?api_key={SECRET}"],
+    )
     assert result.exit_code == 1, result.output
     assert SECRET not in result.output and "Traceback" not in result.output
     assert result.output.startswith("chx-masks: ") and NOBODY in result.output
 
 
-def test_the_command_line_reads_the_key_from_a_file(tiled_server, server_registry_uri,
-                                                     tmp_path, monkeypatch):
+def test_the_command_line_reads_the_key_from_a_file(
+    tiled_server, server_registry_uri, tmp_path, monkeypatch
+):
     monkeypatch.delenv("CHX_MASKS_API_KEY", raising=False)
     key_file = tmp_path / "key"
     key_file.write_text(f"{tiled_server.api_key}\n")
     key_file.chmod(0o600)
     runner = CliRunner()
-    listed = runner.invoke(main, ["--uri", server_registry_uri, "--api-key-file",
-                                  str(key_file), "list"])
+    listed = runner.invoke(
+        main, ["--uri", server_registry_uri, "--api-key-file", str(key_file), "list"]
+    )
     assert listed.exit_code == 0, listed.output
     assert "No masks registered" in listed.output
     assert tiled_server.api_key not in listed.output
@@ -67,9 +73,12 @@ def test_the_command_line_reads_the_key_from_a_file(tiled_server, server_registr
     empty = tmp_path / "empty"
     empty.write_text("\n")
     for path, said in ((empty, "is empty"), (tmp_path / "missing", "cannot read")):
-        bad = runner.invoke(main, ["--uri", server_registry_uri, "--api-key-file", str(path),
-                                   "list"])
+        bad = runner.invoke(
+            main, ["--uri", server_registry_uri, "--api-key-file", str(path), "list"]
+        )
         assert bad.exit_code == 2 and said in bad.output and "--api-key-file" in bad.output
-    both = runner.invoke(main, ["--uri", server_registry_uri, "--api-key", "k",
-                                "--api-key-file", str(key_file), "list"])
+    both = runner.invoke(
+        main,
+        ["--uri", server_registry_uri, "--api-key", "k", "--api-key-file", str(key_file), "list"],
+    )
     assert both.exit_code == 2 and "not both" in both.output

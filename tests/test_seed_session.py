@@ -73,9 +73,7 @@ def run_seed_session() -> None:
     with pytest.raises(chx_masks.MaskNotFoundError):
         get_mask("eiger4m_single_image", "chip_mask")
     registry = chx_masks.default_registry()
-    np.testing.assert_array_equal(
-        registry.get_mask_by_uid(uid).compute(), masks["chip_mask"]
-    )
+    np.testing.assert_array_equal(registry.get_mask_by_uid(uid).compute(), masks["chip_mask"])
 
 
 def test_seed_session_embedded_default(tmp_path, monkeypatch):
@@ -124,9 +122,7 @@ def test_profile_is_used(tiled_server, server_registry_uri, monkeypatch):
         registry = chx_masks.default_registry()
         assert registry.location == "profile 'chx'"
         uid = chx_masks.register_mask("eiger500K_single_image", "m", np.ones((514, 1030), bool))
-        direct = chx_masks.MaskRegistry.from_uri(
-            server_registry_uri, api_key=tiled_server.api_key
-        )
+        direct = chx_masks.MaskRegistry.from_uri(server_registry_uri, api_key=tiled_server.api_key)
         assert direct.get_mask_uid("eiger500K_single_image", "m") == uid
         direct.close()
     finally:

@@ -96,23 +96,37 @@ def deployed(backend, request, tmp_path_factory):
         catalog, auth = pg.create("deployed_catalog"), pg.create("deployed_auth")
         tables = pg.create("deployed_tables", driver="postgresql")
     else:
-        catalog, auth, tables = (f"sqlite:///{directory / name}"
-                                 for name in ("catalog.db", "auth.db", "tables.db"))
+        catalog, auth, tables = (
+            f"sqlite:///{directory / name}" for name in ("catalog.db", "auth.db", "tables.db")
+        )
     password, signing = secrets.token_hex(12), secrets.token_hex(32)
     env = servers.clean_environment(
-        CHX_MASKS_CATALOG_URI=catalog, CHX_MASKS_AUTH_DB_URI=auth,
-        CHX_MASKS_STORAGE=str(directory), CHX_MASKS_TABLES_URI=tables,
-        CHX_MASKS_SECRET_KEY=signing, CHX_MASKS_ADMIN_PASSWORD=password,
+        CHX_MASKS_CATALOG_URI=catalog,
+        CHX_MASKS_AUTH_DB_URI=auth,
+        CHX_MASKS_STORAGE=str(directory),
+        CHX_MASKS_TABLES_URI=tables,
+        CHX_MASKS_SECRET_KEY=signing,
+        CHX_MASKS_ADMIN_PASSWORD=password,
     )
-    server = servers.ServeProcess(["--config", str(servers.DEPLOY_CONFIG)],
-                                  directory=directory, env=env)
+    server = servers.ServeProcess(
+        ["--config", str(servers.DEPLOY_CONFIG)], directory=directory, env=env
+    )
     keys: list[str] = []
     try:
-        for scopes, note in ((servers.READ_SCOPES, "chx-masks read-only"),
-                             (servers.WRITE_SCOPES, "chx-masks writer")):
+        for scopes, note in (
+            (servers.READ_SCOPES, "chx-masks read-only"),
+            (servers.WRITE_SCOPES, "chx-masks writer"),
+        ):
             keys.append(servers.create_service_key(server.uri, ADMIN, password, scopes, note))
-        yield Deployment(backend, server, server.uri, directory, *keys,
-                         secrets=(*keys, password, signing), admin_password=password)
+        yield Deployment(
+            backend,
+            server,
+            server.uri,
+            directory,
+            *keys,
+            secrets=(*keys, password, signing),
+            admin_password=password,
+        )
     finally:
         code = server.stop()
     assert code == 0, server.log
@@ -124,8 +138,11 @@ def deployed(backend, request, tmp_path_factory):
 def crew(deployed, tmp_path_factory):
     """8 writer processes (writer key) and 1 reader process (read-only key)."""
     started = time.monotonic()
-    crew = servers.Crew.start(deployed.uri, [deployed.writer_key] * WRITERS
-                              + [deployed.reader_key], tmp_path_factory.mktemp("crew-cache"))
+    crew = servers.Crew.start(
+        deployed.uri,
+        [deployed.writer_key] * WRITERS + [deployed.reader_key],
+        tmp_path_factory.mktemp("crew-cache"),
+    )
     figures = FIGURES.setdefault(deployed.backend, {})
     figures["crew start (s)"] = round(time.monotonic() - started, 1)
     # A first write in a new process imports and connects what writing needs
@@ -196,9 +213,14 @@ def _anonymous_registry(uri: str) -> dict[str, str]:
         "else:\n"
         "    print(json.dumps({'type': None, 'message': 'allowed'}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, uri], capture_output=True, text=True,
-                         stdin=subprocess.DEVNULL, timeout=120,
-                         env=servers.clean_environment()).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code, uri],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+        env=servers.clean_environment(),
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -207,8 +229,13 @@ def test_anonymous_access_is_refused(deployed):
     uid = writer.register_mask(DET, unique("anon"), servers.numbered_mask(3))
     writer.close()
     with httpx.Client(base_url=deployed.uri, trust_env=False) as http:
-        for path in ("/metadata/", "/metadata/masks", f"/metadata/masks/{uid}",
-                     f"/array/full/masks/{uid}", "/search/masks"):
+        for path in (
+            "/metadata/",
+            "/metadata/masks",
+            f"/metadata/masks/{uid}",
+            f"/array/full/masks/{uid}",
+            "/search/masks",
+        ):
             assert http.get(path).status_code == 401, path
     refused = _anonymous_registry(deployed.uri)
     assert refused["type"] is not None, "an anonymous client was let in"
@@ -221,8 +248,9 @@ def test_anonymous_registry_raises_mask_permission_error(deployed):
 
 def _writes(registry: MaskRegistry, name: str) -> dict[str, Any]:
     return {
-        "register_mask": lambda: registry.register_mask(DET, unique("new"),
-                                                        servers.numbered_mask(5)),
+        "register_mask": lambda: registry.register_mask(
+            DET, unique("new"), servers.numbered_mask(5)
+        ),
         "update_mask": lambda: registry.update_mask(DET, name, servers.numbered_mask(6)),
         "delete_mask": lambda: registry.delete_mask(DET, name),
         "activate": lambda: registry.activate(DET, [name], note="reader tries"),
@@ -232,28 +260,28 @@ def _writes(registry: MaskRegistry, name: str) -> dict[str, Any]:
 
 def _state(registry: MaskRegistry, name: str) -> Any:
     root = registry._root
-    return (sorted(mask_uids(registry)), sorted(root["detectors"]),
-            [r.uid for r in registry.history(DET, name)], registry.active_set(DET))
+    return (
+        sorted(mask_uids(registry)),
+        sorted(root["detectors"]),
+        [r.uid for r in registry.history(DET, name)],
+        registry.active_set(DET),
+    )
 
 
 def test_read_only_key_reads_and_every_write_is_refused(deployed, caplog):
     caplog.set_level(logging.DEBUG)
     name = unique("readable")
     writer = deployed.registry(deployed.writer_key)
-    uid0 = writer.register_mask(DET, name, servers.numbered_mask(1),
-                                metadata={"sample": "silica"})
+    uid0 = writer.register_mask(DET, name, servers.numbered_mask(1), metadata={"sample": "silica"})
     uid1 = writer.update_mask(DET, name, servers.numbered_mask(2))
 
     reader = MaskRegistry.from_uri(deployed.uri, api_key=deployed.reader_key)
     assert (DET, name) in reader.get_masks()
     assert reader.get_mask_uid(DET, name) == uid1
-    np.testing.assert_array_equal(reader.get_mask(DET, name).compute(),
-                                  servers.numbered_mask(2))
-    np.testing.assert_array_equal(reader.get_mask_by_uid(uid0).compute(),
-                                  servers.numbered_mask(1))
+    np.testing.assert_array_equal(reader.get_mask(DET, name).compute(), servers.numbered_mask(2))
+    np.testing.assert_array_equal(reader.get_mask_by_uid(uid0).compute(), servers.numbered_mask(1))
     assert [r.version for r in reader.history(DET, name)] == [0, 1]
-    assert [r.uid for r in reader.search(metadata={"sample": "silica"})
-            if r.name == name] == [uid1]
+    assert [r.uid for r in reader.search(metadata={"sample": "silica"}) if r.name == name] == [uid1]
     assert reader.resolve_composite(DET, [name]).uids == (uid1,)
 
     before = _state(writer, name)
@@ -267,8 +295,13 @@ def test_read_only_key_reads_and_every_write_is_refused(deployed, caplog):
         assert "write:data" in message and "CHX_MASKS_API_KEY" in message, (call, message)
         assert_no_secret(deployed, message, repr(info.value), full_text(info.value))
     assert _state(writer, name) == before, "a refused write changed the registry"
-    assert_no_secret(deployed, repr(reader), reader.location, caplog.text,
-                     *(r.getMessage() for r in caplog.records))
+    assert_no_secret(
+        deployed,
+        repr(reader),
+        reader.location,
+        caplog.text,
+        *(r.getMessage() for r in caplog.records),
+    )
     reader.close()
     writer.close()
 
@@ -289,34 +322,80 @@ def _nan_mask() -> np.ndarray:
 
 # (label, error, call(registry, name of an existing lineage), text the message must hold)
 BAD_INPUTS = [
-    ("wrong shape", MaskValidationError,
-     lambda r, n: r.register_mask(DET, unique("m"), np.ones((3, 4), bool)), "3x4"),
-    ("transposed", MaskValidationError,
-     lambda r, n: r.update_mask(DET, n, np.ones(servers.SHAPE[::-1], bool)), "1030x514"),
-    ("NaN", MaskValidationError,
-     lambda r, n: r.register_mask(DET, unique("m"), _nan_mask(), allow_binary=True), "NaN"),
-    ("path separator in a name", MaskValidationError,
-     lambda r, n: r.register_mask(DET, "a/b", servers.numbered_mask(1)), "'a/b'"),
-    ("newline in a name", MaskValidationError,
-     lambda r, n: r.register_mask(DET, "a\nb", servers.numbered_mask(1)), repr("a\nb")),
-    ("reserved metadata key", MaskValidationError,
-     lambda r, n: r.update_mask(DET, n, servers.numbered_mask(1), metadata={"uid": "x"}),
-     "'uid'"),
-    ("oversized metadata", MaskValidationError,
-     lambda r, n: r.update_mask(DET, n, servers.numbered_mask(1),
-                                metadata={"blob": "x" * 300_000}), "'blob'"),
-    ("unknown detector", DetectorNotFoundError,
-     lambda r, n: r.register_mask("pilatus_nowhere_image", "m", servers.numbered_mask(1)),
-     "pilatus_nowhere_image"),
-    ("unknown uid", MaskNotFoundError,
-     lambda r, n: r.get_mask_by_uid("00000000-0000-4000-8000-000000000000"),
-     "00000000-0000-4000-8000-000000000000"),
-    ("missing version", MaskNotFoundError, lambda r, n: r.get_mask(DET, n, version=9),
-     "no version 9"),
-    ("bad as_of", MaskValidationError, lambda r, n: r.get_mask_uid(DET, n, as_of="yesterday"),
-     "'yesterday'"),
-    ("register an existing name", MaskExistsError,
-     lambda r, n: r.register_mask(DET, n, servers.numbered_mask(1)), "<name>"),
+    (
+        "wrong shape",
+        MaskValidationError,
+        lambda r, n: r.register_mask(DET, unique("m"), np.ones((3, 4), bool)),
+        "3x4",
+    ),
+    (
+        "transposed",
+        MaskValidationError,
+        lambda r, n: r.update_mask(DET, n, np.ones(servers.SHAPE[::-1], bool)),
+        "1030x514",
+    ),
+    (
+        "NaN",
+        MaskValidationError,
+        lambda r, n: r.register_mask(DET, unique("m"), _nan_mask(), allow_binary=True),
+        "NaN",
+    ),
+    (
+        "path separator in a name",
+        MaskValidationError,
+        lambda r, n: r.register_mask(DET, "a/b", servers.numbered_mask(1)),
+        "'a/b'",
+    ),
+    (
+        "newline in a name",
+        MaskValidationError,
+        lambda r, n: r.register_mask(DET, "a\nb", servers.numbered_mask(1)),
+        repr("a\nb"),
+    ),
+    (
+        "reserved metadata key",
+        MaskValidationError,
+        lambda r, n: r.update_mask(DET, n, servers.numbered_mask(1), metadata={"uid": "x"}),
+        "'uid'",
+    ),
+    (
+        "oversized metadata",
+        MaskValidationError,
+        lambda r, n: r.update_mask(
+            DET, n, servers.numbered_mask(1), metadata={"blob": "x" * 300_000}
+        ),
+        "'blob'",
+    ),
+    (
+        "unknown detector",
+        DetectorNotFoundError,
+        lambda r, n: r.register_mask("pilatus_nowhere_image", "m", servers.numbered_mask(1)),
+        "pilatus_nowhere_image",
+    ),
+    (
+        "unknown uid",
+        MaskNotFoundError,
+        lambda r, n: r.get_mask_by_uid("00000000-0000-4000-8000-000000000000"),
+        "00000000-0000-4000-8000-000000000000",
+    ),
+    (
+        "missing version",
+        MaskNotFoundError,
+        lambda r, n: r.get_mask(DET, n, version=9),
+        "no version 9",
+    ),
+    (
+        "bad as_of",
+        MaskValidationError,
+        lambda r, n: r.get_mask_uid(DET, n, as_of="yesterday"),
+        "'yesterday'",
+    ),
+    (
+        "register an existing name",
+        MaskExistsError,
+        lambda r, n: r.register_mask(DET, n, servers.numbered_mask(1)),
+        "<name>",
+    ),
 ]
 
 
@@ -340,19 +419,33 @@ def test_metadata_at_the_edges_reads_back_exactly_or_is_refused_on_every_catalog
     writer = deployed.registry(deployed.writer_key)
     reader = deployed.registry(deployed.reader_key)
     prefix = unique("edge")
-    uids = {label: writer.register_mask(DET, f"{prefix}-{i}", servers.numbered_mask(50 + i),
-                                        metadata=md)
-            for i, (label, md) in enumerate(metadata_cases.KEPT)}
-    changed = {label: dict(reader.describe(uids[label]).metadata)
-               for label, md in metadata_cases.KEPT
-               if dict(reader.describe(uids[label]).metadata) != md}
+    uids = {
+        label: writer.register_mask(
+            DET, f"{prefix}-{i}", servers.numbered_mask(50 + i), metadata=md
+        )
+        for i, (label, md) in enumerate(metadata_cases.KEPT)
+    }
+    changed = {
+        label: dict(reader.describe(uids[label]).metadata)
+        for label, md in metadata_cases.KEPT
+        if dict(reader.describe(uids[label]).metadata) != md
+    }
     found = reader.search(metadata={"n": 2**63 - 1})
     before = _state(writer, f"{prefix}-0")
-    failures = [problem for label, md, fragment in metadata_cases.REFUSED
-                if (problem := _refusal_problem(
-                    label, MaskValidationError, fragment,
-                    lambda md=md: writer.register_mask(DET, f"{prefix}-refused",
-                                                       servers.numbered_mask(1), metadata=md)))]
+    failures = [
+        problem
+        for label, md, fragment in metadata_cases.REFUSED
+        if (
+            problem := _refusal_problem(
+                label,
+                MaskValidationError,
+                fragment,
+                lambda md=md: writer.register_mask(
+                    DET, f"{prefix}-refused", servers.numbered_mask(1), metadata=md
+                ),
+            )
+        )
+    ]
     assert _state(writer, f"{prefix}-0") == before
     with pytest.raises(MaskNotFoundError):
         reader.get_mask_uid(DET, f"{prefix}-refused")
@@ -362,7 +455,8 @@ def test_metadata_at_the_edges_reads_back_exactly_or_is_refused_on_every_catalog
     assert not failures, "\n".join(failures)
     assert [r.uid for r in found] == [uids["int64 max"]]
     _figures(deployed.backend)["metadata edge cases kept / refused"] = (
-        f"{len(metadata_cases.KEPT)} / {len(metadata_cases.REFUSED)}")
+        f"{len(metadata_cases.KEPT)} / {len(metadata_cases.REFUSED)}"
+    )
 
 
 def test_bad_input_on_the_shared_server_is_refused_and_writes_nothing(deployed):
@@ -428,8 +522,9 @@ def test_writer_key_registers_updates_activates_and_retires(deployed):
     with pytest.raises(MaskNotFoundError):
         reader.get_mask_uid(DET, name)
     for uid, i in ((uid0, 7), (uid1, 8)):  # retired, and readable forever
-        np.testing.assert_array_equal(reader.get_mask_by_uid(uid).compute(),
-                                      servers.numbered_mask(i))
+        np.testing.assert_array_equal(
+            reader.get_mask_by_uid(uid).compute(), servers.numbered_mask(i)
+        )
     assert detector in {d.name for d in reader.detectors()}
     assert writer.register_mask(DET, name, servers.numbered_mask(9)) != uid0
     assert [r.version for r in reader.history(DET, name)] == [0, 1, 3]
@@ -470,8 +565,14 @@ def test_keys_stay_out_of_reprs_messages_and_logs(deployed, caplog):
         reader.get_mask_by_uid(str(uuid.uuid4()))
     with pytest.raises(MaskPermissionError) as refused:
         reader.register_detector(unique("pilatus"), (4, 4))
-    assert_no_secret(deployed, repr(reader), reader.location, full_text(missing.value),
-                     full_text(refused.value), bad_key)
+    assert_no_secret(
+        deployed,
+        repr(reader),
+        reader.location,
+        full_text(missing.value),
+        full_text(refused.value),
+        bad_key,
+    )
     reader.close()
 
     # A link with the key in it, as a browser sends it (urllib logs nothing here).
@@ -480,8 +581,13 @@ def test_keys_stay_out_of_reprs_messages_and_logs(deployed, caplog):
     with urlopen(f"{deployed.uri}/metadata/?api_key={deployed.reader_key}") as response:
         assert response.status == 200
     time.sleep(0.5)  # the access log line of the last request
-    assert_no_secret(deployed, caplog.text, *(r.getMessage() for r in caplog.records),
-                     deployed.server.log, deployed.server.stdout)
+    assert_no_secret(
+        deployed,
+        caplog.text,
+        *(r.getMessage() for r in caplog.records),
+        deployed.server.log,
+        deployed.server.stdout,
+    )
     assert "api_key=***" in deployed.server.log  # that request was logged, redacted
 
 
@@ -535,30 +641,34 @@ def test_eight_processes_register_one_name_at_once(deployed, crew):
 
     outcomes = Counter(r.outcome for r in writers)
     assert outcomes == {"ok": 1, "MaskExistsError": WRITERS - 1}, [
-        (r.index, r.outcome, str(r.value)[:300]) for r in writers]
+        (r.index, r.outcome, str(r.value)[:300]) for r in writers
+    ]
     [winner] = [r for r in writers if r.outcome == "ok"]
     history = registry.history(DET, name)
     assert [(h.version, h.uid) for h in history] == [(0, winner.value)]
     assert [m for m in registry.get_masks(DET) if m[1] == name] == [(DET, name)]
-    np.testing.assert_array_equal(registry.get_mask(DET, name).compute(),
-                                  servers.numbered_mask(winner.index))
+    np.testing.assert_array_equal(
+        registry.get_mask(DET, name).compute(), servers.numbered_mask(winner.index)
+    )
     # The 7 losers' arrays, written before their claims were refused, are gone.
     orphans = mask_uids(registry) - before - {winner.value}
     assert orphans == set()
     polled = _check_reader(poll, {winner.value: winner.index})
     registry.close()
-    _figures(deployed.backend).update({
-        "register race: writers released together": len(writers),
-        "register race: start spread (ms)": _spread_ms(reports),
-        "register race: lineages": len({h.uid for h in history if h.version == 0}),
-        "register race: MaskExistsError": outcomes["MaskExistsError"],
-        "register race: orphan arrays": len(orphans),
-        "register race: writer call (s)": _writer_seconds(writers),
-        "register race: reader look-ups during writes": polled["rounds"],
-        "register race: whole-array reads during writes": polled["reads"],
-        "register race: partial or bad reads": len(polled["problems"]),
-        "register race (s)": round(seconds, 2),
-    })
+    _figures(deployed.backend).update(
+        {
+            "register race: writers released together": len(writers),
+            "register race: start spread (ms)": _spread_ms(reports),
+            "register race: lineages": len({h.uid for h in history if h.version == 0}),
+            "register race: MaskExistsError": outcomes["MaskExistsError"],
+            "register race: orphan arrays": len(orphans),
+            "register race: writer call (s)": _writer_seconds(writers),
+            "register race: reader look-ups during writes": polled["rounds"],
+            "register race: whole-array reads during writes": polled["reads"],
+            "register race: partial or bad reads": len(polled["problems"]),
+            "register race (s)": round(seconds, 2),
+        }
+    )
 
 
 def test_eight_processes_update_one_lineage_at_once(deployed, crew):
@@ -576,7 +686,9 @@ def test_eight_processes_update_one_lineage_at_once(deployed, crew):
 
     assert all(r.outcome == "ok" for r in writers), [  # message and where it came from
         (r.index, r.outcome, str(r.value)[:600], str(r.value)[-1500:])
-        for r in writers if r.outcome != "ok"]
+        for r in writers
+        if r.outcome != "ok"
+    ]
     writer_of = {uid0: 100, **{r.value: r.index + 1 for r in writers}}
     assert len(writer_of) == WRITERS + 1, "two writers got the same uid"
 
@@ -602,21 +714,23 @@ def test_eight_processes_update_one_lineage_at_once(deployed, crew):
     assert seen_versions == sorted(seen_versions), "the reader saw versions go backwards"
     registry.close()
     writer.close()
-    _figures(deployed.backend).update({
-        "update race: writers released together": len(writers),
-        "update race: start spread (ms)": _spread_ms(reports),
-        "update race: versions created": len(history) - 1,
-        "update race: versions": f"{history[0].version}..{history[-1].version}",
-        "update race: distinct uids": len(writer_of) - 1,
-        "update race: masks lost": lost,
-        "update race: orphan arrays": len(orphans),
-        "update race: writer call (s)": _writer_seconds(writers),
-        "update race: reader look-ups during writes": polled["rounds"],
-        "update race: whole-array reads during writes": polled["reads"],
-        "update race: partial or bad reads": len(polled["problems"]),
-        "update race: versions the reader saw": seen_versions,
-        "update race (s)": round(seconds, 2),
-    })
+    _figures(deployed.backend).update(
+        {
+            "update race: writers released together": len(writers),
+            "update race: start spread (ms)": _spread_ms(reports),
+            "update race: versions created": len(history) - 1,
+            "update race: versions": f"{history[0].version}..{history[-1].version}",
+            "update race: distinct uids": len(writer_of) - 1,
+            "update race: masks lost": lost,
+            "update race: orphan arrays": len(orphans),
+            "update race: writer call (s)": _writer_seconds(writers),
+            "update race: reader look-ups during writes": polled["rounds"],
+            "update race: whole-array reads during writes": polled["reads"],
+            "update race: partial or bad reads": len(polled["problems"]),
+            "update race: versions the reader saw": seen_versions,
+            "update race (s)": round(seconds, 2),
+        }
+    )
 
 
 # ---------------------------------------------------------------- integrity
@@ -625,16 +739,19 @@ def test_eight_processes_update_one_lineage_at_once(deployed, crew):
 def _registry_state(registry: MaskRegistry) -> dict[str, Any]:
     """A full listing, every history, every describe and every active set, as plain data."""
     lineages = registry.get_masks(include_retired=True)
-    histories = {f"{det}/{name}": [repr(r) for r in registry.history(det, name)]
-                 for det, name in lineages}
+    histories = {
+        f"{det}/{name}": [repr(r) for r in registry.history(det, name)] for det, name in lineages
+    }
     uids = sorted(mask_uids(registry))
     return {
         "lineages": lineages,
         "histories": histories,
         "described": {uid: repr(registry.describe(uid)) for uid in uids},
         "arrays": {uid: mask_sha256(registry.get_mask_by_uid(uid).compute()) for uid in uids},
-        "active": {det: [repr(a) for a in registry.active_history(det)]
-                   for det in sorted({det for det, _ in lineages})},
+        "active": {
+            det: [repr(a) for a in registry.active_history(det)]
+            for det in sorted({det for det, _ in lineages})
+        },
         "detectors": sorted(d.name for d in registry.detectors()),
     }
 
@@ -653,36 +770,58 @@ def _write_attacks(deployed: Deployment, victim: dict[str, Any]) -> dict[str, An
     at = "2100-01-01T00:00:00+00:00"
 
     def slot_md(**change: Any) -> dict[str, Any]:
-        return {"detector": det, "name": name, "version": victim["next"], "kind": "mask",
-                "uid": other, "at": at, "created_by": "attacker", **change}
+        return {
+            "detector": det,
+            "name": name,
+            "version": victim["next"],
+            "kind": "mask",
+            "uid": other,
+            "at": at,
+            "created_by": "attacker",
+            **change,
+        }
 
     def create(parent: str, key: str, metadata: dict, spec: str) -> Any:
-        return lambda h: h.post(f"/metadata/{parent}", json={
-            "id": key, "structure_family": "container", "metadata": metadata,
-            "specs": [{"name": spec}], "data_sources": []})
+        return lambda h: h.post(
+            f"/metadata/{parent}",
+            json={
+                "id": key,
+                "structure_family": "container",
+                "metadata": metadata,
+                "specs": [{"name": spec}],
+                "data_sources": [],
+            },
+        )
 
     def patch(path: str, **body: Any) -> Any:
-        return lambda h: h.patch(f"/metadata/{path}",
-                                 json={"content-type": merge, "specs": None, **body})
+        return lambda h: h.patch(
+            f"/metadata/{path}", json={"content-type": merge, "specs": None, **body}
+        )
 
     octet = {"Content-Type": "application/octet-stream"}
     return {
-        "metadata update (merge patch) of a mask": patch(f"masks/{uid}",
-                                                         metadata={"sample": "forged"}),
+        "metadata update (merge patch) of a mask": patch(
+            f"masks/{uid}", metadata={"sample": "forged"}
+        ),
         "sha256 rewrite of a mask": patch(f"masks/{uid}", metadata={"sha256": "0" * 64}),
         "metadata replace (PUT) of a mask": lambda h: h.put(
-            f"/metadata/masks/{uid}", json={"metadata": {**mask_md, "sample": "forged"},
-                                             "specs": [{"name": "chx_mask"}]}),
+            f"/metadata/masks/{uid}",
+            json={"metadata": {**mask_md, "sample": "forged"}, "specs": [{"name": "chx_mask"}]},
+        ),
         "spec removal of a mask": patch(f"masks/{uid}", specs=[]),
         "unsealing a mask": patch(f"masks/{uid}", metadata={"sealed": False}),
-        "array write of a mask": lambda h: h.put(f"/array/full/masks/{uid}",
-                                                 content=mask_bytes, headers=octet),
-        "block write of a mask": lambda h: h.put(f"/array/block/masks/{uid}?block=0,0",
-                                                 content=mask_bytes, headers=octet),
-        "delete of a mask": lambda h: h.delete(f"/metadata/masks/{uid}",
-                                               params={"external_only": False}),
-        "revision delete of a mask": lambda h: h.delete(f"/revisions/masks/{uid}",
-                                                        params={"number": 1}),
+        "array write of a mask": lambda h: h.put(
+            f"/array/full/masks/{uid}", content=mask_bytes, headers=octet
+        ),
+        "block write of a mask": lambda h: h.put(
+            f"/array/block/masks/{uid}?block=0,0", content=mask_bytes, headers=octet
+        ),
+        "delete of a mask": lambda h: h.delete(
+            f"/metadata/masks/{uid}", params={"external_only": False}
+        ),
+        "revision delete of a mask": lambda h: h.delete(
+            f"/revisions/masks/{uid}", params={"number": 1}
+        ),
         "metadata update of a slot": patch(slot, metadata={"uid": other}),
         "delete of a slot": lambda h: h.delete(f"/metadata/{slot}"),
         "detector shape rewrite": patch(f"detectors/{det}", metadata={"shape": [1, 1]}),
@@ -690,31 +829,59 @@ def _write_attacks(deployed: Deployment, victim: dict[str, Any]) -> dict[str, An
         "delete of an active set": lambda h: h.delete(f"/metadata/{active}"),
         "registry container metadata rewrite": patch("masks", metadata={"chx_masks": 99}),
         "recursive delete of a detector": lambda h: h.delete(
-            f"/metadata/detectors/{det}", params={"recursive": True, "external_only": False}),
+            f"/metadata/detectors/{det}", params={"recursive": True, "external_only": False}
+        ),
         "recursive delete of all detectors": lambda h: h.delete(
-            "/metadata/detectors", params={"recursive": True, "external_only": False}),
+            "/metadata/detectors", params={"recursive": True, "external_only": False}
+        ),
         "recursive delete of all masks": lambda h: h.delete(
-            "/metadata/masks", params={"recursive": True, "external_only": False}),
+            "/metadata/masks", params={"recursive": True, "external_only": False}
+        ),
         "bogus slot: another lineage's mask as the next version": create(
-            f"detectors/{det}", f"{name}@{victim['next']}", slot_md(), "chx_mask_slot"),
+            f"detectors/{det}", f"{name}@{victim['next']}", slot_md(), "chx_mask_slot"
+        ),
         "bogus slot: a version out of sequence": create(
-            f"detectors/{det}", f"{name}@{victim['next'] + 5}",
-            slot_md(version=victim["next"] + 5, uid=uid), "chx_mask_slot"),
+            f"detectors/{det}",
+            f"{name}@{victim['next'] + 5}",
+            slot_md(version=victim["next"] + 5, uid=uid),
+            "chx_mask_slot",
+        ),
         "bogus slot: a uid that does not exist": create(
-            f"detectors/{det}", f"{name}@{victim['next']}",
-            slot_md(uid=str(uuid.uuid4()), record_sha256="0" * 64), "chx_mask_slot"),
+            f"detectors/{det}",
+            f"{name}@{victim['next']}",
+            slot_md(uid=str(uuid.uuid4()), record_sha256="0" * 64),
+            "chx_mask_slot",
+        ),
         "bogus slot: back in time": create(
-            f"detectors/{det}", f"{name}@{victim['next']}",
-            slot_md(uid=uid, at="2000-01-01T00:00:00+00:00",
-                    record_sha256=victim["record"]), "chx_mask_slot"),
+            f"detectors/{det}",
+            f"{name}@{victim['next']}",
+            slot_md(uid=uid, at="2000-01-01T00:00:00+00:00", record_sha256=victim["record"]),
+            "chx_mask_slot",
+        ),
         "bogus active set: a version out of sequence": create(
-            f"active/{det}", str(victim["active"] + 3),
-            {"detector": det, "version": victim["active"] + 3, "names": [],
-             "note": "forged", "at": at}, "chx_mask_active_set"),
+            f"active/{det}",
+            str(victim["active"] + 3),
+            {
+                "detector": det,
+                "version": victim["active"] + 3,
+                "names": [],
+                "note": "forged",
+                "at": at,
+            },
+            "chx_mask_active_set",
+        ),
         "bogus active set: another detector's": create(
-            f"active/{det}", str(victim["active"] + 1),
-            {"detector": "pilatus1m", "version": victim["active"] + 1, "names": [],
-             "note": "forged", "at": at}, "chx_mask_active_set"),
+            f"active/{det}",
+            str(victim["active"] + 1),
+            {
+                "detector": "pilatus1m",
+                "version": victim["active"] + 1,
+                "names": [],
+                "note": "forged",
+                "at": at,
+            },
+            "chx_mask_active_set",
+        ),
     }
 
 
@@ -729,9 +896,17 @@ def test_writer_key_cannot_rewrite_or_delete_the_registry_through_tiled(deployed
     node_md = dict(writer._root["masks"][uid].metadata)
     from chx_masks._content import record_sha256
 
-    victim = {"detector": DET, "name": name, "uid": uid, "other": other, "mask": mask,
-              "mask_md": node_md, "record": record_sha256(node_md), "next": 1,
-              "active": writer.active_set(DET).version}
+    victim = {
+        "detector": DET,
+        "name": name,
+        "uid": uid,
+        "other": other,
+        "mask": mask,
+        "mask_md": node_md,
+        "record": record_sha256(node_md),
+        "next": 1,
+        "active": writer.active_set(DET).version,
+    }
     assert node_md["sealed"] is True
     writer.close()
     reader = deployed.registry(deployed.reader_key)
@@ -739,14 +914,20 @@ def test_writer_key_cannot_rewrite_or_delete_the_registry_through_tiled(deployed
     reader.close()
 
     outcomes = {}
-    with httpx.Client(base_url=deployed.uri, trust_env=False, timeout=60,
-                      headers={"Authorization": f"Apikey {deployed.writer_key}"}) as http:
+    with httpx.Client(
+        base_url=deployed.uri,
+        trust_env=False,
+        timeout=60,
+        headers={"Authorization": f"Apikey {deployed.writer_key}"},
+    ) as http:
         for label, attack in _write_attacks(deployed, victim).items():
             response = attack(http)
             outcomes[label] = response.status_code
             assert_no_secret(deployed, response.text)
-    print(f"\n{deployed.backend}: {len(outcomes)} write attacks with a writer key:",
-          dict(Counter(outcomes.values())))
+    print(
+        f"\n{deployed.backend}: {len(outcomes)} write attacks with a writer key:",
+        dict(Counter(outcomes.values())),
+    )
     assert {label: code for label, code in outcomes.items() if code != 403} == {}
 
     reader = deployed.registry(deployed.reader_key)
@@ -758,8 +939,6 @@ def test_writer_key_cannot_rewrite_or_delete_the_registry_through_tiled(deployed
     newer = writer.update_mask(DET, name, servers.numbered_mask(302))
     assert writer.describe(newer).version == 1
     writer.close()
-
-
 
 
 def test_an_admin_key_purges_only_what_the_change_log_records(deployed):
@@ -788,24 +967,43 @@ def test_an_admin_key_purges_only_what_the_change_log_records(deployed):
     writer.close()
 
     admin_key = servers.create_service_key(
-        deployed.uri, ADMIN, deployed.admin_password,
-        [*servers.WRITE_SCOPES, "admin:apikeys"], "chx-masks admin", role="admin")
+        deployed.uri,
+        ADMIN,
+        deployed.admin_password,
+        [*servers.WRITE_SCOPES, "admin:apikeys"],
+        "chx-masks admin",
+        role="admin",
+    )
     reader = deployed.registry(deployed.reader_key)
     before = _registry_state(reader)
     node_md = dict(reader._root["masks"][gone].metadata)
     reader.close()
     from chx_masks._content import record_sha256
 
-    victim = {"detector": DET, "name": name, "uid": gone, "other": other, "mask": gone_mask,
-              "mask_md": node_md, "record": record_sha256(node_md), "next": 2,
-              "active": active}
+    victim = {
+        "detector": DET,
+        "name": name,
+        "uid": gone,
+        "other": other,
+        "mask": gone_mask,
+        "mask_md": node_md,
+        "record": record_sha256(node_md),
+        "next": 2,
+        "active": active,
+    }
     outcomes = {}
-    with httpx.Client(base_url=deployed.uri, trust_env=False, timeout=60,
-                      headers={"Authorization": f"Apikey {admin_key}"}) as http:
+    with httpx.Client(
+        base_url=deployed.uri,
+        trust_env=False,
+        timeout=60,
+        headers={"Authorization": f"Apikey {admin_key}"},
+    ) as http:
         for label, attack in _write_attacks(deployed, victim).items():
             outcomes[label] = attack(http).status_code
-    print(f"\n{deployed.backend}: {len(outcomes)} write attacks with an admin key:",
-          dict(Counter(outcomes.values())))
+    print(
+        f"\n{deployed.backend}: {len(outcomes)} write attacks with an admin key:",
+        dict(Counter(outcomes.values())),
+    )
     assert {label: code for label, code in outcomes.items() if code != 403} == {}
     reader = deployed.registry(deployed.reader_key)
     assert _registry_state(reader) == before
@@ -863,8 +1061,11 @@ def test_verify_is_clean_after_sixteen_concurrent_writers(deployed):
     reader.close()
     print(f"\n{deployed.backend}: verify after 16 writers: {report.counts}")
     assert report.problems == []
-    cli = CliRunner().invoke(main, ["--uri", deployed.uri, "verify", "--json"],
-                             env={"CHX_MASKS_API_KEY": deployed.reader_key})
+    cli = CliRunner().invoke(
+        main,
+        ["--uri", deployed.uri, "verify", "--json"],
+        env={"CHX_MASKS_API_KEY": deployed.reader_key},
+    )
     assert cli.exit_code == 0, cli.output
     assert json.loads(cli.stdout)["clean"] is True
 
@@ -878,8 +1079,11 @@ def test_array_changed_on_the_servers_disk_is_refused(deployed):
 
     def chunks(uid: str) -> dict[str, Path]:
         node = deployed.storage / "data" / "masks" / uid
-        return {str(p.relative_to(node)): p for p in node.rglob("*")
-                if p.is_file() and p.name != "zarr.json"}
+        return {
+            str(p.relative_to(node)): p
+            for p in node.rglob("*")
+            if p.is_file() and p.name != "zarr.json"
+        }
 
     damaged, intact = chunks(uid_a), chunks(uid_b)
     assert damaged and damaged.keys() == intact.keys()
@@ -896,8 +1100,9 @@ def test_array_changed_on_the_servers_disk_is_refused(deployed):
     with pytest.raises(MaskIntegrityError):
         reader.resolve_composite(DET, [name_a, name_b])
     assert reader.describe(uid_a).name == name_a  # its record is intact
-    np.testing.assert_array_equal(reader.get_mask(DET, name_b).compute(),
-                                  servers.numbered_mask(201))
+    np.testing.assert_array_equal(
+        reader.get_mask(DET, name_b).compute(), servers.numbered_mask(201)
+    )
     reader.close()
 
 
@@ -918,16 +1123,23 @@ def test_deployed_server_stores_and_replays_bluesky_runs(deployed):
     client = from_uri(deployed.uri, api_key=deployed.writer_key)
     writer = TiledWriter(client)
     run = compose_run(metadata={"purpose": "replay through the deployed server"})
-    frames = {"x": {"dtype": "number", "shape": [], "source": "sim"},
-              "img": {"dtype": "array", "shape": [4, 5], "dtype_numpy": "<u4",
-                      "source": "sim"}}
+    frames = {
+        "x": {"dtype": "number", "shape": [], "source": "sim"},
+        "img": {"dtype": "array", "shape": [4, 5], "dtype_numpy": "<u4", "source": "sim"},
+    }
     descriptor = run.compose_descriptor(name="primary", data_keys=frames)
     documents = [("start", run.start_doc), ("descriptor", descriptor.descriptor_doc)]
     for i in range(3):
         now = time.time()
-        documents.append(("event", descriptor.compose_event(
-            data={"x": float(i), "img": np.full((4, 5), i, dtype="uint32")},
-            timestamps={"x": now, "img": now})))
+        documents.append(
+            (
+                "event",
+                descriptor.compose_event(
+                    data={"x": float(i), "img": np.full((4, 5), i, dtype="uint32")},
+                    timestamps={"x": now, "img": now},
+                ),
+            )
+        )
     documents.append(("stop", run.compose_stop()))
     for name, doc in documents:
         writer(name, doc)
@@ -936,16 +1148,21 @@ def test_deployed_server_stores_and_replays_bluesky_runs(deployed):
     reader = from_uri(deployed.uri, api_key=deployed.reader_key)
     replayed = list(reader[run.start_doc["uid"]].documents())
     reader.context.close()
-    assert [name for name, _ in replayed] == ["start", "descriptor", "event", "event",
-                                              "event", "stop"]
+    assert [name for name, _ in replayed] == [
+        "start",
+        "descriptor",
+        "event",
+        "event",
+        "event",
+        "stop",
+    ]
     assert replayed[0][1]["uid"] == run.start_doc["uid"]
 
 
 # -------------------------------------------------------- chx-masks serve
 
 
-def test_serve_command_shares_a_registry_and_stops_cleanly(backend, request, tmp_path,
-                                                           monkeypatch):
+def test_serve_command_shares_a_registry_and_stops_cleanly(backend, request, tmp_path, monkeypatch):
     """`chx-masks serve --dir DIR [--catalog postgresql+asyncpg://...]`, key and all.
 
     SQLite: the key is generated and shown once; the served directory is an
@@ -982,8 +1199,12 @@ def test_serve_command_shares_a_registry_and_stops_cleanly(backend, request, tmp
         chx_masks.set_default_registry(None)
         with httpx.Client(trust_env=False) as http:
             assert http.get(f"{server.uri}/metadata/").status_code == 401
-            assert http.get(f"{server.uri}/metadata/",
-                            headers={"Authorization": f"Apikey {key}"}).status_code == 200
+            assert (
+                http.get(
+                    f"{server.uri}/metadata/", headers={"Authorization": f"Apikey {key}"}
+                ).status_code
+                == 200
+            )
     finally:
         code = server.stop(signal.SIGINT if backend == "sqlite" else signal.SIGTERM)
     assert code == 0, server.log
@@ -992,8 +1213,9 @@ def test_serve_command_shares_a_registry_and_stops_cleanly(backend, request, tmp
     if backend == "sqlite":  # what was served is the embedded registry of DIR
         with MaskRegistry.embedded(directory) as embedded:
             assert embedded.get_mask_uid(DET, "shared") == uid
-            np.testing.assert_array_equal(embedded.get_mask(DET, "shared").compute(),
-                                          servers.numbered_mask(11))
+            np.testing.assert_array_equal(
+                embedded.get_mask(DET, "shared").compute(), servers.numbered_mask(11)
+            )
 
 
 def _serve(*args: str):
@@ -1002,8 +1224,14 @@ def _serve(*args: str):
 
 def test_serve_refuses_bad_options_with_one_line(tmp_path, monkeypatch):
     config = str(servers.DEPLOY_CONFIG)
-    for name in ("CHX_MASKS_CATALOG_URI", "CHX_MASKS_AUTH_DB_URI", "CHX_MASKS_STORAGE",
-                 "CHX_MASKS_TABLES_URI", "CHX_MASKS_SECRET_KEY", "CHX_MASKS_ADMIN_PASSWORD"):
+    for name in (
+        "CHX_MASKS_CATALOG_URI",
+        "CHX_MASKS_AUTH_DB_URI",
+        "CHX_MASKS_STORAGE",
+        "CHX_MASKS_TABLES_URI",
+        "CHX_MASKS_SECRET_KEY",
+        "CHX_MASKS_ADMIN_PASSWORD",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("TILED_SINGLE_USER_API_KEY", raising=False)
 
@@ -1025,8 +1253,9 @@ def test_serve_refuses_bad_options_with_one_line(tmp_path, monkeypatch):
     assert bad_key.exit_code == 1 and "letters and digits" in bad_key.output
 
     password = "s3cretpassw0rd"
-    bad_catalog = _serve("--dir", str(tmp_path / "r"), "--catalog",
-                         f"mysql://chx:{password}@db/masks")
+    bad_catalog = _serve(
+        "--dir", str(tmp_path / "r"), "--catalog", f"mysql://chx:{password}@db/masks"
+    )
     assert bad_catalog.exit_code == 1 and "postgresql+asyncpg://" in bad_catalog.output
     assert password not in bad_catalog.output
 

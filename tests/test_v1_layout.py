@@ -93,8 +93,9 @@ def _scenario(kind: str, root: Path) -> None:
 
     replay_masked(run, keep, registry=registry)
     np.savez(root / "frames.npz", lazy=lazy, replayed=np.stack(replayed))
-    (root / "result.json").write_text(json.dumps(
-        {"uid": uid, "layout": type(run).__name__, "v3_path_fails": v3_path_fails}))
+    (root / "result.json").write_text(
+        json.dumps({"uid": uid, "layout": type(run).__name__, "v3_path_fails": v3_path_fails})
+    )
     for client in (fresh, store):
         client.context.close()
     registry.close()
@@ -105,8 +106,9 @@ def _run_scenario(kind: str, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
     for name, mask in _masks().items():
         registry.register_mask(DET, name, mask)
     registry.close()
-    proc = subprocess.run([sys.executable, __file__, kind, str(root)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, __file__, kind, str(root)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((root / "result.json").read_text())
     with np.load(root / "frames.npz") as npz:
@@ -156,14 +158,16 @@ def test_a_missing_data_key_says_which_and_where(tmp_path):
         writer = TiledWriter(store)
         writer("start", bundle.start_doc)
         desc = bundle.compose_descriptor(
-            name="primary", data_keys={"x": {"source": "sim", "dtype": "number", "shape": []}})
+            name="primary", data_keys={"x": {"source": "sim", "dtype": "number", "shape": []}}
+        )
         writer("descriptor", desc.descriptor_doc)
         writer("event", desc.compose_event(data={"x": 1.0}, timestamps={"x": 0.0}))
         writer("stop", bundle.compose_stop())
         run = store[bundle.start_doc["uid"]]
         assert float(np.asarray(_stream_node(run, "primary", "x")[0])) == 1.0
-        with pytest.raises(KeyError, match=f"{bundle.start_doc['uid']} has no 'y' in its "
-                           "'primary' stream"):
+        with pytest.raises(
+            KeyError, match=f"{bundle.start_doc['uid']} has no 'y' in its 'primary' stream"
+        ):
             _stream_node(run, "primary", "y")
     finally:
         store.context.close()

@@ -39,15 +39,29 @@ def _interrupted(registry: MaskRegistry, name: str, *, claim: bool, seed: int) -
     """A registration stopped after its bytes (claim=False) or after its claim."""
     mask = _mask(seed)
     uid = str(uuid.uuid4())
-    md = {"uid": uid, "detector": DET, "name": name, "sha256": mask_sha256(mask),
-          "shape": list(SHAPE), "masked_pixels": int(mask.size - mask.sum()),
-          "created_at": "2026-12-01T00:00:00+00:00", "chx_masks": 1}
+    md = {
+        "uid": uid,
+        "detector": DET,
+        "name": name,
+        "sha256": mask_sha256(mask),
+        "shape": list(SHAPE),
+        "masked_pixels": int(mask.size - mask.sum()),
+        "created_at": "2026-12-01T00:00:00+00:00",
+        "chx_masks": 1,
+    }
     masks = registry._ensure_container("masks")
     registry._store_mask(masks, uid, mask, md, "an interrupted registration")
     if claim:
-        registry._claim(registry._ensure_detector_node(registry.get_detector(DET)), DET,
-                        name, [], kind="mask", uid=uid, check=lambda _: None,
-                        record=record_sha256(md))
+        registry._claim(
+            registry._ensure_detector_node(registry.get_detector(DET)),
+            DET,
+            name,
+            [],
+            kind="mask",
+            uid=uid,
+            check=lambda _: None,
+            record=record_sha256(md),
+        )
     return uid
 
 
@@ -66,36 +80,55 @@ def directory(tmp_path: Path) -> Path:
 def test_a_registry_written_through_the_api_is_clean(directory: Path) -> None:
     code, report = _verify(directory)
     assert code == 0 and report["clean"] and report["problems"] == []
-    assert report["counts"] == {"detectors": 1, "lineages": 2, "slots": 4, "masks": 3,
-                                "purged": 0, "active sets": 2}
+    assert report["counts"] == {
+        "detectors": 1,
+        "lineages": 2,
+        "slots": 4,
+        "masks": 3,
+        "purged": 0,
+        "active sets": 2,
+    }
     text = CliRunner().invoke(main, ["--dir", str(directory), "verify"])
     assert text.exit_code == 0 and "is clean (1 detectors, 2 lineages" in text.stdout
 
 
-def test_interrupted_registrations_are_reported_and_repair_fixes_only_them(
-        directory: Path) -> None:
+def test_interrupted_registrations_are_reported_and_repair_fixes_only_them(directory: Path) -> None:
     registry = MaskRegistry.embedded(directory, disk_cache=False)
     orphan = _interrupted(registry, "crashed-before-claim", claim=False, seed=10)
     unsealed = _interrupted(registry, "crashed-before-seal", claim=True, seed=11)
     # A sealed node no slot claims (created by hand): reported, never removed.
     stray = str(uuid.uuid4())
     registry._root["masks"].write_array(
-        _mask(12), key=stray, specs=["chx_mask"],
-        metadata={"uid": stray, "detector": DET, "name": "stray", "sha256": "0" * 64,
-                  "shape": list(SHAPE), "masked_pixels": 0, "created_at": "2026-12-01"})
+        _mask(12),
+        key=stray,
+        specs=["chx_mask"],
+        metadata={
+            "uid": stray,
+            "detector": DET,
+            "name": "stray",
+            "sha256": "0" * 64,
+            "shape": list(SHAPE),
+            "masked_pixels": 0,
+            "created_at": "2026-12-01",
+        },
+    )
     assert registry.describe(unsealed).version == 0  # served: the version is complete
     registry.close()
 
     code, report = _verify(directory)
     found = {(p["kind"], p["where"]) for p in report["problems"]}
-    assert code == 1 and found == {("orphan", f"masks/{orphan}"),
-                                   ("unsealed", f"masks/{unsealed}"),
-                                   ("sealed orphan", f"masks/{stray}")}
+    assert code == 1 and found == {
+        ("orphan", f"masks/{orphan}"),
+        ("unsealed", f"masks/{unsealed}"),
+        ("sealed orphan", f"masks/{stray}"),
+    }
 
     code, repaired = _verify(directory, "--repair")
     assert code == 1  # the sealed orphan is a person's call
     assert {(p["kind"], p["where"]) for p in repaired["repaired"]} == {
-        ("orphan", f"masks/{orphan}"), ("unsealed", f"masks/{unsealed}")}
+        ("orphan", f"masks/{orphan}"),
+        ("unsealed", f"masks/{unsealed}"),
+    }
     assert [p["where"] for p in repaired["problems"]] == [f"masks/{stray}"]
 
     registry = MaskRegistry.embedded(directory, disk_cache=False)
@@ -116,8 +149,7 @@ def test_forgeries_are_reported_and_repair_touches_none(directory: Path) -> None
     zarr.open_array(str(directory / "data" / "masks" / second), mode="r+")[0, :] = False
     registry.close()
 
-    report = verify_registry(MaskRegistry.embedded(directory, disk_cache=False),
-                             repair=True)
+    report = verify_registry(MaskRegistry.embedded(directory, disk_cache=False), repair=True)
     found = {(p.kind, p.where) for p in report.problems}
     assert ("record", f"masks/{first}") in found
     assert ("revisions", f"masks/{first}") in found  # tiled kept the rewrite's revision
@@ -146,8 +178,19 @@ def test_purge_on_the_command_line_logs_first_and_verify_accepts_it(directory: P
     assert registry.last_change() == last  # nothing written by the refusals
     registry.close()
 
-    done = run(main, ["--dir", str(directory), "purge", first, "--reason",
-                      "uploaded the wrong file", "--yes", "--json"])
+    done = run(
+        main,
+        [
+            "--dir",
+            str(directory),
+            "purge",
+            first,
+            "--reason",
+            "uploaded the wrong file",
+            "--yes",
+            "--json",
+        ],
+    )
     assert done.exit_code == 0, done.output
     assert json.loads(done.stdout)["uid"] == first
     code, report = _verify(directory)
