@@ -267,15 +267,24 @@ def _watch(directory: Path, clock: _IdleClock, idle: float) -> None:
         gone = not (directory / "catalog.db").exists() or not _ours(directory)
         if not gone and time.monotonic() - clock.last < idle:
             continue
-        if not gone:
-            # A client attaching holds the lock and makes a request first.
-            with _locked(directory / LOCK):
-                if time.monotonic() - clock.last < idle:
-                    continue
-                if _ours(directory):
-                    (directory / STATE).unlink(missing_ok=True)
+        if not gone and not _retire(directory, clock, idle):
+            continue
         os.kill(os.getpid(), signal.SIGTERM)
         return
+
+
+def _retire(directory: Path, clock: _IdleClock, idle: float) -> bool:
+    """Withdraw this idle server's state file; False if a client came meanwhile."""
+    try:
+        # A client attaching holds the lock and makes a request first.
+        with _locked(directory / LOCK):
+            if time.monotonic() - clock.last < idle:
+                return False
+            if _ours(directory):
+                (directory / STATE).unlink(missing_ok=True)
+    except OSError:
+        pass  # the directory went away meanwhile: nothing to withdraw
+    return True
 
 
 def serve(directory: Path) -> None:
