@@ -160,16 +160,21 @@ class _State:
                 self._registry, self._owned = MaskRegistry.from_profile(self.profile), True
             elif self.directory is not None:
                 self._registry, self._owned = _embedded(self.directory), True
-            elif opened_default() is None and not any(
-                os.environ.get(v) for v in ("CHX_MASKS_URI", "CHX_MASKS_PROFILE")
-            ):
-                # The embedded default, through its local server; a registry this
-                # process already chose (set_default_registry) is used as it is.
-                from ._embedded import default_directory
-
-                self._registry, self._owned = _embedded(default_directory()), True
             else:
-                self._registry = default_registry()
+                # The embedded default through its local server; otherwise (a
+                # server or profile configured, the local server off or not
+                # starting, a registry this process chose) the process's default.
+                local = None
+                if opened_default() is None and not any(
+                    os.environ.get(v) for v in ("CHX_MASKS_URI", "CHX_MASKS_PROFILE")
+                ):
+                    from ._embedded import default_directory
+
+                    local = _local_server(default_directory())
+                if local is not None:
+                    self._registry, self._owned = local, True
+                else:
+                    self._registry = default_registry()
         return self._registry
 
     @property
@@ -191,17 +196,20 @@ class _State:
             self._registry.close()
 
 
+def _local_server(directory: Path) -> MaskRegistry | None:
+    """The registry in ``directory`` through its local server; None if that is off."""
+    from . import _local
+
+    if not _local.enabled():
+        return None
+    return _local.connect(Path(directory).expanduser())
+
+
 def _embedded(directory: Path) -> MaskRegistry:
     """The embedded registry in ``directory``, through its local server when enabled."""
-    from . import _local
     from ._registry import MaskRegistry
 
-    directory = Path(directory).expanduser()
-    if _local.enabled():
-        registry = _local.connect(directory)
-        if registry is not None:
-            return registry
-    return MaskRegistry.embedded(directory)
+    return _local_server(directory) or MaskRegistry.embedded(Path(directory).expanduser())
 
 
 pass_state = click.make_pass_decorator(_State)
