@@ -31,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from ._embedded import _locked
 
@@ -305,7 +306,7 @@ def serve(directory: Path) -> None:
     )
 
     def ready(info: Any) -> None:
-        port = int(info.uri.rsplit(":", 1)[1].split("/", 1)[0])
+        port = urlsplit(info.uri).port
         _write_state(directory, {"pid": os.getpid(), "port": port, "key": key, **_signature()})
         threading.Thread(
             target=_watch,
