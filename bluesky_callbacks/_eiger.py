@@ -543,9 +543,11 @@ def decode_threads() -> int:
     >>> decode_threads() >= 1
     True
     """
-    given = os.environ.get("CHX_MASKS_DECODE_THREADS")
-    if given:
-        return max(1, int(given))
+    from chx_masks.settings import settings
+
+    given = settings().decode_threads
+    if given is not None:
+        return given
     return max(
         1,
         min(

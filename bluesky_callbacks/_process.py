@@ -185,11 +185,12 @@ def located_store(location: str | None, kind: str, directory: Path | None = None
     >>> located_store("/data/runs", "runs").location
     '/data/runs'
     """
-    import os
+    from chx_masks.settings import settings
 
-    where = location or os.environ.get(f"CHX_MASKS_{kind.upper()}_URI")
+    configured = settings()
+    where = location or getattr(configured, f"{kind}_uri")
     if where:
-        return RunStore(where, api_key=os.environ.get(f"CHX_MASKS_{kind.upper()}_API_KEY"))
+        return RunStore(where, api_key=configured.secret(f"{kind}_api_key"))
     if directory is None:
         from chx_masks.stores import default_directory
 

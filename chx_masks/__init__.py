@@ -34,6 +34,7 @@ from ._errors import (
     MaskPurgedError,
     MaskValidationError,
     RegistryUnavailableError,
+    SettingsError,
 )
 from ._records import (
     ActiveSet,
@@ -66,6 +67,7 @@ __all__ = [
     "MaskRegistry",
     "MaskValidationError",
     "RegistryUnavailableError",
+    "SettingsError",
     "__version__",
     "default_registry",
     "delete_mask",

@@ -11,7 +11,6 @@ everywhere in chx-masks (``--uri``/``--profile``/``--dir``, else
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
@@ -152,9 +151,10 @@ class _State:
         if self._registry is None:
             from ._default import default_registry, opened_default
             from ._registry import MaskRegistry
+            from .settings import settings
 
             if self.uri is not None:
-                key = self.api_key or os.environ.get("CHX_MASKS_API_KEY") or None
+                key = self.api_key or settings().secret("api_key")
                 self._registry, self._owned = MaskRegistry.from_uri(self.uri, api_key=key), True
             elif self.profile is not None:
                 self._registry, self._owned = MaskRegistry.from_profile(self.profile), True
@@ -165,9 +165,8 @@ class _State:
                 # server or profile configured, the local server off or not
                 # starting, a registry this process chose) the process's default.
                 local = None
-                if opened_default() is None and not any(
-                    os.environ.get(v) for v in ("CHX_MASKS_URI", "CHX_MASKS_PROFILE")
-                ):
+                configured = settings()
+                if opened_default() is None and not (configured.uri or configured.profile):
                     from ._embedded import default_directory
 
                     local = _local_server(default_directory())
@@ -186,9 +185,12 @@ class _State:
             return f"--profile {self.profile}"
         if self.directory is not None:
             return None
-        for variable in ("CHX_MASKS_URI", "CHX_MASKS_PROFILE"):
-            if os.environ.get(variable):
-                return f"from ${variable}; unset it to use the embedded registry"
+        from .settings import settings
+
+        configured = settings()
+        for name in ("uri", "profile"):
+            if getattr(configured, name):
+                return f"from $CHX_MASKS_{name.upper()}; unset it to use the embedded registry"
         return None
 
     def close(self) -> None:

@@ -9,7 +9,6 @@ embedded registry in ``CHX_MASKS_DIR`` or the user data directory.
 from __future__ import annotations
 
 import atexit
-import os
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -94,12 +93,13 @@ def set_default_registry(
 
 
 def _from_environment() -> MaskRegistry:
-    uri = os.environ.get("CHX_MASKS_URI")
-    if uri:
-        return MaskRegistry.from_uri(uri, api_key=os.environ.get("CHX_MASKS_API_KEY"))
-    profile = os.environ.get("CHX_MASKS_PROFILE")
-    if profile:
-        return MaskRegistry.from_profile(profile)
+    from .settings import settings
+
+    configured = settings()
+    if configured.uri:
+        return MaskRegistry.from_uri(configured.uri, api_key=configured.secret("api_key"))
+    if configured.profile:
+        return MaskRegistry.from_profile(configured.profile)
     return MaskRegistry.embedded()
 
 

@@ -31,9 +31,11 @@ def default_directory() -> Path:
     '/tmp/chx-doc'
     >>> del os.environ["CHX_MASKS_DIR"]
     """
-    configured = os.environ.get("CHX_MASKS_DIR")
-    if configured:
-        return Path(configured).expanduser()
+    from .settings import settings
+
+    configured = settings().dir
+    if configured is not None:
+        return configured.expanduser()
     import platformdirs
 
     return Path(platformdirs.user_data_dir("chx-masks", appauthor=False))

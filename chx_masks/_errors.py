@@ -12,7 +12,8 @@ working in code that predates this package::
     ├── MaskValidationError(ChxMasksError, ValueError)
     ├── MaskIntegrityError(ChxMasksError, RuntimeError)
     ├── RegistryUnavailableError(ChxMasksError, ConnectionError)
-    └── MaskPermissionError(ChxMasksError, PermissionError)
+    ├── MaskPermissionError(ChxMasksError, PermissionError)
+    └── SettingsError(ChxMasksError, ValueError)
 
 A call that raises any of these has written nothing to the registry.
 
@@ -39,6 +40,7 @@ __all__ = [
     "MaskPurgedError",
     "MaskValidationError",
     "RegistryUnavailableError",
+    "SettingsError",
 ]
 
 
@@ -129,3 +131,7 @@ class RegistryUnavailableError(ChxMasksError, ConnectionError):
 
 class MaskPermissionError(ChxMasksError, PermissionError):
     """The credentials in use do not allow this operation."""
+
+
+class SettingsError(ChxMasksError, ValueError):
+    """A ``CHX_MASKS_*`` environment variable holds a value that cannot be read."""

@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 STATE = ".local-server.json"
 LOCK = ".local-server.lock"
 LOG = ".local-server.log"
-DEFAULT_IDLE = 600.0
 # A fresh server imports tiled and opens the catalog: seconds, more when busy.
 START_TIMEOUT = 120.0
 CONNECT_TIMEOUT = 10.0
@@ -66,17 +65,16 @@ def enabled() -> bool:
     ...     enabled()
     True
     """
-    value = os.environ.get("CHX_MASKS_LOCAL_SERVER", "1").strip().lower()
-    return value not in ("0", "false", "no", "off", "")
+    from .settings import settings
+
+    return settings().local_server
 
 
 def idle_seconds() -> float:
     """``$CHX_MASKS_LOCAL_IDLE``: seconds without a request before the server stops."""
-    try:
-        value = float(os.environ.get("CHX_MASKS_LOCAL_IDLE", DEFAULT_IDLE))
-    except ValueError:
-        return DEFAULT_IDLE
-    return value if value > 0 else DEFAULT_IDLE
+    from .settings import settings
+
+    return settings().local_idle
 
 
 def _signature() -> dict[str, str]:

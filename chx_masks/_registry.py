@@ -2534,9 +2534,11 @@ def _disk_cache_directory(choice: str | Path | None | Literal[False]) -> Path | 
         return None
     if choice is not None:
         return Path(choice)
-    configured = os.environ.get("CHX_MASKS_CACHE_DIR")
-    if configured:
-        return Path(configured).expanduser()
+    from .settings import settings
+
+    configured = settings().cache_dir
+    if configured is not None:
+        return configured.expanduser()
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("chx-masks", appauthor=False)) / "masks"

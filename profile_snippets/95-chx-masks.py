@@ -102,18 +102,19 @@ def _chx_masks_open():
     ``chx_masks.ChxMasksError``, so CHX_MASKS_ON_UNAVAILABLE applies to it.
     """
     import atexit
-    import os
 
     import chx_masks
+    from chx_masks.settings import settings
 
     with _chx_masks_state["lock"]:
         if _chx_masks_state["registry"] is not None:
             return _chx_masks_state["registry"]
-        uri, profile = os.environ.get("CHX_MASKS_URI"), os.environ.get("CHX_MASKS_PROFILE")
+        configured = settings()
+        uri, profile = configured.uri, configured.profile
         try:
             if uri:
                 registry = chx_masks.MaskRegistry.from_uri(
-                    uri, api_key=os.environ.get("CHX_MASKS_API_KEY")
+                    uri, api_key=configured.secret("api_key")
                 )
             elif profile:
                 registry = chx_masks.MaskRegistry.from_profile(profile)
@@ -136,13 +137,13 @@ def _chx_masks_open():
 
 def _chx_masks_location():
     """Where the registry is, for messages (no API key)."""
-    import os
+    from chx_masks.settings import settings
 
-    uri = os.environ.get("CHX_MASKS_URI")
-    if uri:
-        return uri.split("?")[0]
-    if os.environ.get("CHX_MASKS_PROFILE"):
-        return f"tiled profile {os.environ['CHX_MASKS_PROFILE']!r}"
+    configured = settings()
+    if configured.uri:
+        return configured.uri.split("?")[0]
+    if configured.profile:
+        return f"tiled profile {configured.profile!r}"
     return str(_chx_masks_runs_location().parent)  # the embedded registry's directory
 
 
@@ -186,13 +187,13 @@ def chx_masks_runs():
     # Only the RunEngine's first document or the user (whose prompt waits
     # while RE runs) opens it, never both at once: no lock needed.
     if _chx_masks_state["runs"] is None:
-        import os
+        from chx_masks.settings import settings
 
         where = _chx_masks_runs_location()
         if isinstance(where, str):
             from tiled.client import from_uri
 
-            client = from_uri(where, api_key=os.environ.get("CHX_MASKS_RUNS_API_KEY"))
+            client = from_uri(where, api_key=settings().secret("runs_api_key"))
         else:
             import atexit
 
@@ -206,18 +207,10 @@ def chx_masks_runs():
 
 def _chx_masks_runs_location():
     """CHX_MASKS_RUNS_URI (a str), else the local runs store directory (a Path)."""
-    import os
-    from pathlib import Path
+    from chx_masks.settings import settings
+    from chx_masks.stores import default_directory
 
-    uri = os.environ.get("CHX_MASKS_RUNS_URI")
-    if uri:
-        return uri
-    import platformdirs
-
-    base = os.environ.get("CHX_MASKS_DIR") or platformdirs.user_data_dir(
-        "chx-masks", appauthor=False
-    )
-    return Path(base).expanduser() / "runs"
+    return settings().runs_uri or default_directory() / "runs"
 
 
 def _chx_masks_frames_dir():
@@ -227,12 +220,11 @@ def _chx_masks_frames_dir():
     else inside the local runs store (which serves its own storage); a runs
     server without CHX_MASKS_FRAMES_DIR gets the frames inline.
     """
-    import os
-    from pathlib import Path
+    from chx_masks.settings import settings
 
-    given = os.environ.get("CHX_MASKS_FRAMES_DIR")
-    if given:
-        return Path(given).expanduser()
+    given = settings().frames_dir
+    if given is not None:
+        return given.expanduser()
     where = _chx_masks_runs_location()
     return None if isinstance(where, str) else where / "data" / "masked-frames"
 
@@ -579,9 +571,10 @@ def _chx_masks_install(RE):
         )
         return None, None
 
-    import os
+    from chx_masks.settings import settings
 
-    remote = os.environ.get("CHX_MASKS_URI") or os.environ.get("CHX_MASKS_PROFILE")
+    configured = settings()
+    remote = configured.uri or configured.profile
     try:
         # Off the main thread and bounded: tiled's retries of a server that
         # does not answer cost start CHX_MASKS_START_TIMEOUT at most, silently.

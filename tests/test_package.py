@@ -31,6 +31,7 @@ PUBLIC = {
     "MaskRegistry",
     "MaskValidationError",
     "RegistryUnavailableError",
+    "SettingsError",
     "__version__",
     "default_registry",
     "delete_mask",
@@ -92,6 +93,7 @@ def test_error_tree_inherits_builtins():
     assert issubclass(c.MaskValidationError, ValueError)
     assert issubclass(c.RegistryUnavailableError, ConnectionError)
     assert issubclass(c.MaskPermissionError, PermissionError)
+    assert issubclass(c.SettingsError, ValueError)
     for error in (
         c.MaskNotFoundError,
         c.MaskExistsError,
@@ -100,6 +102,7 @@ def test_error_tree_inherits_builtins():
         c.MaskIntegrityError,
         c.RegistryUnavailableError,
         c.MaskPermissionError,
+        c.SettingsError,
     ):
         assert issubclass(error, c.ChxMasksError)
     # A KeyError subclass still prints its sentence, not a quoted repr.
