@@ -10,7 +10,7 @@ Examples
 >>> register_mask('eiger4m_single_image', 'chip_mask', mask)  # doctest: +SKIP
 """
 
-from ._content import mask_sha256
+from ._content import TimeLike, mask_sha256
 from ._default import (
     default_registry,
     delete_mask,
@@ -68,6 +68,7 @@ __all__ = [
     "MaskValidationError",
     "RegistryUnavailableError",
     "SettingsError",
+    "TimeLike",
     "__version__",
     "default_registry",
     "delete_mask",

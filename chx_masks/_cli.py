@@ -29,6 +29,7 @@ from ._errors import (
 if TYPE_CHECKING:
     from ._records import ActiveSet, CompositeMask, MaskRecord
     from ._registry import MaskRegistry
+    from .io import Convention, Format
 
 FORMATS = ("npy", "npz", "tiff", "edf", "msk", "nexus", "indices")
 CONVENTIONS = ("keep", "masked-nonzero")
@@ -973,7 +974,7 @@ def delete(state: _State, detector: str, name: str, yes: bool, force: bool, as_j
         reg.delete_mask(detector, name, force=False)
     if not yes:
         also = ""
-        if in_use:
+        if in_use and active is not None:
             rest = [n for n in active.names if n != name]
             also = (
                 f" The active set of {detector} (v{active.version}: "
@@ -1074,8 +1075,8 @@ def export(
     file: Path,
     version: int | None,
     uid: str | None,
-    fmt: str | None,
-    convention: str | None,
+    fmt: Format | None,  # click.Choice(FORMATS) gives one of these or None
+    convention: Convention | None,  # likewise click.Choice(CONVENTIONS)
     force: bool,
     as_json: bool,
 ) -> None:
@@ -1098,6 +1099,7 @@ def export(
     )
     written = _resolve_format(path, fmt)
     used = convention or export_convention(written)
+    assert used is not None  # export_mask refused a format without a convention of its own
     record = reg.describe(uid)
     if as_json:
         _print_json(
@@ -1340,30 +1342,30 @@ def generate() -> None:
 
 
 def _generator_options(func: Callable) -> Callable:
-    for option in reversed(
-        [
-            click.argument("detector"),
-            click.argument("name"),
-            click.option(
-                "--grow",
-                "grow_by",
-                type=int,
-                default=0,
-                help="Grow the masked region by this many pixels.",
-            ),
-            click.option(
-                "--update",
-                "update_existing",
-                is_flag=True,
-                help="Add a version to an existing DETECTOR/NAME.",
-            ),
-            _force_option,
-            click.option("--dry-run", is_flag=True, help="Make the mask; register nothing."),
-            _meta_option,
-            _png_option,
-            _json_option,
-        ]
-    ):
+    # click's decorators, each typed by what it wraps.
+    options: list[Callable[[Any], Any]] = [
+        click.argument("detector"),
+        click.argument("name"),
+        click.option(
+            "--grow",
+            "grow_by",
+            type=int,
+            default=0,
+            help="Grow the masked region by this many pixels.",
+        ),
+        click.option(
+            "--update",
+            "update_existing",
+            is_flag=True,
+            help="Add a version to an existing DETECTOR/NAME.",
+        ),
+        _force_option,
+        click.option("--dry-run", is_flag=True, help="Make the mask; register nothing."),
+        _meta_option,
+        _png_option,
+        _json_option,
+    ]
+    for option in reversed(options):
         func = option(func)
     return func
 

@@ -13,7 +13,7 @@ import struct
 import unicodedata
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -377,6 +377,11 @@ def coerce_mask(
 def shape_str(shape: tuple[int, ...]) -> str:
     """``(2167, 2070)`` -> ``'2167x2070'``."""
     return "x".join(str(n) for n in shape)
+
+
+#: A time as ``as_of=`` takes it: a datetime (naive = local time), an ISO 8601
+#: string, or POSIX seconds; :func:`to_datetime` reads it.
+TimeLike: TypeAlias = datetime | str | float
 
 
 def utcnow() -> datetime:

@@ -20,6 +20,8 @@ from ._registry import MaskRegistry
 if TYPE_CHECKING:
     import dask.array
 
+    from ._content import TimeLike
+
 _lock = threading.Lock()
 _default: MaskRegistry | None = None
 _owned = False
@@ -79,6 +81,7 @@ def set_default_registry(
     >>> set_default_registry(None)
     """
     global _default, _owned
+    new: MaskRegistry | None
     if isinstance(registry, str) and registry.startswith(("http://", "https://")):
         new, owned = MaskRegistry.from_uri(registry, api_key=api_key), True
     elif isinstance(registry, (str, Path)):
@@ -144,7 +147,7 @@ def get_masks() -> list[tuple[str, str]]:
 
 
 def get_mask(
-    detector: str, name: str, *, version: int | None = None, as_of: Any = None
+    detector: str, name: str, *, version: int | None = None, as_of: TimeLike | None = None
 ) -> dask.array.Array:
     """A mask of the default registry as a dask array (``.compute()`` -> NumPy).
 
@@ -156,7 +159,7 @@ def get_mask(
 
 
 def get_composite_mask(
-    detector: str, names: Sequence[str], *, as_of: Any = None
+    detector: str, names: Sequence[str], *, as_of: TimeLike | None = None
 ) -> dask.array.Array:
     """The AND of several masks of the default registry, as a dask array.
 
@@ -169,7 +172,9 @@ def get_composite_mask(
     return default_registry().get_composite_mask(detector, names, as_of=as_of)
 
 
-def get_mask_uid(detector: str, name: str, *, version: int | None = None, as_of: Any = None) -> str:
+def get_mask_uid(
+    detector: str, name: str, *, version: int | None = None, as_of: TimeLike | None = None
+) -> str:
     """The uid of a mask in the default registry.
 
     Examples

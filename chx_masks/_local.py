@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 from urllib.parse import urlsplit
 
 from ._embedded import _locked
@@ -94,7 +94,7 @@ def _read_state(directory: Path) -> dict[str, Any] | None:
     return state if isinstance(state, dict) else None
 
 
-def _alive(pid: Any) -> bool:
+def _alive(pid: Any) -> TypeGuard[int]:
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:

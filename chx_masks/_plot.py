@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -138,7 +138,7 @@ def _block_kept(keep: np.ndarray, factor: int) -> np.ndarray:
     """A block is kept only if every pixel in it is: one masked pixel masks the block."""
     if factor == 1:
         return keep
-    return _blocks(_pad(keep, factor, True), factor).all(axis=(1, 3))
+    return np.asarray(_blocks(_pad(keep, factor, True), factor).all(axis=(1, 3)))
 
 
 def _block_max(codes: np.ndarray, factor: int) -> np.ndarray:
@@ -273,7 +273,7 @@ def _legend(
     entries: Sequence[tuple[str, str]],
     *,
     title: str | None = None,
-    loc: str = "outside right upper",
+    loc: Literal["outside right upper", "outside lower right"] = "outside right upper",
 ) -> None:
     from matplotlib.patches import Patch
 

@@ -46,6 +46,7 @@ import numpy as np
 from ._content import (
     ADMIN_SCOPE,
     SEALED,
+    TimeLike,
     check_metadata,
     check_name,
     check_storable,
@@ -102,6 +103,13 @@ class _Slot:
     at: datetime
     created_by: str | None = None
     record_sha256: str | None = None
+
+    @property
+    def mask_uid(self) -> str:
+        """The uid of the mask this slot claims (a retired slot claims none)."""
+        if self.uid is None:
+            raise MaskNotFoundError(f"{self.name} v{self.version} is retired: it has no mask.")
+        return self.uid
 
 
 @dataclass(frozen=True)
@@ -624,7 +632,7 @@ class MaskRegistry:
         slots = self._slots(detector, [name]).get(name, [])
         self._refuse_inactive(detector, name, slots)
         try:
-            current: _Stored | None = self._stored_for(slots[-1].uid)
+            current: _Stored | None = self._stored_for(slots[-1].mask_uid)
         except MaskPurgedError:
             current = None  # the new version replaces a purged one
         if metadata is None:
@@ -797,6 +805,8 @@ class MaskRegistry:
                 "recording the purge",
             )
         masks = self._container(MASKS)
+        if masks is None:  # the record above was read from it: it vanished since
+            raise MaskNotFoundError(f"The masks of {self.location} are gone; {uid} with them.")
         try:
             with self._translate(f"purging mask {uid}"):
                 masks.delete_contents(uid, external_only=False)
@@ -1003,7 +1013,7 @@ class MaskRegistry:
             # Validity intervals must not run backwards even when writers'
             # clocks disagree: each slot starts after the one before.
             at = max(utcnow(), last.at + _TICK) if last else utcnow()
-            slot_md = {
+            slot_md: dict[str, Any] = {
                 "detector": detector,
                 "name": name,
                 "version": version,
@@ -1113,7 +1123,7 @@ class MaskRegistry:
         name: str,
         *,
         version: int | None = None,
-        as_of: Any = None,
+        as_of: TimeLike | None = None,
     ) -> str:
         """The uid of the current (or the given ``version``/``as_of``) mask.
 
@@ -1126,7 +1136,7 @@ class MaskRegistry:
         ...     reg.get_mask_uid("eiger500K_single_image", "m") == uid
         True
         """
-        return self._resolve(detector, [name], version=version, as_of=as_of)[0].uid
+        return self._resolve(detector, [name], version=version, as_of=as_of)[0].mask_uid
 
     def get_mask(
         self,
@@ -1134,7 +1144,7 @@ class MaskRegistry:
         name: str,
         *,
         version: int | None = None,
-        as_of: Any = None,
+        as_of: TimeLike | None = None,
     ) -> dask.array.Array:
         """The mask as a lazy dask array; ``.compute()`` gives NumPy bool.
 
@@ -1151,7 +1161,7 @@ class MaskRegistry:
         (514, 1030)
         """
         slot = self._resolve(detector, [name], version=version, as_of=as_of)[0]
-        return self._lazy(slot.uid)
+        return self._lazy(slot.mask_uid)
 
     def get_mask_by_uid(self, uid: str) -> dask.array.Array:
         """Any mask ever registered, retired or not, as a lazy dask array.
@@ -1176,7 +1186,7 @@ class MaskRegistry:
         detector: str,
         names: Sequence[str],
         *,
-        as_of: Any = None,
+        as_of: TimeLike | None = None,
     ) -> dask.array.Array:
         """The AND of the named masks (a pixel masked by any is masked), lazily.
 
@@ -1193,7 +1203,7 @@ class MaskRegistry:
         1543
         """
         slots = self._resolve(detector, names, as_of=as_of)
-        arrays = [self._lazy(s.uid) for s in slots]
+        arrays = [self._lazy(s.mask_uid) for s in slots]
         return functools.reduce(operator.and_, arrays)
 
     def resolve_composite(
@@ -1201,7 +1211,7 @@ class MaskRegistry:
         detector: str,
         names: Sequence[str],
         *,
-        as_of: Any = None,
+        as_of: TimeLike | None = None,
     ) -> CompositeMask:
         """Resolve names to exact versions and build their AND, once.
 
@@ -1221,7 +1231,7 @@ class MaskRegistry:
         """
         when = None if as_of is None else to_datetime(as_of)
         slots = self._resolve(detector, names, as_of=when)
-        uids = tuple(s.uid for s in slots)
+        uids = tuple(s.mask_uid for s in slots)
         composite, digest, components = self._and(uids)
         return CompositeMask(
             detector=detector,
@@ -1482,7 +1492,7 @@ class MaskRegistry:
         """
         return self.activate(detector, [], note=note)
 
-    def active_set(self, detector: str, *, as_of: Any = None) -> ActiveSet | None:
+    def active_set(self, detector: str, *, as_of: TimeLike | None = None) -> ActiveSet | None:
         """The detector's current active set (or the one in force ``as_of``), or None.
 
         Examples
@@ -1989,7 +1999,7 @@ class MaskRegistry:
         names: Sequence[str],
         *,
         version: int | None = None,
-        as_of: Any = None,
+        as_of: TimeLike | None = None,
     ) -> list[_Slot]:
         """Map names to the slots a look-up selects, in the order given."""
         self.get_detector(detector)
@@ -2026,9 +2036,9 @@ class MaskRegistry:
                 )
             chosen.append(_select(detector, name, slots, version, when))
         # Each record against the slot that claims it, before any is used.
-        self._prefetch([slot.uid for slot in chosen])
+        self._prefetch([slot.mask_uid for slot in chosen])
         for slot in chosen:
-            self._stored_for(slot.uid, slot)
+            self._stored_for(slot.mask_uid, slot)
         return chosen
 
     def _record_at(self, slots: list[_Slot], i: int, stored: _Stored | None = None) -> MaskRecord:
@@ -2088,8 +2098,9 @@ class MaskRegistry:
                 if slot is not None:
                     self._check_record(stored, slot)
                 return stored
-            stored = self._unchecked.pop(uid, None)
-        if stored is not None:
+            unchecked = self._unchecked.pop(uid, None)
+        if unchecked is not None:
+            stored = unchecked
             self._check_record(stored, slot)
             with self._lock:
                 self._stored[uid] = stored
@@ -2561,7 +2572,7 @@ def _key_scopes(client: Any) -> frozenset[str]:
     A key made with ``inherit`` holds its principal's roles' scopes. A
     single-user server's key has a fixed set without any admin scope.
     """
-    context = getattr(client, "context", None)
+    context: Any = getattr(client, "context", None)
     key = str(getattr(context, "api_key", None) or "")
     if not key:
         return frozenset()
@@ -2776,7 +2787,7 @@ class _BoundedTransport:
 
 def _bound_retries(context: Any, timeout: float) -> None:
     """Put :class:`_BoundedTransport` under tiled's caching transport of ``context``."""
-    outer = getattr(context.http_client, "_transport", None)
+    outer: Any = getattr(context.http_client, "_transport", None)
     inner = getattr(outer, "transport", None)
     if inner is not None and hasattr(inner, "handle_request"):
         outer.transport = _BoundedTransport(inner, timeout)

@@ -22,7 +22,7 @@ Nothing else is ever changed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -122,7 +122,7 @@ def verify_registry(
             if isinstance(md.get("purged"), str)
         }
         detectors = root[DETECTORS] if DETECTORS in root else None
-        claims: dict[str, tuple[str, Mapping[str, Any]]] = {}
+        claims: dict[str | None, tuple[str, Mapping[str, Any]]] = {}
         lineages: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
         for det, node in {} if detectors is None else detectors.items():
             for key, child in node.items():
@@ -196,7 +196,8 @@ def _check_lineage(
     previous: Mapping[str, Any] | None = None
     for md in slots:
         version = md["version"]
-        node = nodes.get(md.get("uid")) if md.get("kind") == "mask" else None
+        uid = md.get("uid")
+        node = nodes.get(uid) if md.get("kind") == "mask" and isinstance(uid, str) else None
         adopted = node is not None and "adopted_from" in node.metadata
         expected = 0 if previous is None else previous["version"] + 1
         if version != expected and not (adopted and version > expected):
@@ -292,7 +293,7 @@ def _check_mask(
 
 def _check_active(
     det: str,
-    history: list[Mapping[str, Any]],
+    history: Sequence[Mapping[str, Any]],
     lineages: Mapping[tuple[str, str], list[Mapping[str, Any]]],
     problems: list[Problem],
 ) -> None:
@@ -310,7 +311,7 @@ def _check_active(
             slots = [
                 s
                 for s in lineages.get((det, name), [])
-                if at is None or (_at(s) is not None and _at(s) <= at)
+                if at is None or ((slot_at := _at(s)) is not None and slot_at <= at)
             ]
             if not slots or slots[-1].get("kind") != "mask":
                 problems.append(

@@ -325,7 +325,7 @@ def _module_grid(detector: str) -> tuple[int, int]:
 def _chip_boundary_lines(n_chips: int, width: int) -> np.ndarray:
     """Indices (within one module) masked around each internal chip boundary."""
     pitch = CHIP_SIZE + CHIP_BOUNDARY
-    lines = []
+    lines: list[int] = []
     for i in range(1, n_chips):
         # The boundary lies between the two interpolated pixels at
         # i*pitch-2 and i*pitch-1; take `width` pixels on each side of it.
@@ -812,7 +812,7 @@ def remake(source: Mapping[str, Any]) -> GeneratedMask:
             f"or metadata['source'] of a generated mask); got {source!r:.200}."
         )
     name = source.get("generator")
-    if name not in _REMAKERS:
+    if not isinstance(name, str) or name not in _REMAKERS:
         raise MaskValidationError(
             f"Unknown generator {name!r}; known: {', '.join(sorted(_REMAKERS))}."
         )

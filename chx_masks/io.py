@@ -482,7 +482,7 @@ def read_mask(
     libraries: dict[str, str] = {"numpy": np.__version__}
     if fmt == "indices":
         listed, _ = _read_indices(path, shape)
-        used = convention or "masked-nonzero"
+        used: str = convention or "masked-nonzero"
         mask = ~listed if used == "masked-nonzero" else listed
         used_dataset = None
     else:

@@ -64,7 +64,7 @@ import contextvars
 import logging
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn, TypeGuard
 
 from tiled.access_control.protocols import AccessPolicy, normalize_access_tags
 from tiled.validation_registration import ValidationRegistry
@@ -282,12 +282,16 @@ async def _node_by_key(context: Any, key: str) -> tuple[Any, Any] | None:
 
 
 def _require(condition: bool, message: str) -> None:
+    if not condition:
+        _refuse(message)
+
+
+def _refuse(message: str) -> NoReturn:
     # 403, as for every other write the registry refuses (tiled answers a
     # ValidationError with 400).
-    if not condition:
-        from fastapi import HTTPException
+    from fastapi import HTTPException
 
-        raise HTTPException(status_code=403, detail=f"Refused by the mask registry: {message}.")
+    raise HTTPException(status_code=403, detail=f"Refused by the mask registry: {message}.")
 
 
 def _not_taken(version: Any, expected: int, what: str) -> None:
@@ -302,7 +306,7 @@ def _not_taken(version: Any, expected: int, what: str) -> None:
         raise HTTPException(status_code=409, detail=f"{what} v{version} is taken.")
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -310,7 +314,7 @@ def _time(value: Any, what: str) -> datetime:
     try:
         return datetime.fromisoformat(value)
     except (TypeError, ValueError):
-        _require(False, f"{what} must be an ISO 8601 time, not {value!r}")
+        _refuse(f"{what} must be an ISO 8601 time, not {value!r}")
         raise
 
 
@@ -366,7 +370,8 @@ async def validate_slot(
         f"a slot in detectors/{detector} must say detector: {detector!r}",
     )
     _require(isinstance(name, str) and name != "", "a slot needs its lineage's name")
-    _require(_is_int(version) and version >= 0, "a slot's version is an integer >= 0")
+    if not (_is_int(version) and version >= 0):
+        _refuse("a slot's version is an integer >= 0")
     _require(kind in ("mask", "retired"), "a slot's kind is 'mask' or 'retired'")
     at = _time(metadata.get("at"), "a slot's 'at'")
     before = [
@@ -392,9 +397,11 @@ async def validate_slot(
         _require(version == expected, f"the next version of {detector}/{name} is {expected}")
         return None
     uid = metadata.get("uid")
-    _require(isinstance(uid, str), "a mask slot names its mask's uid")
+    if not isinstance(uid, str):
+        _refuse("a mask slot names its mask's uid")
     found = await _node_by_key(parent.context, uid)
-    _require(found is not None, f"no mask node {uid!r} to claim")
+    if found is None:
+        _refuse(f"no mask node {uid!r} to claim")
     record, specs = found
     names = {s.get("name") if isinstance(s, Mapping) else s for s in specs or ()}
     _require(
@@ -429,7 +436,8 @@ async def validate_active_set(
         f"an active set in active/{detector} must say detector: {detector!r}",
     )
     version, names = metadata.get("version"), metadata.get("names")
-    _require(_is_int(version) and version >= 0, "an active set's version is an integer >= 0")
+    if not (_is_int(version) and version >= 0):
+        _refuse("an active set's version is an integer >= 0")
     _require(
         isinstance(names, list)
         and all(isinstance(n, str) for n in names)

@@ -32,6 +32,7 @@ PUBLIC = {
     "MaskValidationError",
     "RegistryUnavailableError",
     "SettingsError",
+    "TimeLike",
     "__version__",
     "default_registry",
     "delete_mask",
