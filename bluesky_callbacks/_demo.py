@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -329,7 +329,11 @@ def _run(
         engine(ensure_connected(det))
         with progress("scanning", frames) as bar:
             token = engine.subscribe(lambda name, doc: bar.update(1), "event")
-            (raw_uid,) = engine(count([det], num=frames, md={"sample": "demo"}))
+            # RunEngine({}) returns the run's uids (call_returns_result is False).
+            run_uids = cast(
+                tuple[str, ...], engine(count([det], num=frames, md={"sample": "demo"}))
+            )
+            (raw_uid,) = run_uids
             engine.unsubscribe(token)
         start = live.start
         assert start is not None and live.stop is not None
@@ -382,7 +386,13 @@ def _run(
         # pixel_mask says so: drawn crimson, from the run's master file.
         from chx_masks.io import read_mask
 
-        flagged_by_detector, _ = read_mask(det.master_file)
+        master_file = det.master_file
+        if master_file is None:
+            raise RuntimeError("The simulated Eiger wrote no master file.")
+        flagged_by_detector, _ = read_mask(master_file)
+        total = live.total
+        if total is None:
+            raise RuntimeError("The masked run carried no frames.")
         pngs = {
             "composite": composite_png(composite, out / "composite_mask.png"),
             "raw_frame": frame_png(
@@ -393,7 +403,7 @@ def _run(
                 "crimson: the detector's pixel_mask",
             ),
             "masked_frame": frame_png(
-                live.total,
+                total,
                 out / "masked_frame.png",
                 mask=composite.mask,
                 title=f"{DETECTOR} masked, {frames} frames summed (run {start['uid'][:8]})",

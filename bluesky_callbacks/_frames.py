@@ -129,7 +129,9 @@ def resolve_run_masks(
     recorded = start.get("masks") or {}
     found: dict[str, CompositeMask | Exception] = {}
     for key in data_keys:
-        record = recorded.get(key) if isinstance(recorded.get(key), Mapping) else {}
+        record = recorded.get(key)
+        if not isinstance(record, Mapping):
+            record = {}
         try:
             if record.get("uids"):
                 composite = registry.composite_from_uids(record["uids"])
@@ -138,7 +140,7 @@ def resolve_run_masks(
                         f"The composite of {key} recorded sha256 {record['sha256']} "
                         f"but its uids now give {composite.sha256}."
                     )
-            elif (masks or {}).get(key):
+            elif masks and masks.get(key):
                 composite = registry.resolve_composite(
                     key, list(masks[key]), as_of=run_start_time(start)
                 )

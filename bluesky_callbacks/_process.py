@@ -1058,6 +1058,8 @@ def _write_detector_file(
     )
     if client is not None:
         [mask] = client.scatter([mask], broadcast=True)
+    # Either task, with its arguments (detector.files is not None where direct).
+    args: list[tuple[Callable[..., tuple[list[bytes], int]], tuple[Any, ...]]]
     if direct:
         args = [
             (_direct_encoded, (detector.files, a * per_event, b * per_event, mask, detector.dtype))

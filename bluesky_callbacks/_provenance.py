@@ -278,20 +278,20 @@ class MaskProvenance:
             names, chosen_by = wanted[key]
             composite = resolved[key]
             if isinstance(composite, ChxMasksError):
-                err = composite
+                error = composite
                 if self.on_unavailable == "raise":
-                    raise type(err)(
+                    raise type(error)(
                         f"The run was not opened: the masks {names} for {key} "
-                        f"could not be resolved: {err}"
-                    ) from err
-                failed[key] = err
+                        f"could not be resolved: {error}"
+                    ) from error
+                failed[key] = error
                 records[key] = {
                     "names": list(names),
                     "uids": [],
                     "versions": [],
                     "sha256": None,
                     "chosen_by": chosen_by,
-                    "error": f"{type(err).__name__}: {err}",
+                    "error": f"{type(error).__name__}: {error}",
                 }
                 continue
             records[key] = {**composite.provenance(), "chosen_by": chosen_by}

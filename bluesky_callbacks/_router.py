@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 from event_model import DocumentRouter, Filler, RunRouter, compose_run
@@ -55,6 +55,22 @@ from ._provenance import (
     _check_masks,
     _check_options,
 )
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from event_model import (
+        Datum,
+        DatumPage,
+        Event,
+        EventDescriptor,
+        EventPage,
+        Resource,
+        RunStart,
+        RunStop,
+        StreamDatum,
+        StreamResource,
+    )
 
 __all__ = ["MaskingRouter"]
 
@@ -270,7 +286,7 @@ class _MaskedRun(DocumentRouter):
         # keys passed on, stream name)
         self._streams: dict[str, tuple[str | None, frozenset[str], frozenset[str], str]] = {}
         self._counts: dict[str, int] = {}
-        self._stream_resources: dict[str, dict] = {}
+        self._stream_resources: dict[str, dict[str, Any]] = {}
         # Frames are read by the run's one reader of each kind (_frames).
         self._files = HDF5StreamReader(router.root_map)
         # Bitshuffle-LZ4 frames from files decode on the process's decode threads
@@ -287,20 +303,21 @@ class _MaskedRun(DocumentRouter):
         self._raw_start = raw_start
         # frames="files": derived descriptor uid -> (its document, masked keys);
         # one open file per masked key.
-        self._derived: dict[str, tuple[dict, frozenset[str]]] = {}
+        self._derived: dict[str, tuple[EventDescriptor, frozenset[str]]] = {}
         self._frame_files: dict[str, _FramesFile] = {}
 
     # ---------------------------------------------------------------- helpers
 
-    def _emit(self, name: str, doc: dict) -> None:
+    def _emit(self, name: str, doc: Mapping[str, Any]) -> None:
         # Frames still decoding go first: documents leave in the order they came.
         self._drain(everything=True)
         self._send(name, doc)
 
-    def _send(self, name: str, doc: dict) -> None:
+    def _send(self, name: str, doc: Mapping[str, Any]) -> None:
         for callback in self._router.downstream:
             try:
-                callback(name, doc)
+                # Every document is a plain dict at runtime (event_model's TypedDicts too).
+                callback(name, cast(dict[str, Any], doc))
             except Exception as err:
                 if self._router.strict:
                     raise
@@ -357,19 +374,21 @@ class _MaskedRun(DocumentRouter):
 
     # ------------------------------------------------------------ documents
 
-    def start(self, doc: dict) -> None:
-        self._filler("start", doc)
-        recorded = doc.get("masks") or {}
+    def start(self, doc: RunStart) -> None:
+        # A start document carries whatever metadata the plan gave it.
+        start = cast(dict[str, Any], doc)
+        self._filler("start", start)
+        recorded = start.get("masks") or {}
         records: dict[str, dict] = {}
         resolved_as_of: dict[str, str] = {}
-        when = datetime.fromtimestamp(doc.get("time", time.time()), timezone.utc)
+        when = datetime.fromtimestamp(start.get("time", time.time()), timezone.utc)
         by_uids = {key: record for key, record in recorded.items() if record.get("uids")}
         # A run that found the registry unreachable when it opened, moments
         # ago, spent the run start's one wait already: its detectors are not
         # asked for again.
         unreachable = None
-        if time.time() - doc.get("time", 0.0) < OUTAGE_NEWS_SECONDS:
-            unreachable = _unreachable_at_open(doc)
+        if time.time() - start.get("time", 0.0) < OUTAGE_NEWS_SECONDS:
+            unreachable = _unreachable_at_open(start)
         by_names = (
             {}
             if unreachable
@@ -381,7 +400,7 @@ class _MaskedRun(DocumentRouter):
             try:
                 # A RegistryUnavailableError leaves the whole run start
                 # unresolved (and trips the breaker).
-                dated = {**doc, "time": when.timestamp()}
+                dated = {**start, "time": when.timestamp()}
                 found = self._router.breaker.call(
                     lambda registry: resolve_run_masks(
                         registry, dated, [*by_uids, *by_names], masks=by_names
@@ -431,7 +450,7 @@ class _MaskedRun(DocumentRouter):
             resolved_as_of[key] = when.isoformat()
             logger.info(
                 "Run %s recorded no masks for %s; using %s as of its start %s",
-                doc.get("uid"),
+                start.get("uid"),
                 key,
                 list(result.uids),
                 when.isoformat(),
@@ -445,20 +464,20 @@ class _MaskedRun(DocumentRouter):
             self._errors.append(f"{key} frames withheld: it has no masks ({why})")
         # The run opened without knowing which masks its detectors needed:
         # every frame it cannot mask is withheld, never passed on as masked.
-        self._unknown = doc.get(MASK_ERROR_KEY)
+        self._unknown = start.get(MASK_ERROR_KEY)
         if self._unknown:
             self._errors.append(
                 f"the run's masks are unknown ({self._unknown}): frames without masks are withheld"
             )
-        _warn_ignored_mask_names(doc)
+        _warn_ignored_mask_names(start)
         uids = [u for c in self._composites.values() for u in c.uids]
-        metadata = {
-            key: doc[key]
+        metadata: dict[str, Any] = {
+            key: start[key]
             for key in ("plan_name", "scan_id", "detectors", "sample", "beamline_id")
-            if key in doc
+            if key in start
         }
         metadata.update(
-            parent_uid=doc["uid"],
+            parent_uid=start["uid"],
             masks=records,
             mask_uids=list(dict.fromkeys(uids)),
             processing="chx_masks.MaskingRouter",
@@ -472,8 +491,8 @@ class _MaskedRun(DocumentRouter):
         self._derived_start_uid = bundle.start_doc["uid"]
         self._emit("start", bundle.start_doc)
 
-    def descriptor(self, doc: dict) -> None:
-        self._filler("descriptor", doc)
+    def descriptor(self, doc: EventDescriptor) -> None:
+        self._filler("descriptor", cast(dict[str, Any], doc))
         data_keys = doc["data_keys"]
         masked = frozenset(k for k in data_keys if k in self._composites)
         # Keys whose data live in external assets are carried only when
@@ -495,7 +514,8 @@ class _MaskedRun(DocumentRouter):
         for key in masked:
             if data_keys[key].get("dtype_numpy"):
                 self._dtypes[key] = np.dtype(data_keys[key]["dtype_numpy"])
-            self._shapes[key] = tuple(data_keys[key].get("shape") or ())
+            # A masked detector's frames have fixed dimensions (no None in its shape).
+            self._shapes[key] = tuple(cast(Sequence[int], data_keys[key].get("shape") or ()))
         derived_keys = {}
         for key in (*sorted(masked), *sorted(passed)):
             data_key = dict(data_keys[key])
@@ -517,7 +537,9 @@ class _MaskedRun(DocumentRouter):
         self._derived[derived["uid"]] = (derived, masked)
         self._emit("descriptor", derived)
 
-    def event(self, doc: dict) -> None:
+    # ``event``, ``event_page`` and ``datum`` return their document, as the
+    # supertype's do; DocumentRouter passes the document on when they return None.
+    def event(self, doc: Event) -> Event:
         self.event_page(
             {
                 "uid": [doc["uid"]],
@@ -529,39 +551,44 @@ class _MaskedRun(DocumentRouter):
                 "filled": {k: [v] for k, v in doc.get("filled", {}).items()},
             }
         )
+        return doc
 
-    def event_page(self, doc: dict) -> None:
+    def event_page(self, doc: EventPage) -> EventPage:
         stream = self._streams.get(doc["descriptor"])
-        if stream is None or stream[0] is None:
-            return
+        if stream is None:
+            return doc
         derived_uid, masked, passed, name = stream
-        data = doc["data"]
+        if derived_uid is None:
+            return doc
+        page = doc  # filled below where masked frames are external; doc is passed on as it came
+        data = page["data"]
         present = [k for k in masked if k in data]
-        if present and any(not all(doc.get("filled", {}).get(k, [True])) for k in present):
+        if present and any(not all(page.get("filled", {}).get(k, [True])) for k in present):
             try:
-                doc = self._filler.event_page(doc)
-                data = doc["data"]
+                page = self._filler.event_page(page)
+                data = page["data"]
             except Exception as err:
-                self._fail(f"cannot fill {present} of seq_num {doc['seq_num']}", err)
+                self._fail(f"cannot fill {present} of seq_num {page['seq_num']}", err)
                 present = []
         out = {k: data[k] for k in passed if k in data}
         for key in present:
             try:
                 out[key] = self._masked(key, data[key])
             except Exception as err:
-                self._fail(f"cannot mask {key} of seq_num {doc['seq_num']}", err)
+                self._fail(f"cannot mask {key} of seq_num {page['seq_num']}", err)
         if not out or any(k not in out for k in present):
             # Never pass on a page with a masked field left out or unmasked;
             # the failure is in the derived stop document.
-            return
+            return doc
         self._emit_page(
             derived_uid,
             name,
-            doc["seq_num"],
-            doc["time"],
+            page["seq_num"],
+            page["time"],
             out,
-            {k: doc["timestamps"][k] for k in out if k in doc["timestamps"]},
+            {k: page["timestamps"][k] for k in out if k in page["timestamps"]},
         )
+        return doc
 
     def _emit_page(
         self,
@@ -599,7 +626,7 @@ class _MaskedRun(DocumentRouter):
         seq_num: Sequence[int],
         data: dict[str, list],
         timestamps: dict[str, list],
-        send: Callable[[str, dict], None],
+        send: Callable[[str, Mapping[str, Any]], None],
     ) -> tuple[dict[str, list], dict[str, list]]:
         """Write the page's masked frames to files; StreamDatum for them; the rest."""
         doc, masked = self._derived[descriptor]
@@ -616,7 +643,9 @@ class _MaskedRun(DocumentRouter):
                     first_frame.shape,
                     first_frame.dtype,
                 )
-                resource = self._bundle.compose_stream_resource(
+                compose_stream_resource = self._bundle.compose_stream_resource
+                assert compose_stream_resource is not None  # compose_run always makes one
+                resource = compose_stream_resource(
                     mimetype="application/x-hdf5",
                     uri=out.uri,
                     data_key=key,
@@ -639,24 +668,28 @@ class _MaskedRun(DocumentRouter):
                     begin = i
         return data, timestamps
 
-    def resource(self, doc: dict) -> None:
-        self._filler("resource", doc)
+    def resource(self, doc: Resource) -> None:
+        self._filler("resource", cast(dict[str, Any], doc))
 
-    def datum(self, doc: dict) -> None:
-        self._filler("datum", doc)
+    def datum(self, doc: Datum) -> Datum:
+        self._filler("datum", cast(dict[str, Any], doc))
+        return doc
 
-    def datum_page(self, doc: dict) -> None:
-        self._filler("datum_page", doc)
+    def datum_page(self, doc: DatumPage) -> None:
+        self._filler("datum_page", cast(dict[str, Any], doc))
 
-    def stream_resource(self, doc: dict) -> None:
-        self._stream_resources[doc["uid"]] = doc
+    def stream_resource(self, doc: StreamResource) -> None:
+        # Read as a plain dict (by HDF5StreamReader or the stream_reader given).
+        self._stream_resources[doc["uid"]] = cast(dict[str, Any], doc)
 
-    def stream_datum(self, doc: dict) -> None:
+    def stream_datum(self, doc: StreamDatum) -> None:
         stream = self._streams.get(doc["descriptor"])
         resource = self._stream_resources.get(doc["stream_resource"])
-        if stream is None or stream[0] is None or resource is None:
+        if stream is None or resource is None:
             return
         derived_uid, masked, _passed, name = stream
+        if derived_uid is None:
+            return
         key = resource["data_key"]
         if key not in masked:
             return
@@ -707,19 +740,22 @@ class _MaskedRun(DocumentRouter):
         outs = [self._buffers.take(event_shape, dataset.dtype) for _ in range(stop - start)]
         rows = [out.reshape(-1, *frame_shape) for out in outs]
         pool = decode_pool(self._threads)
+        # The page's frames: the decoded buffers, or their chunks encoded again.
+        frames: list[np.ndarray] | list[_Encoded] = outs
+        futures: list[Future[Any]]
         if self._router.frames == "files" and per_index == 1:
             # Decoded, masked and encoded again in one task: the page then
             # carries the file's chunks (the frames never leave the thread).
             futures = [
                 pool.submit(remask_chunk, chunk, rows[i][0], mask) for i, chunk in enumerate(chunks)
             ]
-            outs = [_Encoded(f, event_shape, dataset.dtype) for f in futures]
+            frames = [_Encoded(f, event_shape, dataset.dtype) for f in futures]
         else:
             futures = [
                 pool.submit(decode_chunk, chunk, rows[i // per_index][i % per_index], mask)
                 for i, chunk in enumerate(chunks)
             ]
-        self._queue.append((futures, outs, key, start, stop, page))
+        self._queue.append((futures, frames, key, start, stop, page))
         self._drain(everything=False)
         return True
 
@@ -749,9 +785,10 @@ class _MaskedRun(DocumentRouter):
                 queued=True,
             )
 
-    def stop(self, doc: dict) -> None:
+    def stop(self, doc: RunStop) -> None:
         self._drain(everything=True)
-        self._router._runs.pop(self._raw_start.get("uid"), None)
+        # The raw start has a uid: MaskingRouter._factory filed this run under it.
+        self._router._runs.pop(self._raw_start["uid"], None)
         self._files.close()
         for key, out in self._frame_files.items():
             try:
@@ -862,7 +899,9 @@ def _warn_ignored_mask_names(start: Mapping[str, Any]) -> None:
     records = start.get("masks") or {}
     ignored = {}
     for key, names in given.items():
-        record = records.get(key) if isinstance(records.get(key), Mapping) else {}
+        record = records.get(key)
+        if not isinstance(record, Mapping):
+            record = {}
         if record.get("chosen_by") != CHOSEN_BY_RUN or list(record.get("names") or []) != (
             list(names) if isinstance(names, (list, tuple)) else names
         ):

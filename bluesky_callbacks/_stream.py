@@ -11,11 +11,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from event_model import DocumentRouter, unpack_datum_page, unpack_event_page
 
 from ._eiger import DATA_PATH
+
+if TYPE_CHECKING:
+    from event_model import (
+        Datum,
+        DatumPage,
+        Event,
+        EventDescriptor,
+        EventPage,
+        Resource,
+        RunStart,
+        RunStop,
+    )
 
 __all__ = ["EIGER_SPECS", "EigerSeriesToStream", "eiger_data_files"]
 
@@ -104,8 +116,8 @@ class EigerSeriesToStream(DocumentRouter):
         self._reset()
 
     def _reset(self) -> None:
-        self._resources: dict[str, dict[str, Any]] = {}
-        self._datums: dict[str, dict[str, Any]] = {}
+        self._resources: dict[str, Resource] = {}
+        self._datums: dict[str, Datum] = {}
         self._pending: dict[str, dict[str, Any]] = {}  # descriptors held until their first event
         self._descriptors: dict[str, dict[str, Any]] = {}
         self._rows: dict[tuple[str, str], int] = {}
@@ -117,33 +129,38 @@ class EigerSeriesToStream(DocumentRouter):
         getattr(self, name)(doc)
         return name, doc
 
-    def start(self, doc: dict[str, Any]) -> None:
+    # The documents emitted are plain dicts at runtime (event_model's TypedDicts too).
+    # ``datum``, ``event`` and ``event_page`` return their document as the supertype's
+    # do; ``__call__`` above passes every document on as it came all the same.
+
+    def start(self, doc: RunStart) -> None:
         self._reset()
-        self.emit("start", doc)
+        self.emit("start", cast(dict[str, Any], doc))
 
-    def descriptor(self, doc: dict[str, Any]) -> None:
+    def descriptor(self, doc: EventDescriptor) -> None:
         # Which keys are Eiger series is known at the first event (from its datums).
-        self._pending[doc["uid"]] = doc
+        self._pending[doc["uid"]] = cast(dict[str, Any], doc)
 
-    def resource(self, doc: dict[str, Any]) -> None:
+    def resource(self, doc: Resource) -> None:
         if str(doc.get("spec", "")).upper() in EIGER_SPECS:
             self._resources[doc["uid"]] = doc
         else:
-            self.emit("resource", doc)
+            self.emit("resource", cast(dict[str, Any], doc))
 
-    def datum(self, doc: dict[str, Any]) -> None:
+    def datum(self, doc: Datum) -> Datum:
         kwargs = doc.get("datum_kwargs", {})
         # A datum for one frame of a series (frame_num) is left to the writer as it is.
         if doc["resource"] in self._resources and kwargs.get("frame_num") is None:
             self._datums[doc["datum_id"]] = doc
         else:
-            self.emit("datum", doc)
+            self.emit("datum", cast(dict[str, Any], doc))
+        return doc
 
-    def datum_page(self, doc: dict[str, Any]) -> None:
+    def datum_page(self, doc: DatumPage) -> None:
         for datum in unpack_datum_page(doc):
             self.datum(datum)
 
-    def event(self, doc: dict[str, Any]) -> None:
+    def event(self, doc: Event) -> Event:
         filled = doc.get("filled", {})
         series = {
             key: self._datums.pop(value)
@@ -152,8 +169,8 @@ class EigerSeriesToStream(DocumentRouter):
         }
         descriptor = self._descriptor(doc["descriptor"], series)
         if not series:
-            self.emit("event", doc)
-            return
+            self.emit("event", cast(dict[str, Any], doc))
+            return doc
         keep = [key for key in doc["data"] if key not in series]
         self.emit(
             "event",
@@ -168,15 +185,17 @@ class EigerSeriesToStream(DocumentRouter):
         )
         for key, datum in series.items():
             self._announce(descriptor, key, datum, doc["seq_num"])
+        return doc
 
-    def event_page(self, doc: dict[str, Any]) -> None:
+    def event_page(self, doc: EventPage) -> EventPage:
         for event in unpack_event_page(doc):
             self.event(event)
+        return doc
 
-    def stop(self, doc: dict[str, Any]) -> None:
+    def stop(self, doc: RunStop) -> None:
         for uid in list(self._pending):
             self._descriptor(uid, {})
-        self.emit("stop", doc)
+        self.emit("stop", cast(dict[str, Any], doc))
         self._reset()
 
     def _descriptor(self, uid: str, series: dict[str, Any]) -> dict[str, Any]:
@@ -193,9 +212,7 @@ class EigerSeriesToStream(DocumentRouter):
         self.emit("descriptor", pending)
         return pending
 
-    def _announce(
-        self, descriptor: dict[str, Any], key: str, datum: dict[str, Any], seq_num: int
-    ) -> None:
+    def _announce(self, descriptor: dict[str, Any], key: str, datum: Datum, seq_num: int) -> None:
         resource = self._resources[datum["resource"]]
         shape = list(descriptor["data_keys"][key]["shape"])
         frames = shape[0] if len(shape) == 3 else 1

@@ -144,7 +144,7 @@ def process(
         from distributed import Client
 
         client = Client(scheduler)
-    reports = []
+    reports: list[dict[str, Any]] = []
     try:
         for run_uid in run_uids:
             plan = plan_processing(

@@ -64,7 +64,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 from numpy.typing import DTypeLike
@@ -119,7 +119,7 @@ _N_HOT_PIXELS = 12
 
 def _resolve_shape(name: str, shape: tuple[int, int] | None) -> tuple[int, int]:
     if shape is not None:
-        return tuple(shape)  # checked by EigerPattern
+        return cast(tuple[int, int], tuple(shape))  # checked by EigerPattern
     try:
         return CHX_EIGER_SHAPES[name]
     except KeyError:
@@ -366,13 +366,19 @@ class SimEiger(Device):
             self._asset_docs.append(("resource", self._resource))
         return self._resource
 
+    def _save_dir(self) -> Path:
+        """``save_path``, set by the run's first :meth:`_new_resource` if it was None."""
+        if self.save_path is None:
+            raise RuntimeError(f"{self.name}: save_path was set to None during a run.")
+        return self.save_path
+
     def _write_series(self, first: int) -> str:
         """One Eiger series from frame ``first``: DECTRIS files, one Datum (its seq_id)."""
         resource = self._new_resource("AD_EIGER2", {"images_per_file": self.frames_per_file})
         seq_id = first // self.frames_per_trigger + 1
         pixel_mask = detector_pixel_mask(self.pattern)
         with SeriesWriter(
-            self.save_path,
+            self._save_dir(),
             f"{resource['resource_path']}_{seq_id}",
             self.pattern.shape,
             self.pattern.dtype,
@@ -397,7 +403,7 @@ class SimEiger(Device):
     def _write_frame(self, i: int, frame: np.ndarray) -> str:
         resource = self._new_resource("NPY_SEQ", {})
         # The file name is the NumpySeqHandler convention: {root}/{resource_path}_{index}.npy
-        path = self.save_path / f"{resource['resource_path']}_{i}.npy"
+        path = self._save_dir() / f"{resource['resource_path']}_{i}.npy"
         np.save(path, frame, allow_pickle=False)
         datum_id = f"{resource['uid']}/{i}"
         self._asset_docs.append(

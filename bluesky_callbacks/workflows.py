@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -46,6 +46,9 @@ from ._process import (
     plan_processing,
     write_product,
 )
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
 
 __all__ = [
     "DEPLOYMENT",
@@ -266,8 +269,13 @@ class EndOfRunTrigger:
     def _request(self, stop_doc: dict) -> str:
         from prefect.deployments import run_deployment
 
-        flow_run = run_deployment(
-            self.deployment, parameters={"stop_doc": stop_doc, **self.parameters}, timeout=0
+        # Called on a worker thread, outside any event loop: run_deployment runs
+        # synchronously and returns the FlowRun, not a coroutine.
+        flow_run = cast(
+            "FlowRun",
+            run_deployment(
+                self.deployment, parameters={"stop_doc": stop_doc, **self.parameters}, timeout=0
+            ),
         )
         return str(flow_run.id)
 

@@ -122,18 +122,7 @@ def verify_registry(
             if isinstance(md.get("purged"), str)
         }
         detectors = root[DETECTORS] if DETECTORS in root else None
-        claims: dict[str | None, tuple[str, Mapping[str, Any]]] = {}
-        lineages: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
-        for det, node in {} if detectors is None else detectors.items():
-            for key, child in node.items():
-                md = dict(child.metadata)
-                where = f"{DETECTORS}/{det}/{key}"
-                if key != f"{md.get('name')}@{md.get('version')}":
-                    problems.append(Problem("slot", where, "its key is not its name@version"))
-                    continue
-                lineages.setdefault((det, md["name"]), []).append(md)
-                if md.get("kind") == "mask":
-                    claims[md.get("uid")] = (det, md)
+        claims, lineages = _slots_by_lineage(detectors, problems)
         report.counts["detectors"] = 0 if detectors is None else len(detectors)
         report.counts["lineages"] = len(lineages)
         report.counts["slots"] = sum(len(s) for s in lineages.values())
@@ -174,6 +163,30 @@ def verify_registry(
     if repair:
         _repair(registry, masks, report)
     return report
+
+
+def _slots_by_lineage(
+    detectors: Any, problems: list[Problem]
+) -> tuple[
+    dict[str | None, tuple[str, Mapping[str, Any]]],
+    dict[tuple[str, str], list[Mapping[str, Any]]],
+]:
+    """Each mask slot by the uid it claims, and each lineage's slots; misnamed slots reported."""
+    from ._registry import DETECTORS
+
+    claims: dict[str | None, tuple[str, Mapping[str, Any]]] = {}
+    lineages: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for det, node in {} if detectors is None else detectors.items():
+        for key, child in node.items():
+            md = dict(child.metadata)
+            where = f"{DETECTORS}/{det}/{key}"
+            if key != f"{md.get('name')}@{md.get('version')}":
+                problems.append(Problem("slot", where, "its key is not its name@version"))
+                continue
+            lineages.setdefault((det, md["name"]), []).append(md)
+            if md.get("kind") == "mask":
+                claims[md.get("uid")] = (det, md)
+    return claims, lineages
 
 
 def _at(md: Mapping[str, Any]) -> datetime | None:
