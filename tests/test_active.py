@@ -7,11 +7,11 @@ import time
 
 import pytest
 from bluesky.plans import count
+from helpers import EIGER500K, ones, random_mask
 
 from bluesky_callbacks import MaskProvenance
 from bluesky_callbacks.sim import sim_eiger500k
 from chx_masks import ActiveSet, MaskNotFoundError, MaskValidationError
-from conftest import EIGER500K, ones, random_mask
 
 
 def _seed(registry):

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import EIGER500K, SHAPE_4M, SHAPE_500K, ones, random_mask
 from metadata_cases import KEPT as KEPT_METADATA
 from metadata_cases import REFUSED as REFUSED_METADATA
 from metadata_cases import nested
@@ -28,7 +29,6 @@ from chx_masks import (
     MaskNotFoundError,
     MaskValidationError,
 )
-from conftest import EIGER500K, SHAPE_4M, SHAPE_500K, ones, random_mask
 
 DET = EIGER500K
 TRANSPOSED = SHAPE_500K[::-1]

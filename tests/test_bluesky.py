@@ -11,6 +11,7 @@ import pytest
 from bluesky.plans import count
 from bluesky_tiled_plugins import TiledWriter
 from event_model import pack_event_page
+from helpers import Collector, ServerProcess
 from tiled.queries import Key
 
 from bluesky_callbacks import (
@@ -30,7 +31,6 @@ from chx_masks import (
     MaskValidationError,
     RegistryUnavailableError,
 )
-from conftest import Collector, ServerProcess
 
 K4M = "eiger4m_single_image"
 K500 = "eiger500K_single_image"

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import EIGER500K, SHAPE_500K, random_mask
 
 import chx_masks
 from chx_masks import MaskRegistry
 from chx_masks._cli import main
-from conftest import EIGER500K, SHAPE_500K, random_mask
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

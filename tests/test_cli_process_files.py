@@ -20,12 +20,12 @@ import pytest
 from bluesky.plans import count
 from bluesky_tiled_plugins import TiledWriter
 from click.testing import CliRunner
+from helpers import dense
 
 from bluesky_callbacks import MaskProvenance, open_run_store
 from bluesky_callbacks._process import RunStore
 from chx_masks import MaskRegistry
 from chx_masks._cli import main
-from conftest import dense
 
 pytestmark = pytest.mark.slow
 

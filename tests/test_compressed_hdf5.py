@@ -17,9 +17,9 @@ from pathlib import Path
 import h5py
 import hdf5plugin
 import numpy as np
+from helpers import EIGER500K, SHAPE_500K, random_mask
 
 from chx_masks import MaskRegistry
-from conftest import EIGER500K, SHAPE_500K, random_mask
 
 BITSHUFFLE_LZ4 = 32008
 

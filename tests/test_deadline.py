@@ -8,12 +8,12 @@ import time
 
 import pytest
 from bluesky.plans import count
+from helpers import EIGER500K, random_mask
 
 from bluesky_callbacks import MaskingRouter, MaskProvenance
 from bluesky_callbacks._deadline import RegistryBreaker, breaker_for, stop_probes
 from bluesky_callbacks.sim import sim_eiger500k
 from chx_masks import MaskRegistry, RegistryUnavailableError
-from conftest import EIGER500K, random_mask
 
 
 @pytest.fixture(autouse=True)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import random_mask
 
 from chx_masks import MaskRegistry
-from conftest import random_mask
 
 EIGER4M = "eiger4m_single_image"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -21,6 +21,7 @@ import pytest
 from bluesky.plans import count
 from bluesky_tiled_plugins import TiledWriter
 from event_model import Filler
+from helpers import EIGER500K, SHAPE_500K, Collector, random_mask
 
 from bluesky_callbacks import (
     EigerSeriesToStream,
@@ -42,7 +43,6 @@ from bluesky_callbacks._eiger import (
 from bluesky_callbacks._frames import TiledStreamReader
 from bluesky_callbacks.sim import SimAsyncEiger, SimEiger, handler_registry
 from chx_masks import MaskIntegrityError, MaskRegistry
-from conftest import EIGER500K, SHAPE_500K, Collector, random_mask
 
 BITSHUFFLE_LZ4 = 32008
 

@@ -40,12 +40,12 @@ import numpy as np
 import pytest
 import servers
 from bluesky.plans import count
+from helpers import SUMMARY, Collector
 
 from bluesky_callbacks import MaskingRouter, MaskProvenance
 from bluesky_callbacks._deadline import stop_probes
 from bluesky_callbacks.sim import sim_eiger500k
 from chx_masks import MaskRegistry, mask_sha256
-from conftest import SUMMARY, Collector
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import EIGER500K, SHAPE_500K, random_mask
 
 import chx_masks
 from chx_masks import (
@@ -41,7 +42,6 @@ from chx_masks import (
 from chx_masks import generate as gen
 from chx_masks._cli import main
 from chx_masks.io import ingest_master_file, register_from_file, write_mask
-from conftest import EIGER500K, SHAPE_500K, random_mask
 
 DET = EIGER500K
 NAME = "gaps"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import EIGER500K, SHAPE_500K, random_mask
 
 from chx_masks import MaskExistsError, MaskValidationError
 from chx_masks.io import (
@@ -18,7 +19,6 @@ from chx_masks.io import (
     register_from_file,
     write_mask,
 )
-from conftest import EIGER500K, SHAPE_500K, random_mask
 
 SUFFIXES = {
     "npy": ".npy",

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from event_model import compose_run
+from helpers import EIGER4M, SHAPE_4M, random_mask
 
 from bluesky_callbacks import MaskingRouter
 from bluesky_callbacks._kernel import PARALLEL_BYTES, FrameBuffers, multiply_into
 from chx_masks import MaskRegistry
-from conftest import EIGER4M, SHAPE_4M, random_mask
 
 
 @pytest.fixture(scope="module")

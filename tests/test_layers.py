@@ -45,6 +45,18 @@ def test_the_registry_library_imports_nothing_from_the_bluesky_integration():
     assert offending == []
 
 
+def test_tests_import_shared_helpers_from_helpers_never_from_conftest():
+    sources = _sources("tests")
+    assert len(sources) > 30
+    offending = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in sources
+        for line, module in _imports(path)
+        if module.split(".")[0] == "conftest"
+    ]
+    assert offending == []
+
+
 def test_nothing_outside_chx_masks_imports_a_private_chx_masks_module():
     sources = _sources("bluesky_callbacks", "profile_snippets")
     assert len(sources) > 10

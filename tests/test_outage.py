@@ -32,12 +32,12 @@ import numpy as np
 import pytest
 import servers
 from bluesky.plans import count
+from helpers import EIGER500K, SUMMARY, Collector, random_mask
 
 from bluesky_callbacks import MaskingRouter, MaskProvenance
 from bluesky_callbacks._deadline import stop_probes
 from bluesky_callbacks.sim import sim_eiger500k
 from chx_masks import MaskRegistry
-from conftest import EIGER500K, SUMMARY, Collector, random_mask
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -215,8 +215,9 @@ def test_every_registry_call_on_a_frozen_server_fails_in_the_error_tree(tmp_path
     import os
     import signal
 
+    from helpers import ServerProcess
+
     from chx_masks import ChxMasksError, RegistryUnavailableError
-    from conftest import ServerProcess
 
     server = ServerProcess(tmp_path / "server")
     try:

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import EIGER4M, EIGER500K, SHAPE_4M, SHAPE_500K
 
 from chx_masks import ChxMasksError, CompositeMask, MaskRegistry, MaskValidationError
 from chx_masks._plot import (
@@ -23,7 +24,6 @@ from chx_masks._plot import (
     mask_png,
     record_title,
 )
-from conftest import EIGER4M, EIGER500K, SHAPE_4M, SHAPE_500K
 
 pytest.importorskip("matplotlib")
 

@@ -21,6 +21,7 @@ from bluesky.plans import count
 from bluesky_tiled_plugins import TiledWriter
 from click.testing import CliRunner
 from event_model import compose_run
+from helpers import ServerProcess, dense
 
 from bluesky_callbacks import MaskProvenance, open_run_store
 from bluesky_callbacks._process import (
@@ -34,7 +35,6 @@ from bluesky_callbacks._process import (
 from bluesky_callbacks.sim import sim_eiger500k
 from chx_masks import MaskNotFoundError, MaskRegistry
 from chx_masks._cli import main
-from conftest import ServerProcess, dense
 
 pytestmark = pytest.mark.slow
 

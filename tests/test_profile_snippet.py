@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import EIGER500K, SUMMARY, random_mask
 from tiled.queries import Key
 
 from bluesky_callbacks import open_run_store
 from bluesky_callbacks.sim import sim_eiger500k
 from chx_masks import MaskRegistry
-from conftest import EIGER500K, SUMMARY, random_mask
 
 # Four IPython starts of a few seconds each (tiled imports, embedded stores).
 pytestmark = pytest.mark.slow

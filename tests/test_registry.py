@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
+from helpers import EIGER4M, EIGER500K, SHAPE_500K, ones, random_mask
 
 import chx_masks
 from chx_masks import (
@@ -17,7 +18,6 @@ from chx_masks import (
     MaskRegistry,
     mask_sha256,
 )
-from conftest import EIGER4M, EIGER500K, SHAPE_500K, ones, random_mask
 
 
 def test_register_starts_version_zero_with_fresh_uid(registry):

@@ -11,11 +11,11 @@ import threading
 
 import numpy as np
 import pytest
+from helpers import SHAPE_500K, ones, random_mask
 
 from bluesky_callbacks import MaskProvenance, _provenance
 from chx_masks import MaskExistsError, MaskRegistry
 from chx_masks._records import PackedMasks
-from conftest import SHAPE_500K, ones, random_mask
 
 DET = "eiger500K_single_image"
 RUN_MD = {"plan_name": "count", "detectors": ["eiger500K_single"]}

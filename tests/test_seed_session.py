@@ -13,9 +13,9 @@ from pathlib import Path
 import dask.array
 import numpy as np
 import pytest
+from helpers import SHAPE_4M, server_node_uri
 
 import chx_masks
-from conftest import SHAPE_4M, server_node_uri
 
 
 def _seed_masks() -> dict[str, np.ndarray]:

@@ -6,9 +6,9 @@ import hashlib
 
 import numpy as np
 import pytest
+from helpers import EIGER500K, SHAPE_500K, random_mask
 
 from chx_masks import generate, io
-from conftest import EIGER500K, SHAPE_500K, random_mask
 
 FORMATS = {
     "npy": "m.npy",
