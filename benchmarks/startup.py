@@ -42,6 +42,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -76,6 +77,11 @@ class Samples:
     seconds: list[float] = field(default_factory=list)
     cpu_seconds: list[float] = field(default_factory=list)
     rss_mib: list[float] = field(default_factory=list)
+
+    def add(self, seconds: float, cpu_seconds: float, rss_mib: float) -> None:
+        self.seconds.append(seconds)
+        self.cpu_seconds.append(cpu_seconds)
+        self.rss_mib.append(rss_mib)
 
 
 def _script() -> Path:
@@ -239,7 +245,7 @@ def machine() -> dict[str, object]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=7, help="repetitions (default 7)")
     parser.add_argument("--masks", type=int, default=5, help="masks in each registry (default 5)")
@@ -263,16 +269,22 @@ def main(argv: list[str] | None = None) -> int:
     for base in options.baseline:
         if not (base / "chx_masks").is_dir():
             parser.error(f"--baseline {base} holds no chx_masks/ package")
+    return options
 
+
+def make_variants(baselines: list[Path]) -> list[Variant]:
+    """Each ``--baseline`` as script and module, then this tree's two."""
     variants = []
-    for base in options.baseline:
+    for base in baselines:
         variants += [
             Variant(f"{base.name}: chx-masks", module=False, source=base.resolve()),
             Variant(f"{base.name}: python -m", module=True, source=base.resolve()),
         ]
     variants += [Variant("chx-masks", module=False), Variant("python -m chx_masks", module=True)]
-    commands = options.only or list(TARGETS)
-    info = machine()
+    return variants
+
+
+def print_machine(info: dict[str, Any]) -> None:
     print(
         f"chx-masks start-up, {info['date']}, git {info['git_rev']}"
         + (
@@ -287,6 +299,15 @@ def main(argv: list[str] | None = None) -> int:
         + f"; load average {info['load_average_at_start']}"
     )
 
+
+Pair = tuple[str, Variant]
+Commands = dict[str, tuple[list[str], dict[str, str]]]
+
+
+def measure(
+    options: argparse.Namespace, variants: list[Variant], commands: list[str]
+) -> tuple[list[Pair], dict[tuple[str, str], Samples]]:
+    """Fill the registries, start what the commands need and sample every (command, variant)."""
     with tempfile.TemporaryDirectory(prefix="chx-startup-") as tmp:
         root = Path(tmp)
         # Children run here, not in the repository, so that --baseline's
@@ -302,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copytree(embedded, served)
             shutil.copytree(embedded, first)
         try:
-            args: dict[str, tuple[list[str], dict[str, str]]] = {"help": (["--help"], {})}
+            args: Commands = {"help": (["--help"], {})}
             # The embedded registry's default data directory must not be touched.
             args["dir"] = (["--dir", str(embedded), "list"], {})
             args["dir-inprocess"] = (
@@ -329,21 +350,11 @@ def main(argv: list[str] | None = None) -> int:
             for repetition in range(-1, options.repeat):
                 shift = max(repetition, 0) % len(pairs)
                 for command, variant in pairs[shift:] + pairs[:shift]:
-                    command_args, extra = args[command]
                     if command == "dir-first":
                         stop_local_server(first)
-                    seconds, cpu, rss, stdout = run_once(
-                        _argv(variant, command_args), _env(variant, {**env_base, **extra}), cwd
-                    )
-                    if command != "help" and not all(n in stdout for n in names):
-                        sys.exit(
-                            f"startup.py: {command} {variant.label} did not list every "
-                            f"mask:\n{stdout}"
-                        )
+                    sample = sample_once(command, variant, args, env_base, names, cwd)
                     if repetition >= 0:  # the warm-up compiles bytecode and fills caches
-                        samples[command, variant.label].seconds.append(seconds)
-                        samples[command, variant.label].cpu_seconds.append(cpu)
-                        samples[command, variant.label].rss_mib.append(rss)
+                        samples[command, variant.label].add(*sample)
                 if repetition >= 0:
                     print(f"    repetition {repetition + 1}/{options.repeat} done", flush=True)
         finally:
@@ -351,8 +362,30 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop()
             for directory in (embedded, first):
                 stop_local_server(directory)
-    info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return pairs, samples
 
+
+def sample_once(
+    command: str,
+    variant: Variant,
+    args: Commands,
+    env_base: dict[str, str],
+    names: list[str],
+    cwd: Path,
+) -> tuple[float, float, float]:
+    """One run of ``command`` as ``variant``: wall seconds, CPU seconds, peak RSS (MiB)."""
+    command_args, extra = args[command]
+    seconds, cpu, rss, stdout = run_once(
+        _argv(variant, command_args), _env(variant, {**env_base, **extra}), cwd
+    )
+    if command != "help" and not all(n in stdout for n in names):
+        sys.exit(f"startup.py: {command} {variant.label} did not list every mask:\n{stdout}")
+    return seconds, cpu, rss
+
+
+def print_table(
+    pairs: list[Pair], samples: dict[tuple[str, str], Samples], variants: list[Variant]
+) -> None:
     shown = {
         "help": "--help",
         "dir": "--dir D list",
@@ -360,7 +393,6 @@ def main(argv: list[str] | None = None) -> int:
         "dir-inprocess": "--dir D list",
         "uri": "--uri URI list",
     }
-    print(f"\n  load average at the end {info['load_average_at_end']}\n")
     labels = {"dir": " (server up)", "dir-first": " (first)", "dir-inprocess": " (no server)"}
     width = max(len(v.label) for v in variants) + max(len(x) for x in labels.values())
     header = (
@@ -382,25 +414,46 @@ def main(argv: list[str] | None = None) -> int:
             f"{statistics.median(s.rss_mib):13.0f} "
             f"{shown_target:>8}  {verdict}"
         )
-    if options.json is not None:
-        options.json.write_text(
-            json.dumps(
-                {
-                    "machine": info,
-                    "samples": [
-                        {
-                            "command": c,
-                            "variant": v.label,
-                            "seconds": samples[c, v.label].seconds,
-                            "cpu_seconds": samples[c, v.label].cpu_seconds,
-                            "peak_rss_mib": samples[c, v.label].rss_mib,
-                        }
-                        for c, v in pairs
-                    ],
-                },
-                indent=2,
-            )
+
+
+def write_json(
+    path: Path,
+    info: dict[str, Any],
+    pairs: list[Pair],
+    samples: dict[tuple[str, str], Samples],
+) -> None:
+    path.write_text(
+        json.dumps(
+            {
+                "machine": info,
+                "samples": [
+                    {
+                        "command": c,
+                        "variant": v.label,
+                        "seconds": samples[c, v.label].seconds,
+                        "cpu_seconds": samples[c, v.label].cpu_seconds,
+                        "peak_rss_mib": samples[c, v.label].rss_mib,
+                    }
+                    for c, v in pairs
+                ],
+            },
+            indent=2,
         )
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    variants = make_variants(options.baseline)
+    commands = options.only or list(TARGETS)
+    info = machine()
+    print_machine(info)
+    pairs, samples = measure(options, variants, commands)
+    info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"\n  load average at the end {info['load_average_at_end']}\n")
+    print_table(pairs, samples, variants)
+    if options.json is not None:
+        write_json(options.json, info, pairs, samples)
     return 0
 
 
