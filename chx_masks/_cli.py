@@ -27,9 +27,9 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
+    from ._formats import Convention, Format
     from ._records import ActiveSet, CompositeMask, MaskRecord
     from ._registry import MaskRegistry
-    from .io import Convention, Format
 
 FORMATS = ("npy", "npz", "tiff", "edf", "msk", "nexus", "indices")
 CONVENTIONS = ("keep", "masked-nonzero")
@@ -1087,7 +1087,8 @@ def export(
     TIFF needs --convention: masked-nonzero for pyFAI and fabio, keep for
     chx-masks.
     """
-    from .io import _convention_words, _resolve_format, export_convention, export_mask
+    from ._formats import _convention_words, _resolve_format
+    from .io import export_convention, export_mask
 
     if file.exists() and not force:
         raise _Failure(f"{file} exists; add --force to overwrite it.")
