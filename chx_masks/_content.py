@@ -206,22 +206,28 @@ def check_storable(value: Any, where: str = "metadata") -> None:
                     stack.append((child, f"{at}[{key!r}]", depth + 1, top))
             else:
                 stack.extend((child, f"{at}[{i}]", depth + 1, top) for i, child in enumerate(item))
-        elif isinstance(item, str):
-            _check_text(item, at)
-        elif isinstance(item, bool) or item is None:
-            continue
-        elif isinstance(item, int):
-            if not INT64_MIN <= item <= INT64_MAX:
-                raise MaskValidationError(
-                    f"{at} = {item} is outside the integers every catalog stores (int64, "
-                    f"{INT64_MIN} to {INT64_MAX}). Store it as a string or in other units."
-                )
-        elif isinstance(item, float) and math.isfinite(item) and abs(item) >= FLOAT_MAX:
+        else:
+            _check_scalar(item, at)
+
+
+def _check_scalar(item: Any, at: str) -> None:
+    """Refuse a string, integer or float at ``at`` that a catalog would not serve back equal."""
+    if isinstance(item, str):
+        _check_text(item, at)
+    elif isinstance(item, bool) or item is None:
+        return
+    elif isinstance(item, int):
+        if not INT64_MIN <= item <= INT64_MAX:
             raise MaskValidationError(
-                f"{at} = {item!r} cannot be stored exactly: numbers must be integers within "
-                f"int64 or floats below 1e16 in magnitude. Store it as a string ('{item!r}') "
-                "or in other units."
+                f"{at} = {item} is outside the integers every catalog stores (int64, "
+                f"{INT64_MIN} to {INT64_MAX}). Store it as a string or in other units."
             )
+    elif isinstance(item, float) and math.isfinite(item) and abs(item) >= FLOAT_MAX:
+        raise MaskValidationError(
+            f"{at} = {item!r} cannot be stored exactly: numbers must be integers within "
+            f"int64 or floats below 1e16 in magnitude. Store it as a string ('{item!r}') "
+            "or in other units."
+        )
 
 
 def _check_text(text: str, at: str) -> None:
@@ -340,20 +346,7 @@ def coerce_mask(
             "holds True (keep) or False (masked) only."
         )
     if arr.dtype != np.bool_:
-        if arr.dtype.kind not in "uif":
-            raise MaskValidationError(f"A mask must be an array of bool, not of dtype {arr.dtype}.")
-        if not allow_binary:
-            raise MaskValidationError(
-                f"A mask must be an array of bool; got dtype {arr.dtype}. Convert "
-                "it yourself (e.g. `mask.astype(bool)`, checking the convention: "
-                "True = pixel kept) or pass allow_binary=True to accept 0/1 values."
-            )
-        if not np.isin(arr, (0, 1)).all():
-            raise MaskValidationError(
-                f"allow_binary=True accepts only 0 and 1, but the {arr.dtype} mask "
-                f"holds values such as {np.unique(arr[~np.isin(arr, (0, 1))])[:5].tolist()}."
-            )
-        arr = arr.astype(bool)
+        arr = _binary_to_bool(arr, allow_binary)
     if arr.ndim != 2:
         raise MaskValidationError(
             f"A mask must be 2-D like the detector {detector!r} {shape_str(shape)}; "
@@ -372,6 +365,24 @@ def coerce_mask(
             "transposed array (mask.T in NumPy) and give that file.",
         )
     return np.ascontiguousarray(arr)
+
+
+def _binary_to_bool(arr: np.ndarray, allow_binary: bool) -> np.ndarray:
+    """A numeric (not bool) mask array as bool, if ``allow_binary`` and it holds only 0/1."""
+    if arr.dtype.kind not in "uif":
+        raise MaskValidationError(f"A mask must be an array of bool, not of dtype {arr.dtype}.")
+    if not allow_binary:
+        raise MaskValidationError(
+            f"A mask must be an array of bool; got dtype {arr.dtype}. Convert "
+            "it yourself (e.g. `mask.astype(bool)`, checking the convention: "
+            "True = pixel kept) or pass allow_binary=True to accept 0/1 values."
+        )
+    if not np.isin(arr, (0, 1)).all():
+        raise MaskValidationError(
+            f"allow_binary=True accepts only 0 and 1, but the {arr.dtype} mask "
+            f"holds values such as {np.unique(arr[~np.isin(arr, (0, 1))])[:5].tolist()}."
+        )
+    return arr.astype(bool)
 
 
 def shape_str(shape: tuple[int, ...]) -> str:
