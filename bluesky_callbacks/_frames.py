@@ -34,7 +34,8 @@ from chx_masks import (
     RegistryUnavailableError,
 )
 
-from ._eiger import EigerSeriesHandler, decodable
+from ._decode import decodable
+from ._eiger import EigerSeriesHandler
 
 __all__ = [
     "HDF5StreamReader",

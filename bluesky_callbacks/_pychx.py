@@ -118,7 +118,7 @@ class ProductFrames:
         if self._dataset is None:
             from chx_masks.io import h5py_with_filters
 
-            from ._eiger import decodable
+            from ._decode import decodable
 
             h5 = h5py_with_filters().File(self.filename, "r")
             dataset = h5[self.node.data_sources()[0].parameters["dataset"]]
@@ -133,7 +133,7 @@ class ProductFrames:
         _, dataset, flat, fast = self._dataset
         where = (n,) if flat else index
         if fast:
-            from ._eiger import decode_chunk
+            from ._decode import decode_chunk
 
             chunk = dataset.id.read_direct_chunk((where[0],) + (0,) * (dataset.ndim - 1))[1]
             return decode_chunk(chunk, self._buffer)
