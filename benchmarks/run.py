@@ -4,7 +4,7 @@ Run by developers and CI-like checks, never by pytest (no file here is named
 ``test_*`` and ``benchmarks/`` is outside pytest's testpaths)::
 
     python benchmarks/run.py                 # the seven measurements (~5-10 min)
-    python benchmarks/run.py --quick         # a smoke run (~2 min)
+    python benchmarks/run.py --quick         # a smoke run (minutes, once .cache/ is filled)
     python benchmarks/run.py --only live --json results.json
 
 Every comparison runs its contenders in this one process, interleaved
@@ -60,7 +60,11 @@ CHILDREN = {"cold": child_cold, "memory": child_memory, "process": child_process
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short smoke run (~2 min)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="short smoke run (minutes, once benchmarks/.cache is filled)",
+    )
     parser.add_argument(
         "--only",
         choices=MEASUREMENTS,
