@@ -109,46 +109,44 @@ def _direct_encoded(
 
 
 def _in_flight(
-    tasks: Sequence[Callable[[], Any]] | Sequence[Any],
+    tasks: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]],
     client: Any,
     window: int,
 ) -> Iterator[tuple[int, Any]]:
-    """Run ``tasks`` with at most ``window`` at once; yield (index, result) as each ends."""
-    if client is None:
-        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    """Run each ``(fn, args)`` of ``tasks``, at most ``window`` at once; yield (index, result).
 
-        with ThreadPoolExecutor(max_workers=max(1, window // 2)) as pool:
-            pending: dict[Any, int] = {}
-            todo = iter(enumerate(tasks))
-            for index, task in todo:
-                pending[pool.submit(task)] = index
-                if len(pending) >= window:
-                    break
+    Results come as tasks end, in any order. One ``concurrent.futures``
+    executor runs them: local threads (half of ``window``) when ``client`` is
+    None, else the ``dask.distributed`` client's (``Client.get_executor``).
+    A task that raises ends the loop; tasks not yet started are cancelled.
+    """
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    executor = (
+        ThreadPoolExecutor(max_workers=max(1, window // 2))
+        if client is None
+        else client.get_executor(pure=False)
+    )
+    todo = iter(enumerate(tasks))
+    pending: dict[Any, int] = {}
+
+    def submit_next() -> bool:
+        nxt = next(todo, None)
+        if nxt is not None:
+            index, (fn, args) = nxt
+            pending[executor.submit(fn, *args)] = index
+        return nxt is not None
+
+    with executor:
+        try:
+            while len(pending) < max(1, window) and submit_next():
+                pass
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
-                    yield pending.pop(future), future.result()
-                    nxt = next(todo, None)
-                    if nxt is not None:
-                        pending[pool.submit(nxt[1])] = nxt[0]
-        return
-    from distributed import as_completed
-
-    todo = iter(enumerate(tasks))
-    futures: dict[Any, int] = {}
-    for index, (fn, args) in todo:
-        futures[client.submit(fn, *args, pure=False)] = index
-        if len(futures) >= window:
-            break
-    running = as_completed(list(futures), loop=client.loop)
-    for future in running:
-        index = futures.pop(future)
-        result = future.result()
-        future.release()
-        yield index, result
-        nxt = next(todo, None)
-        if nxt is not None:
-            fn, args = nxt[1]
-            new = client.submit(fn, *args, pure=False)
-            futures[new] = nxt[0]
-            running.add(new)
+                    index = pending.pop(future)
+                    yield index, future.result()
+                    submit_next()
+        finally:
+            for future in pending:
+                future.cancel()

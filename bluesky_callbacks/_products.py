@@ -5,10 +5,9 @@
 
 from __future__ import annotations
 
-import functools
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -266,20 +265,17 @@ def _write_detector_file(
     if client is not None:
         [mask] = client.scatter([mask], broadcast=True)
     # Either task, with its arguments (detector.files is not None where direct).
-    args: list[tuple[Callable[..., tuple[list[bytes], int]], tuple[Any, ...]]]
+    tasks: list[tuple[Callable[..., tuple[list[bytes], int]], tuple[Any, ...]]]
     if direct:
-        args = [
+        tasks = [
             (_direct_encoded, (detector.files, a * per_event, b * per_event, mask, detector.dtype))
             for a, b in detector.chunks
         ]
     else:
-        args = [
+        tasks = [
             (_masked_encoded, (runs, plan.run_uid, plan.stream, detector.data_key, a, b, mask))
             for a, b in detector.chunks
         ]
-    tasks: Sequence[Any] = (
-        args if client is not None else [functools.partial(fn, *a) for fn, a in args]
-    )
     nonzero = 0
     # The file holds frames, (rows x frames per row, rows, cols), one chunk each,
     # as the Eiger writes them; tiled serves it in the run's shape.
@@ -410,13 +406,10 @@ def _write_detector(
     mask = prepare_mask(detector.composite, detector.dtype, detector.event_shape)
     if client is not None:
         [mask] = client.scatter([mask], broadcast=True)
-    args = [
+    tasks = [
         (_masked_chunk, (runs, plan.run_uid, plan.stream, detector.data_key, a, b, mask))
         for a, b in chunks
     ]
-    tasks: Sequence[Any] = (
-        args if client is not None else [functools.partial(fn, *a) for fn, a in args]
-    )
     nonzero = 0
     tail = (0,) * len(detector.event_shape)
     for index, (coords, data) in _in_flight(tasks, client, window):
