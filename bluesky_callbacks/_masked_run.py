@@ -245,46 +245,34 @@ class _MaskedRun(DocumentRouter):
                 )
                 found = dict.fromkeys([*by_uids, *by_names], err)
                 failed_together = err
-        for key, record in by_uids.items():
-            result = found[key]
-            if isinstance(result, Exception):
-                if result is not failed_together:
-                    self._fail(
-                        f"cannot rebuild the masks of {key} from uids {record['uids']}",
-                        result,
-                        note=False,
-                    )
-                records[key] = {**record, "error": f"{type(result).__name__}: {result}"}
-                continue
-            self._composites[key] = result
-            records[key] = {**record, **result.provenance()}
+        # Per detector: the record it starts from, and what a failure says.
+        wanted = {
+            key: (record, f"cannot rebuild the masks of {key} from uids {record['uids']}")
+            for key, record in by_uids.items()
+        }
         for key, names in by_names.items():
+            wanted[key] = (
+                {"names": names, "uids": [], "versions": [], "sha256": None},
+                f"cannot resolve the masks {names} of {key} as of {when.isoformat()}",
+            )
+        for key, (base, failure) in wanted.items():
             result = found[key]
             if isinstance(result, Exception):
                 if result is not failed_together:
-                    self._fail(
-                        f"cannot resolve the masks {names} of {key} as of {when.isoformat()}",
-                        result,
-                        note=False,
-                    )
-                records[key] = {
-                    "names": names,
-                    "uids": [],
-                    "versions": [],
-                    "sha256": None,
-                    "error": f"{type(result).__name__}: {result}",
-                }
+                    self._fail(failure, result, note=False)
+                records[key] = {**base, "error": f"{type(result).__name__}: {result}"}
                 continue
             self._composites[key] = result
-            records[key] = result.provenance()
-            resolved_as_of[key] = when.isoformat()
-            logger.info(
-                "Run %s recorded no masks for %s; using %s as of its start %s",
-                start.get("uid"),
-                key,
-                list(result.uids),
-                when.isoformat(),
-            )
+            records[key] = {**base, **result.provenance()}
+            if key in by_names:
+                resolved_as_of[key] = when.isoformat()
+                logger.info(
+                    "Run %s recorded no masks for %s; using %s as of its start %s",
+                    start.get("uid"),
+                    key,
+                    list(result.uids),
+                    when.isoformat(),
+                )
         return records, resolved_as_of
 
     def descriptor(self, doc: EventDescriptor) -> None:
