@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
     from ._provenance import MaskProvenance
     from ._router import MaskingRouter
+    from ._stores import RunStore
 
 __all__ = ["HELPERS", "ProfileMasks", "install"]
 
@@ -140,13 +141,14 @@ class ProfileMasks:
 
     def runs_location(self) -> str | Path:
         """The runs store: a tiled URI (str), else a local directory (Path)."""
-        from chx_masks.settings import settings
-        from chx_masks.stores import default_directory
+        store = self._runs_store()
+        return store.location if store.remote else Path(store.location)
 
-        if self._runs_given is not None:
-            given = self._runs_given
-            return given if isinstance(given, str) and "://" in given else Path(given)
-        return settings().runs_uri or default_directory() / "runs"
+    def _runs_store(self) -> RunStore:
+        """The runs store as given to :func:`install`, else as configured."""
+        from ._stores import located_store
+
+        return located_store(None if self._runs_given is None else str(self._runs_given), "runs")
 
     def frames_dir(self) -> Path | None:
         """Where the router writes masked frames (None: inline in the derived run).
@@ -248,19 +250,17 @@ class ProfileMasks:
         # Only the RunEngine's first document or the user (whose prompt waits
         # while RE runs) opens it, never both at once: no lock needed.
         if self._runs is None:
-            where = self.runs_location()
-            if isinstance(where, str):
+            store = self._runs_store()
+            if store.remote:
                 from tiled.client import from_uri
 
-                from chx_masks.settings import settings
-
-                client = from_uri(where, api_key=settings().secret("runs_api_key"))
+                client = from_uri(store.location, api_key=store.api_key)
             else:
                 import atexit
 
                 from ._replay import open_run_store
 
-                client = open_run_store(where)
+                client = open_run_store(Path(store.location))
                 atexit.register(client.context.close)
             self._runs = client
         return self._runs
