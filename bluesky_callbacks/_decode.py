@@ -45,9 +45,23 @@ def decode_threads() -> int:
     )
 
 
+_default_threads: int | None = None
+
+
+def _process_threads() -> int:
+    """:func:`decode_threads`, read once per process: the default pool's size."""
+    global _default_threads
+    if _default_threads is None:
+        _default_threads = decode_threads()
+    return _default_threads
+
+
 def decode_pool(threads: int | None = None) -> ThreadPoolExecutor:
-    """The process's pool of ``threads`` decoding threads (default :func:`decode_threads`)."""
-    threads = threads or decode_threads()
+    """The process's pool of ``threads`` decoding threads.
+
+    The default is :func:`decode_threads`, read when the process first asks.
+    """
+    threads = threads or _process_threads()
     with _decode_lock:
         pool = _decode_pools.get(threads)
         if pool is None:
@@ -172,10 +186,11 @@ def read_frames(dataset: Any, start: int = 0, stop: int | None = None) -> np.nda
     [1, 2]
     """
     stop = dataset.shape[0] if stop is None else stop
-    if stop - start < 2 or decode_threads() < 2 or not decodable(dataset):
+    threads = _process_threads()
+    if stop - start < 2 or threads < 2 or not decodable(dataset):
         return dataset[start:stop]
     out = np.empty((stop - start, *dataset.shape[1:]), dataset.dtype)
-    pool = decode_pool()
+    pool = decode_pool(threads)
     futures = [
         pool.submit(decode_chunk, chunk, out[i])
         for i, chunk in enumerate(raw_chunks(dataset, start, stop))
