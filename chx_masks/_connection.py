@@ -7,6 +7,7 @@ and by :mod:`chx_masks.stores` and :mod:`chx_masks._local`.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -17,10 +18,44 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ._errors import ChxMasksError, MaskPermissionError, RegistryUnavailableError
 
 
-def _redact(uri: str) -> str:
-    """Drop the query (which may carry an api_key) from a URI shown to people."""
-    parts = urlsplit(uri)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+def redact(uri: str) -> str:
+    """A URI as it may be shown: password replaced by ``***``, api_key dropped.
+
+    Examples
+    --------
+    >>> redact("postgresql+asyncpg://chx:s3cret@db.nsls2.bnl.gov:5432/masks")
+    'postgresql+asyncpg://chx:***@db.nsls2.bnl.gov:5432/masks'
+    >>> redact("http://127.0.0.1:8000/api/v1?api_key=abc123&x=1")
+    'http://127.0.0.1:8000/api/v1?x=1'
+    """
+    parts = urlsplit(str(uri))
+    if not parts.scheme or not parts.netloc:
+        return str(uri)
+    netloc = parts.netloc
+    if "@" in netloc:
+        credentials, _, address = netloc.rpartition("@")
+        user, has_password, _ = credentials.partition(":")
+        netloc = f"{user}:***@{address}" if has_password else f"{user}@{address}"
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "api_key"])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+_PASSWORD_IN_URI = re.compile(r"(\w[\w+.-]*://[^\s/:@]*:)[^\s/@]+@")
+_API_KEY_PARAM = re.compile(r"(api_key=)[^&\s]+", re.IGNORECASE)
+_API_KEY_HEADER = re.compile(r"(Apikey\s+)\w+", re.IGNORECASE)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with URI passwords, ``api_key=`` values and ``Apikey`` headers hidden.
+
+    Examples
+    --------
+    >>> redact_text("GET /api/v1/metadata/?api_key=abc123 postgresql://u:pw@db/x")
+    'GET /api/v1/metadata/?api_key=*** postgresql://u:***@db/x'
+    """
+    text = _PASSWORD_IN_URI.sub(r"\1***@", text)
+    text = _API_KEY_PARAM.sub(r"\1***", text)
+    return _API_KEY_HEADER.sub(r"\1***", text)
 
 
 def _split_api_key(uri: str, api_key: str | None) -> tuple[str, str | None]:

@@ -40,7 +40,7 @@ from typing import Any, Literal
 from . import _active, _reads, _search, _store
 from ._active import _ActiveSets
 from ._arrays import _Arrays, _disk_cache_directory
-from ._connection import _connect, _key_scopes, _local_user, _redact, _split_api_key, _translate
+from ._connection import _connect, _key_scopes, _local_user, _split_api_key, _translate, redact
 from ._connection import _status as _status
 from ._content import ADMIN_SCOPE, check_metadata, check_name, coerce_mask, mask_sha256
 from ._errors import (
@@ -123,7 +123,7 @@ class MaskRegistry(_ActiveSets, _Search, _Legacy):
         disk_cache: str | Path | None | Literal[False] = None,
     ) -> None:
         self._root = client
-        self.location = location or _redact(str(getattr(client, "uri", "tiled")))
+        self.location = location or redact(str(getattr(client, "uri", "tiled")))
         self._owned = []
         self._lock = threading.RLock()
         self._nodes = {}
@@ -179,7 +179,7 @@ class MaskRegistry(_ActiveSets, _Search, _Legacy):
         >>> reg = MaskRegistry.from_uri("http://127.0.0.1:8000", api_key="secret")  # doctest: +SKIP
         """
         uri, api_key = _split_api_key(uri, api_key)
-        location = _redact(uri)
+        location = redact(uri)
         client = _connect(uri, api_key, timeout, location)
         registry = cls(client, location=location, disk_cache=disk_cache)
         registry._owned.append(client.context)

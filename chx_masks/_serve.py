@@ -21,8 +21,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+# One redactor for the registry and the server (shown URIs, log lines).
+from ._connection import redact, redact_text
 from ._errors import ChxMasksError, MaskValidationError
 
 __all__ = ["Plan", "ServerInfo", "announcement", "plan_config", "plan_directory", "run"]
@@ -76,28 +77,6 @@ class Plan:
 
 
 # ------------------------------------------------------------------ secrets
-
-
-def redact(uri: str) -> str:
-    """A URI as it may be shown: password replaced by ``***``, api_key dropped.
-
-    Examples
-    --------
-    >>> redact("postgresql+asyncpg://chx:s3cret@db.nsls2.bnl.gov:5432/masks")
-    'postgresql+asyncpg://chx:***@db.nsls2.bnl.gov:5432/masks'
-    >>> redact("http://127.0.0.1:8000/api/v1?api_key=abc123&x=1")
-    'http://127.0.0.1:8000/api/v1?x=1'
-    """
-    parts = urlsplit(str(uri))
-    if not parts.scheme or not parts.netloc:
-        return str(uri)
-    netloc = parts.netloc
-    if "@" in netloc:
-        credentials, _, address = netloc.rpartition("@")
-        user, has_password, _ = credentials.partition(":")
-        netloc = f"{user}:***@{address}" if has_password else f"{user}@{address}"
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "api_key"])
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def check_api_key(key: str) -> str:
@@ -419,24 +398,6 @@ def log_config() -> dict[str, Any]:
     for formatter in config["formatters"].values():
         formatter["use_colors"] = None  # colour only on a terminal
     return config
-
-
-_PASSWORD_IN_URI = re.compile(r"(\w[\w+.-]*://[^\s/:@]*:)[^\s/@]+@")
-_API_KEY_PARAM = re.compile(r"(api_key=)[^&\s]+", re.IGNORECASE)
-_API_KEY_HEADER = re.compile(r"(Apikey\s+)\w+", re.IGNORECASE)
-
-
-def redact_text(text: str) -> str:
-    """``text`` with URI passwords, ``api_key=`` values and ``Apikey`` headers hidden.
-
-    Examples
-    --------
-    >>> redact_text("GET /api/v1/metadata/?api_key=abc123 postgresql://u:pw@db/x")
-    'GET /api/v1/metadata/?api_key=*** postgresql://u:***@db/x'
-    """
-    text = _PASSWORD_IN_URI.sub(r"\1***@", text)
-    text = _API_KEY_PARAM.sub(r"\1***", text)
-    return _API_KEY_HEADER.sub(r"\1***", text)
 
 
 class RedactSecrets(logging.Filter):
