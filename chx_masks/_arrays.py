@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
+from cachetools import LRUCache
 
 from ._content import mask_sha256, shape_str
 from ._errors import MaskIntegrityError, MaskPermissionError, RegistryUnavailableError
@@ -53,9 +53,13 @@ class _Arrays(Mapping[str, PackedMasks]):
         self._source = source
         self._lock = lock
         # Arrays read, as packed bits: a 4M mask holds 0.56 MB here, not 4.5.
-        self._packed: OrderedDict[str, PackedMasks] = OrderedDict()
-        self._composites: OrderedDict[tuple[str, ...], tuple] = OrderedDict()
-        self._cache_bytes = cache_bytes
+        # Least recently used first out, bounded in bytes; an array larger
+        # than the whole bound is read each time, not kept.
+        self._packed: LRUCache[str, PackedMasks] = LRUCache(
+            maxsize=max(1, cache_bytes), getsizeof=lambda packed: packed.nbytes
+        )
+        # The composites of the last 16 sets of uids read.
+        self._composites: LRUCache[tuple[str, ...], tuple] = LRUCache(maxsize=16)
         self.disk = disk
 
     def __getitem__(self, uid: str) -> PackedMasks:
@@ -81,12 +85,9 @@ class _Arrays(Mapping[str, PackedMasks]):
             (self.disk / f"{uid}.npy").unlink(missing_ok=True)
 
     def _put(self, uid: str, array: np.ndarray) -> None:
-        self._packed[uid] = PackedMasks([array])
-        self._packed.move_to_end(uid)
-        total = sum(a.nbytes for a in self._packed.values())
-        while total > self._cache_bytes and len(self._packed) > 1:
-            _, dropped = self._packed.popitem(last=False)
-            total -= dropped.nbytes
+        packed = PackedMasks([array])
+        if packed.nbytes <= self._packed.maxsize:
+            self._packed[uid] = packed
 
     def read(self, uid: str) -> np.ndarray:
         """A verified, read-only NumPy array of a uid (cached: uids are immutable).
@@ -95,9 +96,9 @@ class _Arrays(Mapping[str, PackedMasks]):
         it after its caller is done with it.
         """
         with self._lock:
-            if uid in self._packed:
-                self._packed.move_to_end(uid)
-                return self._packed[uid][0]
+            kept = self._packed.get(uid)  # most recently used, from here on
+            if kept is not None:
+                return kept[0]
         stored = self._source._stored_for(uid)
         array = self._from_disk(stored)
         if array is None:
@@ -207,8 +208,6 @@ class _Arrays(Mapping[str, PackedMasks]):
                 # Uids are immutable, so the composite of the same uids is the
                 # same array: the next run costs one query and no AND.
                 self._composites[uids] = built
-                while len(self._composites) > 16:
-                    self._composites.popitem(last=False)
         return built
 
     def _packed_of(self, uid: str) -> PackedMasks:

@@ -6,14 +6,13 @@ no server is configured.
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import logging
 import os
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +61,19 @@ def _collection_paused() -> Iterator[None]:
             gc.enable()
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (other processes wait)."""
-    with open(path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def _locked(path: Path) -> AbstractContextManager[Any]:
+    """An exclusive lock on the file ``path``: other processes and threads wait.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> with _locked(Path(tempfile.mkdtemp()) / ".init.lock"):
+    ...     pass
+    """
+    from filelock import FileLock
+
+    return FileLock(path)
 
 
 def _new_catalog(database: Path) -> None:
