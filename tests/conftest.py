@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -23,6 +24,29 @@ def _isolated_environment(tmp_path, monkeypatch):
     chx_masks.set_default_registry(None)
     yield
     chx_masks.set_default_registry(None)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """The slow tests first: run on several workers (``-n``), they start at once
+    and the quick ones fill in around them, instead of making the tail of the run."""
+    if getattr(config.option, "numprocesses", None):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_sessionfinish(session) -> None:
+    """On an xdist worker: hand SUMMARY to the controller, which prints it."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["chx_masks_summary"] = json.dumps(SUMMARY, default=str)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """On the xdist controller: gather a finished worker's SUMMARY."""
+    got = getattr(node, "workeroutput", {}).get("chx_masks_summary")
+    for title, figures in json.loads(got or "{}").items():
+        SUMMARY.setdefault(title, {}).update(figures)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import EIGER500K, SHAPE_500K, random_mask
+from helpers import EIGER500K, SHAPE_500K, SUMMARY, random_mask
 
 import chx_masks
 from chx_masks import (
@@ -433,26 +434,13 @@ WRITE_PATHS: list[tuple[str, Callable[[World], None]]] = [
 ]
 
 
-class _CountReport:
-    """Prints how many write paths were tried in pytest's terminal summary."""
-
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        kinds: dict[str, int] = {}
-        for label, _ in WRITE_PATHS:
-            kind = label.split("_", 1)[0]
-            kinds[kind] = kinds.get(kind, 0) + 1
-        terminalreporter.write_sep("-", "test_immutability: write paths tried")
-        terminalreporter.write_line(
-            f"{len(WRITE_PATHS)} write paths: "
-            + ", ".join(f"{kind} {count}" for kind, count in kinds.items())
-        )
-
-
 @pytest.fixture(scope="module", autouse=True)
-def _print_counts(request: pytest.FixtureRequest) -> None:
-    manager = request.config.pluginmanager
-    if not manager.has_plugin("chx-masks-write-path-counts"):
-        manager.register(_CountReport(), "chx-masks-write-path-counts")
+def _print_counts() -> None:
+    """How many write paths were tried, in pytest's terminal summary."""
+    kinds = Counter(label.split("_", 1)[0] for label, _ in WRITE_PATHS)
+    SUMMARY.setdefault("test_immutability: write paths tried", {})[
+        f"{len(WRITE_PATHS)} write paths"
+    ] = ", ".join(f"{kind} {count}" for kind, count in kinds.items())
 
 
 def test_every_write_path_leaves_the_original_version_unchanged(world: World) -> None:

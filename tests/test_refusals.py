@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import SUMMARY
 from test_bad_input import BUILTIN, _changes, snapshot
 
 from bluesky_callbacks import MaskProvenance
@@ -671,23 +672,13 @@ SURFACES = Counter(param.values[0].surface for param in CASES)
 KNOWN_BUGS = Counter(param.values[0].surface for param in CASES if param.marks)
 
 
-class _CountReport:
-    """Prints the cases per surface in pytest's terminal summary."""
-
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        terminalreporter.write_sep("-", "test_refusals: cases per surface")
-        for surface, count in SURFACES.items():
-            terminalreporter.write_line(
-                f"{surface:>13}: {count} cases ({KNOWN_BUGS[surface]} marked as known bugs)"
-            )
-        terminalreporter.write_line(f"{'total':>13}: {sum(SURFACES.values())} cases")
-
-
 @pytest.fixture(scope="module", autouse=True)
-def _print_counts(request: pytest.FixtureRequest) -> None:
-    manager = request.config.pluginmanager
-    if not manager.has_plugin("chx-masks-refusal-counts"):
-        manager.register(_CountReport(), "chx-masks-refusal-counts")
+def _print_counts() -> None:
+    """The cases per surface, in pytest's terminal summary."""
+    counts = SUMMARY.setdefault("test_refusals: cases per surface", {})
+    for surface, count in SURFACES.items():
+        counts[surface] = f"{count} cases ({KNOWN_BUGS[surface]} marked as known bugs)"
+    counts["total"] = f"{sum(SURFACES.values())} cases"
 
 
 def test_the_table_spans_three_surfaces() -> None:

@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 import servers
 from click.testing import CliRunner
+from helpers import SUMMARY
 
 import chx_masks
 from chx_masks import (
@@ -59,7 +60,6 @@ DET = servers.DETECTOR
 WRITERS = 8
 READER = WRITERS  # the crew's last worker
 ADMIN = "chx_admin"
-FIGURES: dict[str, dict[str, Any]] = {}
 
 
 # ---------------------------------------------------------------- fixtures
@@ -143,7 +143,7 @@ def crew(deployed, tmp_path_factory):
         [deployed.writer_key] * WRITERS + [deployed.reader_key],
         tmp_path_factory.mktemp("crew-cache"),
     )
-    figures = FIGURES.setdefault(deployed.backend, {})
+    figures = _figures(deployed.backend)
     figures["crew start (s)"] = round(time.monotonic() - started, 1)
     # A first write in a new process imports and connects what writing needs
     # (seconds, 9 processes on 2 cores): do it here, so the races time the race.
@@ -158,22 +158,9 @@ def crew(deployed, tmp_path_factory):
     assert crew.close() == [0] * (WRITERS + 1)
 
 
-class _FigureReport:
-    """Prints FIGURES in pytest's terminal summary (after capturing has ended)."""
-
-    def pytest_terminal_summary(self, terminalreporter):
-        if FIGURES:
-            terminalreporter.write_sep("-", "chx-masks server figures")
-            for backend, figures in FIGURES.items():
-                for name, value in figures.items():
-                    terminalreporter.write_line(f"{backend:>10}  {name}: {value}")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_figures(request):
-    manager = request.config.pluginmanager
-    if not manager.has_plugin("chx-masks-server-figures"):
-        manager.register(_FigureReport(), "chx-masks-server-figures")
+def _figures(backend: str) -> dict[str, Any]:
+    """The figures of this module on one catalog, printed in pytest's terminal summary."""
+    return SUMMARY.setdefault(f"chx-masks server figures ({backend} catalog)", {})
 
 
 def unique(prefix: str) -> str:
@@ -492,7 +479,7 @@ def test_the_malformed_input_table_on_every_catalog(deployed):
     writer.register_mask(DET, base, servers.numbered_mask(500))
     counts, problems = input_table.run(writer, DET, base, servers.SHAPE)
     writer.close()
-    FIGURES.setdefault(deployed.backend, {})["malformed-input cases: outcomes"] = counts
+    _figures(deployed.backend)["malformed-input cases: outcomes"] = counts
     assert sum(counts.values()) >= 155
     assert problems == []
 
@@ -604,7 +591,7 @@ def test_key_in_the_uri_stays_out_of_client_logs(deployed, caplog):
 
 
 def _figures(backend: str) -> dict[str, Any]:
-    return FIGURES.setdefault(backend, {})
+    return _figures(backend)
 
 
 def _spread_ms(reports: list[servers.Report]) -> float:
