@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import EIGER500K, SHAPE_4M, SHAPE_500K, ones, random_mask
+from helpers import EIGER500K, SHAPE_4M, SHAPE_500K, SUMMARY, ones, random_mask
 from metadata_cases import KEPT as KEPT_METADATA
 from metadata_cases import REFUSED as REFUSED_METADATA
 from metadata_cases import nested
@@ -970,11 +970,20 @@ def test_search_with_unserializable_value(registry, base):
 
 
 @pytest.mark.slow
-def test_the_malformed_input_table_on_the_embedded_registry(registry, base):
-    """Every case of tests/input_table.py: a ChxMasksError and nothing written, or kept."""
+def test_the_malformed_input_table_on_the_embedded_registry(embedded_dir):
+    """Every case of tests/input_table.py: a ChxMasksError and nothing written, or kept.
+
+    Over HTTP, the same table runs on a deployed server with each catalog
+    (``test_server.py::test_the_malformed_input_table_on_every_catalog``).
+    """
     import input_table
 
-    counts, problems = input_table.run(registry, DET, "base", registry.get_detector(DET).shape)
-    print(f"\nembedded: {sum(counts.values())} malformed-input cases: {counts}")
+    from chx_masks import MaskRegistry
+
+    with MaskRegistry.embedded(embedded_dir) as registry:
+        registry.register_mask(DET, "base", random_mask(seed=1))
+        shape = registry.get_detector(DET).shape
+        counts, problems = input_table.run(registry, DET, "base", shape)
+    SUMMARY.setdefault("malformed-input cases (embedded registry)", {})["outcomes"] = counts
     assert sum(counts.values()) >= 155
     assert problems == []

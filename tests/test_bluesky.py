@@ -489,8 +489,12 @@ def test_router_options_are_checked(reg):
         MaskProvenance(reg, {K500: "gaps"})
 
 
+FRAMES_4M = 20
+
+
 @pytest.mark.slow
-def test_scan_of_100_eiger4m_frames_with_tiled_writer(RE, reg, store):
+def test_scan_of_20_eiger4m_frames_with_tiled_writer(RE, reg, store):
+    """Full-size frames through both TiledWriters (20: each raw and masked frame is 18 MB)."""
     det = sim_eiger4m()
     names = ["gaps", "hot", "beamstop"]
     RE.preprocessors.append(MaskProvenance(reg, masks={K4M: names}))
@@ -502,14 +506,14 @@ def test_scan_of_100_eiger4m_frames_with_tiled_writer(RE, reg, store):
 
     RE.subscribe(TiledWriter(store))
     RE.subscribe(MaskingRouter(reg, [count_frames, TiledWriter(store)]))
-    (uid,) = RE(count([det], num=100))
-    assert counted["frames"] == 100
+    (uid,) = RE(count([det], num=FRAMES_4M))
+    assert counted["frames"] == FRAMES_4M
     derived = store.search(Key("parent_uid") == uid).values().first()
     stored = derived["primary"][K4M]
-    assert stored.shape == (100, 2167, 2070)
+    assert stored.shape == (FRAMES_4M, 2167, 2070)
     composite = reg.resolve_composite(K4M, names)
     np.testing.assert_array_equal(
-        stored[99], det.expected_frame(99) * composite.mask.astype(np.uint32)
+        stored[FRAMES_4M - 1], det.expected_frame(FRAMES_4M - 1) * composite.mask.astype(np.uint32)
     )
 
 
