@@ -590,10 +590,6 @@ def test_key_in_the_uri_stays_out_of_client_logs(deployed, caplog):
 # ------------------------------------------------------------- concurrency
 
 
-def _figures(backend: str) -> dict[str, Any]:
-    return _figures(backend)
-
-
 def _spread_ms(reports: list[servers.Report]) -> float:
     started = [r.started for r in reports if r.started is not None]
     return round(1000 * (max(started) - min(started)), 1)
