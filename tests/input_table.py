@@ -1,7 +1,7 @@
 """Malformed and edge-case input, one table for every registry: refused cleanly, or kept.
 
 Each case is one public call with one odd argument. Shared by the embedded
-registry's tests (tests/test_bad_input.py) and the server tests on SQLite and
+registry's tests (tests/test_refusals.py) and the server tests on SQLite and
 PostgreSQL (tests/test_server.py), which hold every case to the same rule:
 the call raises a ``ChxMasksError`` subclass and writes nothing, or it
 succeeds and what it stored reads back equal.
