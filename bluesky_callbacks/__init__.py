@@ -24,6 +24,15 @@ if TYPE_CHECKING:
     from ._pychx import ProductFrames
     from ._replay import masked_frames, open_run_store, replay_masked, run_composite
     from ._router import MaskingRouter
+    from ._run_masks import (
+        DetectorMasks,
+        RunMasks,
+        RunUse,
+        find_run,
+        lineage_uids,
+        run_masks,
+        runs_using,
+    )
     from ._stream import EigerSeriesToStream
 
 # Each name's module, imported on first use: `chx-masks` loads this package's
@@ -47,6 +56,13 @@ _MODULES = {
     "replay_masked": "_replay",
     "run_composite": "_replay",
     "MaskingRouter": "_router",
+    "DetectorMasks": "_run_masks",
+    "RunMasks": "_run_masks",
+    "RunUse": "_run_masks",
+    "find_run": "_run_masks",
+    "lineage_uids": "_run_masks",
+    "run_masks": "_run_masks",
+    "runs_using": "_run_masks",
     "EigerSeriesToStream": "_stream",
 }
 
@@ -65,6 +81,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "DetectorMasks",
     "EigerSeriesToStream",
     "LeaseLostError",
     "MaskProvenance",
@@ -73,8 +90,12 @@ __all__ = [
     "ProcessingError",
     "ProcessingPlan",
     "ProductFrames",
+    "RunMasks",
     "RunStore",
+    "RunUse",
     "StoreUnavailableError",
+    "find_run",
+    "lineage_uids",
     "mask_provenance_decorator",
     "mask_provenance_wrapper",
     "masked_frames",
@@ -83,5 +104,7 @@ __all__ = [
     "process_run",
     "replay_masked",
     "run_composite",
+    "run_masks",
+    "runs_using",
     "write_product",
 ]

@@ -1,4 +1,4 @@
-"""The ``chx-masks process`` and ``chx-masks demo`` commands.
+"""The ``chx-masks`` commands of the Bluesky integration: process, demo, run, runs-using.
 
 Contributed to ``chx-masks`` through the ``chx_masks.commands`` entry points
 (see :mod:`chx_masks.cli`): the registry library does not import the Bluesky
@@ -15,9 +15,18 @@ from typing import Any
 
 import click
 
-from chx_masks.cli import CommandFailure, State, json_option, pass_state, percent, print_json, wrote
+from chx_masks.cli import (
+    CommandFailure,
+    State,
+    json_option,
+    pass_state,
+    percent,
+    print_json,
+    table,
+    wrote,
+)
 
-__all__ = ["demo", "process"]
+__all__ = ["demo", "process", "run", "runs_using"]
 
 
 def _masks_option(values: tuple[str, ...]) -> dict[str, list[str]]:
@@ -291,3 +300,191 @@ def demo(state: State, demo_dir: Path | None, out: Path | None, frames: int, as_
         click.echo(f"  chx-masks --dir {summary.directory} process {summary.raw_uid}")
     if not (summary.replay_equal and summary.lazy_equal):
         raise CommandFailure("The replayed frames differ from the live masked frames.")
+
+
+def _stores(state: State, runs: str | None, processed: str | None) -> tuple[Any, Any]:
+    """The runs store's client (it must exist) and the processed store's (None if absent)."""
+    from ._stores import _client, located_store
+
+    source = located_store(runs, "runs", state.directory)
+    if not source.remote and not Path(source.location, "catalog.db").is_file():
+        raise CommandFailure(
+            f"No run store at {source.location}: give --runs URI|DIR (where "
+            "TiledWriter writes the runs)."
+        )
+    target = located_store(processed, "processed", state.directory)
+    products = None
+    if target.remote or Path(target.location, "catalog.db").is_file():
+        products = _client(target, runs=False)
+    return _client(source, runs=True), products
+
+
+_RUNS_OPTION = click.option(
+    "--runs",
+    metavar="URI|DIR",
+    default=None,
+    help="Where the runs are (default: $CHX_MASKS_RUNS_URI, else DIR/runs beside the registry).",
+)
+_PROCESSED_OPTION = click.option(
+    "--processed",
+    metavar="URI|DIR",
+    default=None,
+    help="Where end-of-run products are (default: $CHX_MASKS_PROCESSED_URI, else "
+    "DIR/processed beside the registry).",
+)
+
+
+def _when(moment: Any) -> str:
+    return "-" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@click.command("run")
+@click.argument("which", metavar="RUN")
+@_RUNS_OPTION
+@json_option
+@pass_state
+def run(state: State, which: str, runs: str | None, as_json: bool) -> None:
+    """Show the masks a stored run used: per detector, the names, versions,
+    uids and who registered them, how they were chosen, and whether the
+    composite of those uids still has the sha256 the run recorded.
+
+    RUN is a uid, a unique uid prefix (5 characters at least) or a scan id.
+    """
+    from ._run_masks import find_run, run_masks
+
+    client, _ = _stores(state, runs, None)
+    try:
+        found = run_masks(find_run(client, which), state.registry)
+    except KeyError as err:
+        raise CommandFailure(f"{err.args[0]}; `chx-masks runs-using` lists runs by mask.") from None
+    if as_json:
+        print_json(_run_json(found))
+        return
+    click.echo(f"run {found.run_uid}  scan {found.scan_id}  {_when(found.time)}  {found.plan_name}")
+    if found.error:
+        click.echo(f"  its start recorded no masks: {found.error}")
+    if not found.detectors and not found.error:
+        click.echo("  its start recorded no masks (no detector of the run has an active set).")
+    for det in found.detectors.values():
+        check = {True: "matches", False: "DOES NOT MATCH", None: "not checked"}[det.verified]
+        click.echo(f"\n{det.detector} (chosen by {det.chosen_by or '-'})")
+        click.echo(f"  composite sha256 {det.sha256}: {check}")
+        if det.error:
+            click.echo(f"  {det.error}")
+        registrants = det.created_by or ("-",) * len(det.uids)
+        table(
+            ["NAME", "VERSION", "UID", "REGISTERED BY"],
+            zip(det.names, det.versions, det.uids, registrants, strict=False),
+            right=[1],
+        )
+    if any(det.verified is False for det in found.detectors.values()):
+        raise CommandFailure(
+            "A composite does not match the sha256 its run recorded: run `chx-masks verify`."
+        )
+
+
+def _run_json(found: Any) -> dict[str, Any]:
+    return {
+        "run_uid": found.run_uid,
+        "scan_id": found.scan_id,
+        "time": None if found.time is None else found.time.isoformat(),
+        "plan_name": found.plan_name,
+        "mask_error": found.error,
+        "detectors": {
+            key: {
+                "names": list(d.names),
+                "versions": list(d.versions),
+                "uids": list(d.uids),
+                "created_by": list(d.created_by),
+                "chosen_by": d.chosen_by,
+                "sha256": d.sha256,
+                "verified": d.verified,
+                "error": d.error,
+            }
+            for key, d in found.detectors.items()
+        },
+    }
+
+
+@click.command("runs-using")
+@click.argument("what", metavar="UID | DET NAME", nargs=-1, required=True)
+@click.option(
+    "--version",
+    "version",
+    type=click.IntRange(0),
+    default=None,
+    help="With DET NAME: only runs that used this version (default: any version).",
+)
+@_RUNS_OPTION
+@_PROCESSED_OPTION
+@json_option
+@pass_state
+def runs_using(
+    state: State,
+    what: tuple[str, ...],
+    version: int | None,
+    runs: str | None,
+    processed: str | None,
+    as_json: bool,
+) -> None:
+    """List the runs whose start documents recorded a mask, newest first, with
+    their derived (masked) runs and end-of-run products.
+
+    Give one mask UID, or DET NAME for every version of that lineage
+    (--version N for one). A tiled query on the runs catalog finds them.
+    """
+    from chx_masks import ChxMasksError
+
+    from ._run_masks import lineage_uids
+    from ._run_masks import runs_using as find_uses
+
+    if len(what) > 2:
+        raise click.UsageError("Give one mask UID, or DET NAME.")
+    if len(what) == 1 and version is not None:
+        raise click.UsageError("--version goes with DET NAME, not with a UID.")
+    try:
+        if len(what) == 2:
+            uids = list(lineage_uids(state.registry, what[0], what[1], version))
+        else:
+            uids = [state.registry.describe(what[0]).uid]
+    except ChxMasksError as err:
+        raise CommandFailure(str(err)) from None
+    client, products = _stores(state, runs, processed)
+    uses = find_uses(client, uids, processed=products)
+    if as_json:
+        print_json(
+            [
+                {
+                    "run_uid": u.run_uid,
+                    "scan_id": u.scan_id,
+                    "time": None if u.time is None else u.time.isoformat(),
+                    "plan_name": u.plan_name,
+                    "detectors": list(u.detectors),
+                    "uids": list(u.uids),
+                    "masks": list(u.masks),
+                    "derived": list(u.derived),
+                    "products": list(u.products),
+                }
+                for u in uses
+            ]
+        )
+        return
+    if not uses:
+        click.echo(f"No run in the runs store recorded {' '.join(what)}.")
+        return
+    table(
+        ["TIME", "SCAN", "RUN", "PLAN", "MASKS", "DERIVED", "PRODUCTS"],
+        (
+            [
+                _when(u.time),
+                u.scan_id,
+                u.run_uid[:8],
+                u.plan_name,
+                ", ".join(u.masks),
+                ",".join(x[:8] for x in u.derived) or "-",
+                len(u.products),
+            ]
+            for u in uses
+        ),
+        right=[1, 6],
+    )

@@ -9,7 +9,7 @@ this way (``bluesky_callbacks.commands``). A command shares the group's
 options through :func:`pass_state` (:class:`State`: ``--uri``,
 ``--profile``, ``--dir`` and the registry they choose), fails with
 :class:`CommandFailure` (one line, ``chx-masks: ...``, exit status 1), and
-prints JSON and files as the built-in commands do.
+prints JSON, tables and files as the built-in commands do.
 
 Examples
 --------
@@ -39,6 +39,7 @@ from ._cli import _json_option as json_option
 from ._cli import _percent as percent
 from ._cli import _print_json as print_json
 from ._cli import _State as State
+from ._cli import _table as table
 from ._cli import _wrote as wrote
 
 __all__ = [
@@ -49,5 +50,6 @@ __all__ = [
     "pass_state",
     "percent",
     "print_json",
+    "table",
     "wrote",
 ]
