@@ -22,6 +22,7 @@ from ._default import (
     set_default_registry,
 )
 from ._detectors import BUILTIN_DETECTORS
+from ._diff import MaskDiff
 from ._errors import (
     ChxMasksError,
     DetectorNotFoundError,
@@ -57,6 +58,7 @@ __all__ = [
     "DetectorRecord",
     "Explanation",
     "FrameShapeError",
+    "MaskDiff",
     "MaskExistsError",
     "MaskInUseError",
     "MaskIntegrityError",

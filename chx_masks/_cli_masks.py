@@ -202,6 +202,63 @@ def history(state: _State, detector: str, name: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("detector")
+@click.argument("name")
+@click.argument("old", type=click.IntRange(0), required=False)
+@click.argument("new", type=click.IntRange(0), required=False)
+@_png_option
+@_json_option
+@pass_state
+def diff(
+    state: _State,
+    detector: str,
+    name: str,
+    old: int | None,
+    new: int | None,
+    png: Path | None,
+    as_json: bool,
+) -> None:
+    """Versions OLD and NEW of DETECTOR/NAME side by side: the pixels newly
+    masked and newly kept (default: the last two versions; OLD alone: OLD
+    against the latest). --png draws them in two colours."""
+    change = state.registry.diff(detector, name, old, new)
+    assert change.old is not None and change.new is not None
+    picture = None
+    if png is not None:
+        from ._diff import diff_png
+
+        title = f"{detector}/{name} v{change.old.version} -> v{change.new.version}"
+        picture = diff_png(change, png, title=title)
+    figures = {
+        "newly masked": change.newly_masked_pixels,
+        "newly kept": change.newly_kept_pixels,
+        "masked in both": change.masked_in_both_pixels,
+    }
+    if as_json:
+        _print_json(
+            {
+                "old": _record_json(change.old),
+                "new": _record_json(change.new),
+                **{what.replace(" ", "_"): n for what, n in figures.items()},
+                "png": picture,
+            }
+        )
+        return
+    total = change.new_mask.size
+    click.echo(
+        f"{detector}/{name} v{change.old.version} ({change.old.uid[:8]}) -> "
+        f"v{change.new.version} ({change.new.uid[:8]})"
+    )
+    _table(
+        ["pixels", "count", "share"],
+        [[what, f"{n:,}", _percent(n / total)] for what, n in figures.items()],
+        right=[1, 2],
+    )
+    if picture is not None:
+        _wrote("picture", picture)
+
+
+@main.command()
 @click.argument("detector", required=False)
 @click.argument("name", required=False)
 @click.option("--version", "version", type=int, default=None, help="An exact version.")

@@ -43,6 +43,7 @@ from ._arrays import _Arrays, _disk_cache_directory
 from ._connection import _connect, _key_scopes, _local_user, _split_api_key, _translate, redact
 from ._connection import _status as _status
 from ._content import ADMIN_SCOPE, check_metadata, check_name, coerce_mask, mask_sha256
+from ._diff import MaskDiff, versions_to_compare
 from ._errors import (
     MaskExistsError,
     MaskIntegrityError,
@@ -444,6 +445,28 @@ class MaskRegistry(_ActiveSets, _Search, _Legacy):
             check=functools.partial(_refuse_inactive, detector, name),
         )
         return self._record_at(slots, len(slots) - 2)
+
+    def diff(
+        self, detector: str, name: str, old: int | None = None, new: int | None = None
+    ) -> MaskDiff:
+        """Two versions of ``(detector, name)`` side by side (default: the last two).
+
+        With only ``old`` given, it is compared with the latest version.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> with MaskRegistry.embedded(tempfile.mkdtemp()) as reg:
+        ...     m = np.ones((514, 1030), bool)
+        ...     _ = reg.register_mask("eiger500K_single_image", "beamstop", m)
+        ...     m[10:20, 10:20] = False
+        ...     _ = reg.update_mask("eiger500K_single_image", "beamstop", m)
+        ...     d = reg.diff("eiger500K_single_image", "beamstop")
+        ...     (d.old.version, d.new.version, d.newly_masked_pixels, d.newly_kept_pixels)
+        (0, 1, 100, 0)
+        """
+        before, after = versions_to_compare(self, detector, name, old, new)
+        return MaskDiff(before, after, self._read(before.uid), self._read(after.uid))
 
     def purge(self, uid: str, *, reason: str) -> MaskRecord:
         """Delete one registered mask's array and record for good, and log who and why.

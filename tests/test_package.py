@@ -21,6 +21,7 @@ PUBLIC = {
     "DetectorRecord",
     "Explanation",
     "FrameShapeError",
+    "MaskDiff",
     "MaskExistsError",
     "MaskInUseError",
     "MaskIntegrityError",
@@ -54,6 +55,7 @@ def test_exported_members_are_exactly_the_public_api():
 
 
 BLUESKY_PUBLIC = {
+    "DetectorMasks",
     "EigerSeriesToStream",
     "LeaseLostError",
     "MaskProvenance",
@@ -62,8 +64,12 @@ BLUESKY_PUBLIC = {
     "ProcessingError",
     "ProcessingPlan",
     "ProductFrames",
+    "RunMasks",
     "RunStore",
+    "RunUse",
     "StoreUnavailableError",
+    "find_run",
+    "lineage_uids",
     "mask_provenance_decorator",
     "mask_provenance_wrapper",
     "masked_frames",
@@ -72,6 +78,8 @@ BLUESKY_PUBLIC = {
     "process_run",
     "replay_masked",
     "run_composite",
+    "run_masks",
+    "runs_using",
     "write_product",
 }
 
