@@ -61,6 +61,31 @@ def _collection_paused() -> Iterator[None]:
             gc.enable()
 
 
+SQLITE_LOCK_WAIT_S = 30
+
+
+def sqlite_waiting(uri: str) -> str:
+    """A catalog URI whose SQLite connections wait for the write lock.
+
+    SQLite lets one writer at a time; Python's driver waits 5 s for the lock
+    and then fails ("database is locked"), which tiled answers with HTTP 500.
+    Several writers at once on a busy machine (a shared registry, a local
+    server beside an in-process one) wait up to ``SQLITE_LOCK_WAIT_S`` instead.
+    Other URIs, and one that sets its own ``timeout``, are returned as given.
+
+    Examples
+    --------
+    >>> sqlite_waiting("sqlite:////data/reg/catalog.db")
+    'sqlite:////data/reg/catalog.db?timeout=30'
+    >>> sqlite_waiting("postgresql+asyncpg://chx@db/masks")
+    'postgresql+asyncpg://chx@db/masks'
+    """
+    scheme, _, rest = uri.partition("://")
+    if not scheme.lower().startswith("sqlite") or ":memory:" in rest or "timeout=" in rest:
+        return uri
+    return f"{uri}{'&' if '?' in rest else '?'}timeout={SQLITE_LOCK_WAIT_S}"
+
+
 def _locked(path: Path) -> AbstractContextManager[Any]:
     """An exclusive lock on the file ``path``: other processes and threads wait.
 
@@ -141,7 +166,7 @@ def embedded_app(
             if not database.exists():
                 _new_catalog(database)
             catalog = from_uri(
-                f"sqlite:///{database}",
+                sqlite_waiting(f"sqlite:///{database}"),
                 writable_storage=writable,
                 readable_storage=[str(p) for p in readable_storage] or None,
                 specs=list(specs) if specs else None,

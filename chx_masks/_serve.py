@@ -155,7 +155,7 @@ def plan_directory(
     from tiled.config import Authentication
     from tiled.server.app import build_app
 
-    from ._embedded import _locked, _new_catalog
+    from ._embedded import _locked, _new_catalog, sqlite_waiting
 
     key, source = _choose_key(api_key)
     data = directory / "data"
@@ -173,7 +173,9 @@ def plan_directory(
             database.parent.mkdir(parents=True, exist_ok=True)
             _new_catalog(database)
         try:
-            tree = from_uri(uri, writable_storage=[str(data)], init_if_not_exists=not is_sqlite)
+            tree = from_uri(
+                sqlite_waiting(uri), writable_storage=[str(data)], init_if_not_exists=not is_sqlite
+            )
         except Exception as err:
             # tiled's message may quote the URI; show ours, redacted.
             raise ChxMasksError(
@@ -287,11 +289,14 @@ def plan_config(
     if public:
         authentication.allow_anonymous_access = True
     uvicorn_options = config.uvicorn
+    from ._embedded import sqlite_waiting
+
     catalogs, storage = [], []
     for tree in config.trees or []:
         args = tree.args or {}
         if "uri" in args:
             catalogs.append(redact(str(args["uri"])))
+            args["uri"] = sqlite_waiting(str(args["uri"]))
         for location in args.get("writable_storage") or []:
             storage.append(redact(str(location)))
     _enforce_append_only(config)
