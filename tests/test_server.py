@@ -1021,7 +1021,14 @@ def test_verify_is_clean_after_sixteen_concurrent_writers(deployed):
     first = deployed.registry(deployed.writer_key)
     first.register_mask(DET, shared, servers.numbered_mask(400))
     first.close()
-    writers = [deployed.registry(deployed.writer_key) for _ in range(16)]
+    # Sixteen writers on two cores: each may wait its turn for the catalog's
+    # write lock (SQLite: one writer at a time) well past the default 10 s.
+    writers = [
+        MaskRegistry.from_uri(
+            deployed.uri, api_key=deployed.writer_key, disk_cache=False, timeout=120
+        )
+        for _ in range(16)
+    ]
     barrier = threading.Barrier(len(writers))
 
     def work(i: int) -> tuple[str, str]:
