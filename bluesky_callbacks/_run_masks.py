@@ -10,7 +10,7 @@ checked against the recorded sha256). Used by ``chx-masks run`` and
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -183,8 +183,6 @@ def _detector_masks(key: str, record: dict[str, Any], registry: Any) -> Detector
     )
     if registry is None or not uids:
         return found
-    from dataclasses import replace
-
     from chx_masks import ChxMasksError
 
     try:

@@ -132,7 +132,7 @@ def process(
             'pip install "chx-masks[workflows]"'
         ) from err
 
-    source = located_store(runs, "runs", state.directory)
+    source = _existing_runs(state, runs)
     target = located_store(processed, "processed", state.directory)
     if source.remote:
         if readable:
@@ -142,11 +142,6 @@ def process(
                 "readable_storage lists: drop --readable-storage."
             )
     else:
-        if not Path(source.location, "catalog.db").is_file():
-            raise CommandFailure(
-                f"No run store at {source.location}: give --runs URI|DIR (where "
-                "TiledWriter writes the runs)."
-            )
         source = source.reading(readable or None)
     client = None
     if scheduler is not None:
@@ -302,9 +297,9 @@ def demo(state: State, demo_dir: Path | None, out: Path | None, frames: int, as_
         raise CommandFailure("The replayed frames differ from the live masked frames.")
 
 
-def _stores(state: State, runs: str | None, processed: str | None) -> tuple[Any, Any]:
-    """The runs store's client (it must exist) and the processed store's (None if absent)."""
-    from ._stores import _client, located_store
+def _existing_runs(state: State, runs: str | None) -> Any:
+    """The runs store given with --runs, or the default; a local one must exist."""
+    from ._stores import located_store
 
     source = located_store(runs, "runs", state.directory)
     if not source.remote and not Path(source.location, "catalog.db").is_file():
@@ -312,6 +307,14 @@ def _stores(state: State, runs: str | None, processed: str | None) -> tuple[Any,
             f"No run store at {source.location}: give --runs URI|DIR (where "
             "TiledWriter writes the runs)."
         )
+    return source
+
+
+def _stores(state: State, runs: str | None, processed: str | None) -> tuple[Any, Any]:
+    """The runs store's client (it must exist) and the processed store's (None if absent)."""
+    from ._stores import _client, located_store
+
+    source = _existing_runs(state, runs)
     target = located_store(processed, "processed", state.directory)
     products = None
     if target.remote or Path(target.location, "catalog.db").is_file():

@@ -6,6 +6,7 @@ Used by :meth:`chx_masks.MaskRegistry.diff` and ``chx-masks diff``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,12 +42,12 @@ class MaskDiff:
     old_mask: np.ndarray
     new_mask: np.ndarray
 
-    @property
+    @cached_property
     def newly_masked(self) -> np.ndarray:
         """Pixels the old version kept and the new one masks."""
         return self.old_mask & ~self.new_mask
 
-    @property
+    @cached_property
     def newly_kept(self) -> np.ndarray:
         """Pixels the old version masked and the new one keeps."""
         return ~self.old_mask & self.new_mask
